@@ -1,0 +1,49 @@
+"""Find which prompt tokens a class name occupies, so its cross-attention maps can be averaged.
+
+Dataset Diffusion treated each word as one CLIP token; BPE splits many names ("hedgehog" may be
+one token, "aardwolf" several) and WordPiece splits them differently again. Here the phrase is
+tokenized alone with the model's own tokenizer and its token sequence is searched in the prompt's.
+"""
+
+from __future__ import annotations
+
+from datasetdm.errors import DatasetdmError
+
+
+def _ids(tokenizer, text: str, max_length: int | None = None) -> list[int]:
+    kwargs = {"truncation": True, "max_length": max_length} if max_length else {}
+    return list(tokenizer(text, add_special_tokens=max_length is not None, **kwargs).input_ids)
+
+
+def token_positions(tokenizer, prompt: str, phrase: str, max_tokens: int | None = 77) -> list[int]:
+    """Indices of ``phrase``'s tokens in the tokenized ``prompt`` (padded ids, BOS/CLS counted as 0).
+
+    Every occurrence is returned, in order (``"a photo of a dog, dog"`` gives both ``dog``
+    positions), so a caller averaging the maps uses all of them; a name of several tokens returns
+    all its token positions. Matching is on whole tokens: ``"cat"`` is not found in ``"cats"``
+    (a different token). Raises ``DatasetdmError`` if the phrase does not occur within the first
+    ``max_tokens`` tokens (the part of the prompt the model sees).
+    """
+    phrase_ids = _ids(tokenizer, phrase)
+    if not phrase_ids:
+        raise DatasetdmError(f"phrase {phrase!r} has no tokens")
+    limit = min(int(max_tokens or tokenizer.model_max_length), int(tokenizer.model_max_length))
+    prompt_ids = _ids(tokenizer, prompt, max_length=limit)
+    n = len(phrase_ids)
+    positions: list[int] = []
+    i = 0
+    while i <= len(prompt_ids) - n:
+        if prompt_ids[i : i + n] == phrase_ids:
+            positions.extend(range(i, i + n))
+            i += n
+        else:
+            i += 1
+    if not positions:
+        full = _ids(tokenizer, prompt)
+        cut = " (it lies beyond the first %d tokens the model sees)" % limit if _contains(full, phrase_ids) else ""
+        raise DatasetdmError(f"phrase {phrase!r} does not occur in prompt {prompt!r}{cut}")
+    return positions
+
+
+def _contains(seq: list[int], sub: list[int]) -> bool:
+    return any(seq[i : i + len(sub)] == sub for i in range(len(seq) - len(sub) + 1))

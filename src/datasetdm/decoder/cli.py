@@ -1,0 +1,62 @@
+"""`datasetdm train` and `datasetdm evaluate`: plain functions the main app mounts with
+``app.command()(train)`` / ``app.command()(evaluate)`` (or ``register(app)``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from datasetdm.decoder.heads import TASKS
+
+
+def train(
+    data: Path = typer.Option(..., "--data", help="labelled folder (images/, semantic/, depth/, annotations.json)"),
+    task: str = typer.Option(..., "--task", help=f"one of: {', '.join(TASKS)}"),
+    out: Path = typer.Option(..., "--out", help="checkpoint directory to write (atomically)"),
+    n_images: int = typer.Option(100, "--n-images", help="labelled images to train on (the first N)"),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="diffusers folder or hub id; default: embedded"),
+    held_out_classes: Optional[str] = typer.Option(None, "--held-out-classes", help="open-vocab: a,b kept out of training"),
+    features: str = typer.Option("hypercolumns", "--features", help="hypercolumns | raw-pixels (paper's baseline)"),
+    iterations: int = typer.Option(1500, "--iterations"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    views: int = typer.Option(4, "--views", help="cached views per image: original + augmented"),
+    lr: float = typer.Option(1e-3, "--lr"),
+    attention: bool = typer.Option(True, "--attention/--no-attention", help="fuse cross-attention maps"),
+    use_image: bool = typer.Option(True, "--image/--no-image", help="image path in the pixel decoder"),
+    seed: int = typer.Option(0, "--seed"),
+    keep_cache: bool = typer.Option(False, "--keep-cache", help="keep {out}.work/ (feature cache) afterwards"),
+) -> None:
+    """Train a P-Decoder on a few labelled images; the diffusion model stays frozen."""
+    from datasetdm.training import TrainOptions, train_decoder
+
+    held = [h.strip() for h in held_out_classes.split(",") if h.strip()] if held_out_classes else []
+    opts = TrainOptions(task=task, n_images=n_images, views=views, iterations=iterations, batch_size=batch_size,
+                        lr=lr, seed=seed, features=features, attention=attention, use_image=use_image,
+                        held_out=held, keep_cache=keep_cache)
+    summary = train_decoder(data, out, opts, backbone_source=backbone)
+    typer.echo(json.dumps(summary))
+
+
+def evaluate(
+    decoder: Path = typer.Option(..., "--decoder", help="checkpoint directory from `datasetdm train`"),
+    data: Path = typer.Option(..., "--data", help="labelled folder of held-out images"),
+    out: Optional[Path] = typer.Option(None, "--out", help="write the metrics JSON here"),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="default: the one the decoder was trained on"),
+    n_images: Optional[int] = typer.Option(None, "--n-images"),
+) -> None:
+    """Score a decoder: mIoU, mask AP/AP50, depth AbsRel/RMSE/δ1, keypoint AP (those that apply)."""
+    from datasetdm.evaluation.evaluate import evaluate_decoder, headline
+
+    metrics = evaluate_decoder(decoder, data, out=out, backbone_source=backbone, n_images=n_images)
+    for k, v in metrics.items():
+        if k not in ("task",):
+            typer.echo(f"{k}: {v}")
+    typer.echo(json.dumps(headline(metrics)))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)
+    app.command("evaluate")(evaluate)

@@ -1,0 +1,346 @@
+"""P-Decoder heads behind one interface (paper §3.4, supplementary §3).
+
+Every head has:
+
+- ``forward(levels, pixel_embed, inp, **kw) -> dict``: raw outputs (logits, maps);
+- ``targets(sample) -> dict``: tensors built from a ``LabelledSample`` at image resolution;
+- ``loss(out, targets) -> (loss, parts)``: a scalar to minimise and detached parts to log;
+- ``predict(out, **kw) -> list[dict]``: per image, LabelledSample fields: ``semantic`` (H, W) uint8,
+  ``instances`` list[Instance] (masks, scores, keypoints), ``depth`` (H, W) float32 metres.
+
+so a single parametrised test and a single training loop run over every task.
+
+Class indices: a head's classes are positions in the decoder config's category list (the labelled
+folder's categories, in order); the semantic head adds background at index 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from datasetdm.decoder.inputs import DecoderInput
+from datasetdm.decoder.losses import (
+    SetCriterion,
+    gaussian_heatmaps,
+    heatmap_mse,
+    heatmap_peaks,
+    masked_bce_dice,
+    resize_logits,
+    silog_loss,
+)
+from datasetdm.decoder.m2f import MaskedAttentionDecoder
+from datasetdm.decoder.modules import MLP
+from datasetdm.formats.sample import IGNORE_INDEX, Instance, LabelledSample
+
+NUM_KEYPOINTS = 17
+# COCO left/right keypoint pairs (0-based), swapped under a horizontal flip
+FLIP_PAIRS = ((1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12), (13, 14), (15, 16))
+
+
+class Head(nn.Module):
+    task: str = ""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.category_ids = [c["id"] for c in cfg.categories]
+
+    def targets(self, sample: LabelledSample) -> dict:
+        raise NotImplementedError
+
+    def loss(self, out: dict, targets: list[dict]):
+        raise NotImplementedError
+
+    def predict(self, out: dict, **kw) -> list[dict]:
+        raise NotImplementedError
+
+
+class _QueryHead(Head):
+    """Learned queries + Mask2Former transformer decoder + class logits (semantic, instance, pose)."""
+
+    def __init__(self, cfg, num_classes: int, num_queries: int):
+        super().__init__(cfg)
+        self.num_classes = num_classes
+        self.query_feat = nn.Embedding(num_queries, cfg.dim)
+        self.query_pos = nn.Embedding(num_queries, cfg.dim)
+        self.transformer = MaskedAttentionDecoder(cfg.dim, cfg.heads, cfg.ffn_dim, cfg.layers)
+        self.class_embed = nn.Linear(cfg.dim, num_classes + 1)  # + "no object"
+        self.criterion = SetCriterion(num_classes)
+
+    def decode(self, levels, pixel_embed):
+        B = pixel_embed.shape[0]
+        q = self.query_feat.weight[None].expand(B, -1, -1)
+        qp = self.query_pos.weight[None].expand(B, -1, -1)
+        states, masks = self.transformer(levels, pixel_embed, q, qp)
+        return states, masks
+
+    def forward(self, levels, pixel_embed, inp: DecoderInput, **kw) -> dict:
+        states, masks = self.decode(levels, pixel_embed)
+        return {
+            "class_logits": [self.class_embed(s) for s in states],
+            "mask_logits": masks,
+            "states": states,
+            "image_size": inp.image_size,
+        }
+
+    def loss(self, out, targets):
+        loss, parts, _ = self.criterion(out["class_logits"], out["mask_logits"], targets)
+        return loss, parts
+
+    def _final(self, out):
+        probs = out["class_logits"][-1].softmax(-1)[..., :-1]  # drop "no object"
+        masks = resize_logits(out["mask_logits"][-1], out["image_size"]).sigmoid()
+        return probs, masks
+
+
+class SemanticHead(_QueryHead):
+    """Semantic masks with classes; one query per class region (Mask2Former semantic inference)."""
+
+    task = "semantic"
+
+    def __init__(self, cfg):
+        super().__init__(cfg, len(cfg.categories) + 1, cfg.num_queries)
+        self.value_to_index = {0: 0, **{cid: i + 1 for i, cid in enumerate(self.category_ids)}}
+        self.index_to_value = np.array([0] + self.category_ids, dtype=np.uint8)
+
+    def targets(self, sample):
+        sem = torch.as_tensor(np.asarray(sample.semantic, dtype=np.int64))
+        values = [int(v) for v in torch.unique(sem).tolist() if v != IGNORE_INDEX]
+        masks = torch.stack([(sem == v) for v in values]).float() if values else torch.zeros(0, *sem.shape)
+        labels = torch.tensor([self.value_to_index[v] for v in values], dtype=torch.long)
+        return {"masks": masks, "labels": labels, "valid": (sem != IGNORE_INDEX).float(), "semantic": sem}
+
+    def predict(self, out, **kw):
+        probs, masks = self._final(out)
+        seg = torch.einsum("bqk,bqhw->bkhw", probs, masks).argmax(1).numpy()
+        return [{"semantic": self.index_to_value[s]} for s in seg]
+
+
+class InstanceHead(_QueryHead):
+    """One query per instance with a class and a score (Mask2Former instance inference)."""
+
+    task = "instance"
+
+    def __init__(self, cfg, categories=None, num_queries=None):
+        cats = categories if categories is not None else cfg.categories
+        super().__init__(cfg, len(cats), num_queries or cfg.num_queries)
+        self.head_ids = [c["id"] for c in cats]
+        self.id_to_index = {cid: i for i, cid in enumerate(self.head_ids)}
+
+    def targets(self, sample):
+        H, W = sample.size
+        insts = [i for i in (sample.instances or []) if i.category_id in self.id_to_index and i.mask.any()]
+        masks = torch.stack([torch.as_tensor(i.mask) for i in insts]).float() if insts else torch.zeros(0, H, W)
+        labels = torch.tensor([self.id_to_index[i.category_id] for i in insts], dtype=torch.long)
+        return {"masks": masks, "labels": labels, "valid": torch.ones(H, W), "instances": insts}
+
+    def predict(self, out, score_threshold: float = 0.05, max_instances: int = 50, **kw):
+        probs, masks = self._final(out)
+        B, Q, K = probs.shape
+        results = []
+        for b in range(B):
+            scores, flat = probs[b].flatten().topk(min(max_instances, Q * K))
+            insts = []
+            for s, f in zip(scores.tolist(), flat.tolist()):
+                q, k = divmod(f, K)
+                m = masks[b, q] > 0.5
+                if not m.any():
+                    continue
+                # Mask2Former's score: class probability × mean mask probability inside the mask
+                score = s * float(masks[b, q][m].mean())
+                if score < score_threshold:
+                    continue
+                insts.append(self._instance(out, b, q, k, m, score))
+            results.append({"instances": insts})
+        return results
+
+    def _instance(self, out, b, q, k, mask, score):
+        return Instance(category_id=self.head_ids[k], mask=mask.numpy(), score=score)
+
+
+class PoseHead(InstanceHead):
+    """Human pose, several people per image: one query per person predicts the person's mask and
+    17 keypoint heatmaps (dot products of 17 per-query keypoint embeddings with the per-pixel
+    embeddings, as masks are made in §3.2 of the supplementary).
+
+    Why per-person queries rather than bottom-up heatmaps + grouping: the Hungarian matching that
+    already assigns instances assigns people, so no grouping heuristic (associative embeddings,
+    part affinity fields) is needed; every person comes out with a score, which COCO keypoint AP
+    ranks by; and a generated sample gets a person mask with its keypoints.
+    Loss: matched queries' heatmaps against Gaussians with σ = 1 px (paper §3.4), MSE.
+    """
+
+    task = "pose"
+
+    def __init__(self, cfg):
+        people = [c for c in cfg.categories if c.get("keypoints")]
+        if not people:
+            raise ValueError("pose needs a category with keypoints (COCO 'person')")
+        super().__init__(cfg, people[:1], cfg.num_queries)
+        self.keypoint_embed = MLP(cfg.dim, cfg.dim, NUM_KEYPOINTS * cfg.dim, layers=3)
+        # heatmaps start near 0 (the Gaussian targets are mostly 0), not at ±|embedding|·|pixel|
+        nn.init.normal_(self.keypoint_embed[-1].weight, std=1e-3)
+        nn.init.zeros_(self.keypoint_embed[-1].bias)
+        self.w_keypoints = 5.0
+
+    def targets(self, sample):
+        t = super().targets(sample)
+        kps = [i.keypoints if i.keypoints is not None else np.zeros((NUM_KEYPOINTS, 3), np.float32)
+               for i in t["instances"]]
+        kp = torch.as_tensor(np.stack(kps), dtype=torch.float32) if kps else torch.zeros(0, NUM_KEYPOINTS, 3)
+        t["keypoints"] = kp
+        t["heatmaps"] = gaussian_heatmaps(kp, sample.size)
+        return t
+
+    def forward(self, levels, pixel_embed, inp, **kw):
+        out = super().forward(levels, pixel_embed, inp, **kw)
+        B, Q, C = out["states"][-1].shape
+        emb = self.keypoint_embed(out["states"][-1]).view(B, Q, NUM_KEYPOINTS, C)
+        out["heatmaps"] = torch.einsum("bqjc,bchw->bqjhw", emb, pixel_embed)
+        return out
+
+    def _heatmaps(self, out, b, q):
+        hm = out["heatmaps"][b, q]
+        return resize_logits(hm[None], out["image_size"])[0]
+
+    def loss(self, out, targets):
+        loss, parts, indices = self.criterion(out["class_logits"], out["mask_logits"], targets)
+        kp_loss = out["heatmaps"].new_zeros(())
+        n = 0
+        for b, ((qi, ti), t) in enumerate(zip(indices, targets)):
+            if len(qi) == 0:
+                continue
+            pred = resize_logits(out["heatmaps"][b, qi], out["image_size"])
+            weight = (t["keypoints"][ti, :, 2] > 0).float()
+            kp_loss = kp_loss + heatmap_mse(pred, t["heatmaps"][ti], weight) * len(qi)
+            n += len(qi)
+        kp_loss = self.w_keypoints * kp_loss / max(n, 1)
+        parts["loss_keypoints"] = kp_loss.detach()
+        return loss + kp_loss, parts
+
+    def _instance(self, out, b, q, k, mask, score):
+        peaks = heatmap_peaks(self._heatmaps(out, b, q)[None])[0].numpy()
+        vis = np.where(peaks[:, 2] >= 0.1, 2.0, 0.0).astype(np.float32)
+        kps = np.concatenate([peaks[:, :2], vis[:, None]], 1).astype(np.float32)
+        return Instance(category_id=self.head_ids[k], mask=mask.numpy(), score=score, keypoints=kps)
+
+
+class OpenVocabHead(Head):
+    """Open-vocabulary semantic segmentation (paper eq. 4, supplementary §3.1).
+
+    For each class asked for, its name's text embedding τ(C_j) (from the backbone's own text
+    encoder) is concatenated to the learned query Q_i and fused by an MLP: Q̂ = MLP([Q_i, τ(C_j)]).
+    One query per class name; all class queries attend to each other in the decoder's
+    self-attention, so they compete for pixels. Each query predicts a mask and a "present" logit.
+    The class's own cross-attention map, when the prompt names it, is added to its mask logits
+    through a learned gain: for a name never trained on, that map is the only spatial hint the
+    backbone gives, and the gain is learned on the seen classes.
+    Any class name works at inference: pass its embedding.
+    """
+
+    task = "open-vocab"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        d = cfg.dim
+        self.query_feat = nn.Parameter(torch.randn(d) * 0.02)
+        self.query_pos = nn.Parameter(torch.randn(d) * 0.02)
+        self.text_norm = nn.LayerNorm(cfg.text_dim)
+        self.fuse = MLP(d + cfg.text_dim, d, d, layers=2)  # eq. 4
+        self.fuse_pos = nn.Linear(cfg.text_dim, d)
+        self.transformer = MaskedAttentionDecoder(d, cfg.heads, cfg.ffn_dim, cfg.layers)
+        self.present = nn.Linear(d, 1)
+        self.attention_gain = nn.Parameter(torch.tensor(1.0 if cfg.attention else 0.0))
+
+    def forward(self, levels, pixel_embed, inp, text_embeddings=None, class_index=None, **kw):
+        """text_embeddings: (K, D_text) for the classes asked for; class_index: their positions in
+        ``inp.class_attention`` (None: no attention maps for them)."""
+        if text_embeddings is None:
+            raise ValueError("open-vocab decoding needs text_embeddings for the class names")
+        B, K = pixel_embed.shape[0], text_embeddings.shape[0]
+        t = self.text_norm(text_embeddings.to(pixel_embed))
+        q = self.fuse(torch.cat([self.query_feat.expand(K, -1), t], -1))
+        qp = self.query_pos + self.fuse_pos(t)
+        states, masks = self.transformer(levels, pixel_embed, q[None].expand(B, -1, -1), qp[None].expand(B, -1, -1))
+        bias = 0
+        if class_index is not None and self.cfg.attention and inp.class_attention[0].shape[1]:
+            att = inp.class_attention[0][:, class_index].float()  # finest level, (B, K, h, w)
+            bias = self.attention_gain * resize_logits(att, masks[-1].shape[-2:])
+        return {
+            "present_logits": [self.present(s)[..., 0] for s in states],
+            "mask_logits": [m + bias for m in masks],
+            "image_size": inp.image_size,
+        }
+
+    def targets(self, sample, class_ids=None):
+        """class_ids: the category ids queried (default: all); unqueried classes become ignore."""
+        sem = torch.as_tensor(np.asarray(sample.semantic, dtype=np.int64))
+        ids = class_ids if class_ids is not None else self.category_ids
+        valid = sem != IGNORE_INDEX
+        unqueried = set(torch.unique(sem).tolist()) - set(ids) - {0, IGNORE_INDEX}
+        for v in unqueried:  # held-out classes: neither positive nor background
+            valid &= sem != v
+        masks = torch.stack([(sem == c) for c in ids]).float() if ids else torch.zeros(0, *sem.shape)
+        return {"masks": masks, "present": masks.flatten(1).amax(1), "valid": valid.float(), "semantic": sem}
+
+    def loss(self, out, targets):
+        total, parts = 0.0, {}
+        for s, (pl, ml) in enumerate(zip(out["present_logits"], out["mask_logits"])):
+            present = torch.stack([t["present"] for t in targets])
+            ce = F.binary_cross_entropy_with_logits(pl, present)
+            bce = dice = pl.new_zeros(())
+            n = max(1, int(present.sum()))
+            for b, t in enumerate(targets):
+                idx = t["present"].nonzero()[:, 0]
+                if len(idx) == 0:
+                    continue
+                m = resize_logits(ml[b, idx][None], t["masks"].shape[-2:])[0]
+                l_bce, l_dice = masked_bce_dice(m, t["masks"][idx], t["valid"][None].expand_as(m))
+                bce, dice = bce + l_bce, dice + l_dice
+            losses = {"loss_class": 2.0 * ce, "loss_mask": 5.0 * bce / n, "loss_dice": 5.0 * dice / n}
+            total = total + sum(losses.values())
+            parts = {k: v.detach() for k, v in losses.items()}
+        return total / len(out["mask_logits"]), parts
+
+    def predict(self, out, class_ids=None, **kw):
+        ids = np.array([0] + list(class_ids if class_ids is not None else self.category_ids), dtype=np.uint8)
+        present = out["present_logits"][-1].sigmoid()  # (B, K)
+        masks = resize_logits(out["mask_logits"][-1], out["image_size"]).sigmoid()
+        score = present[..., None, None] * masks  # (B, K, H, W)
+        best, arg = score.max(1)
+        label = torch.where(best > 0.5, arg + 1, torch.zeros_like(arg)).numpy()
+        return [{"semantic": ids[s]} for s in label]
+
+
+class DepthHead(Head):
+    """One depth map from the pixel decoder only (paper §3.4), via two extra convs (supp. §3.3).
+    Predicts log-depth; trained with the scale-invariant log loss."""
+
+    task = "depth"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.out = nn.Sequential(
+            nn.Conv2d(cfg.dim, cfg.dim, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(cfg.dim, 1, 1)
+        )
+
+    def forward(self, levels, pixel_embed, inp, **kw):
+        return {"log_depth": resize_logits(self.out(pixel_embed), inp.image_size)[:, 0], "image_size": inp.image_size}
+
+    def targets(self, sample):
+        return {"depth": torch.as_tensor(np.asarray(sample.depth, dtype=np.float32))}
+
+    def loss(self, out, targets):
+        depth = torch.stack([t["depth"] for t in targets]).to(out["log_depth"])
+        loss = silog_loss(out["log_depth"], depth)
+        return loss, {"loss_silog": loss.detach()}
+
+    def predict(self, out, **kw):
+        return [{"depth": d.exp().numpy().astype(np.float32)} for d in out["log_depth"].detach()]
+
+
+HEADS = {h.task: h for h in (SemanticHead, InstanceHead, OpenVocabHead, DepthHead, PoseHead)}
+TASKS = tuple(HEADS)

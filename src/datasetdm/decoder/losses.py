@@ -1,0 +1,130 @@
+"""Losses of the P-Decoder heads (paper §3.4).
+
+Masks: Hungarian matching (transformers' Mask2Former matcher, via `m2f.HungarianMatcher`), then
+sigmoid BCE + dice on matched masks and cross-entropy on classes with a down-weighted "no object".
+Our mask losses are computed densely with a validity map instead of Mask2Former's point sampling:
+at 64×64 px the full mask is cheaper than 12k sampled points, and dense losses can honour the
+semantic ignore value (255), which transformers' Mask2FormerLoss cannot.
+Depth: scale-invariant log loss (Eigen et al.; the SigLoss DepthFormer uses).
+Pose: MSE against Gaussian heatmaps with σ = 1 px.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from datasetdm.decoder.m2f import HungarianMatcher
+
+
+def resize_logits(x: torch.Tensor, size) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def masked_bce_dice(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-mask BCE (mean over valid pixels) and dice, summed over masks. All (N, H, W)."""
+    logits, target, valid = logits.flatten(1), target.flatten(1), valid.flatten(1)
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    bce = (bce * valid).sum(1) / valid.sum(1).clamp_min(1)
+    p = logits.sigmoid() * valid
+    dice = 1 - (2 * (p * target).sum(1) + 1) / (p.sum(1) + (target * valid).sum(1) + 1)
+    return bce.sum(), dice.sum()
+
+
+class SetCriterion:
+    """Matching + BCE/dice/CE over every decoder stage (Mask2Former's deep supervision)."""
+
+    def __init__(self, num_classes: int, no_object_weight: float = 0.1, w_class: float = 2.0,
+                 w_mask: float = 5.0, w_dice: float = 5.0):
+        self.num_classes = num_classes
+        self.w_class, self.w_mask, self.w_dice = w_class, w_mask, w_dice
+        self.class_weight = torch.ones(num_classes + 1)
+        self.class_weight[-1] = no_object_weight
+        self.matcher = HungarianMatcher(cost_class=w_class, cost_mask=w_mask, cost_dice=w_dice)
+
+    def stage(self, class_logits, mask_logits, targets):
+        """One decoder stage → (loss dict, matched indices)."""
+        B, Q = class_logits.shape[:2]
+        indices = self.matcher.match(mask_logits, class_logits, targets)
+        target_classes = torch.full((B, Q), self.num_classes, dtype=torch.long, device=class_logits.device)
+        num_masks = max(1, sum(len(t["labels"]) for t in targets))
+        bce = dice = class_logits.new_zeros(())
+        for b, ((qi, ti), t) in enumerate(zip(indices, targets)):
+            if len(qi) == 0:
+                continue
+            target_classes[b, qi] = t["labels"][ti].to(class_logits.device)
+            m = resize_logits(mask_logits[b, qi][None], t["masks"].shape[-2:])[0]
+            valid = t["valid"][None].expand_as(m)
+            l_bce, l_dice = masked_bce_dice(m, t["masks"][ti].float(), valid)
+            bce, dice = bce + l_bce, dice + l_dice
+        ce = F.cross_entropy(class_logits.transpose(1, 2), target_classes, weight=self.class_weight.to(class_logits))
+        losses = {"loss_class": self.w_class * ce, "loss_mask": self.w_mask * bce / num_masks,
+                  "loss_dice": self.w_dice * dice / num_masks}
+        return losses, indices
+
+    def __call__(self, class_logits: list[torch.Tensor], mask_logits: list[torch.Tensor], targets):
+        """Lists over decoder stages (last = final). Returns the final stage's matching too."""
+        total, parts, indices = 0.0, {}, None
+        for s, (c, m) in enumerate(zip(class_logits, mask_logits)):
+            losses, indices = self.stage(c, m, targets)
+            total = total + sum(losses.values())
+            if s == len(class_logits) - 1:
+                parts = {k: v.detach() for k, v in losses.items()}
+        return total / len(class_logits), parts, indices
+
+
+def silog_loss(pred_log: torch.Tensor, depth: torch.Tensor, lam: float = 0.85) -> torch.Tensor:
+    """Scale-invariant log loss (Eigen et al. 2014, as in DepthFormer/BTS):
+    sqrt(mean(d²) − λ·mean(d)²)·10 with d = log ŷ − log y over pixels with depth > 0.
+    λ < 1 keeps a little absolute-scale supervision, which AbsRel needs."""
+    valid = depth > 0
+    if not valid.any():
+        return pred_log.sum() * 0
+    d = pred_log[valid] - torch.log(depth[valid])
+    return torch.sqrt((d.pow(2).mean() - lam * d.mean().pow(2)).clamp_min(1e-8)) * 10
+
+
+def gaussian_heatmaps(keypoints: torch.Tensor, size, sigma: float = 1.0) -> torch.Tensor:
+    """(N, 17, 3) keypoints (x, y, v) in pixels → (N, 17, H, W) Gaussians with peak 1 (σ = 1 px,
+    paper §3.4). Pixel (i, j) has its centre at (x, y) = (j, i), the convention of the Instance
+    keypoints the world renders (a joint at x = 3.0 lies in the middle of column 3)."""
+    H, W = size
+    ys = torch.arange(H, dtype=torch.float32)
+    xs = torch.arange(W, dtype=torch.float32)
+    x = keypoints[..., 0, None, None]
+    y = keypoints[..., 1, None, None]
+    g = torch.exp(-((xs[None, None, None, :] - x) ** 2 + (ys[None, None, :, None] - y) ** 2) / (2 * sigma**2))
+    return g * (keypoints[..., 2, None, None] > 0)
+
+
+def heatmap_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """MSE summed over pixels, averaged over labelled joints (weight (N, 17) 0/1).
+
+    Summing over pixels (instead of the mean over a mostly-zero map) keeps the loss of one σ = 1
+    Gaussian at O(π) per joint, comparable to the mask losses it is added to."""
+    se = (pred - target).pow(2).flatten(2).sum(-1)  # (N, 17)
+    return (se * weight).sum() / weight.sum().clamp_min(1)
+
+
+def heatmap_peaks(heatmaps: torch.Tensor) -> torch.Tensor:
+    """(N, 17, H, W) → (N, 17, 3): x, y (pixel coordinates, sub-pixel) and peak value.
+
+    Sub-pixel position: centroid of the positive part of the 3×3 neighbourhood of the argmax.
+    """
+    N, J, H, W = heatmaps.shape
+    flat = heatmaps.flatten(2)
+    peak, idx = flat.max(-1)
+    iy, ix = idx // W, idx % W
+    pad = F.pad(heatmaps, (1, 1, 1, 1))
+    off = torch.arange(-1, 2)
+    wy = iy[..., None, None] + 1 + off[:, None]  # (N, J, 3, 1)
+    wx = ix[..., None, None] + 1 + off[None, :]  # (N, J, 1, 3)
+    n_i = torch.arange(N)[:, None, None, None]
+    j_i = torch.arange(J)[None, :, None, None]
+    win = pad[n_i, j_i, wy.expand(N, J, 3, 3), wx.expand(N, J, 3, 3)].clamp_min(0)
+    s = win.sum((-1, -2)).clamp_min(1e-8)
+    dy = (win.sum(-1) * off).sum(-1) / s
+    dx = (win.sum(-2) * off).sum(-1) / s
+    return torch.stack([ix + dx, iy + dy, peak], -1)

@@ -1,0 +1,386 @@
+"""The text-to-data loop (paper §3.5, Fig. 2b): prompts in, annotated shards out.
+
+For sample ids 0..n-1, in order: the prompt source picks the prompt for the id, the sample's
+seed is ``sample_seed(seed, id)``, batches of prompts are generated once (image + captured
+hypercolumns), and every annotator labels each image from those same hypercolumns. Scores are
+computed per sample, filters drop bad ones (recorded in the manifest with the reason), and the
+rest go into WebDataset shards.
+
+Nothing depends on the batch size: prompts and seeds come from the sample id, and the backbone
+draws each sample's noise from its own seed. Shards are written atomically and ``resume=True``
+continues an interrupted run with exactly the samples an uninterrupted run would write.
+
+Plug-in points, so decoders and training-free labelers share the loop:
+
+* ``generate_fn(prompts: list[str], seeds: list[int]) -> (images, Hypercolumns)``; images are
+  (B, H, W, 3) uint8, or floats in [0, 1] ((B, H, W, 3) array or (B, 3, H, W) tensor).
+* annotators, ``{name: fn}`` with ``fn(images, hypercolumns, prompts) -> list[LabelledSample]``
+  (one per image; only the label fields are read: ``semantic``, ``instances``, ``depth``, and
+  ``meta["confidence"]``, a float in [0, 1], when the annotator has a confidence but no
+  instance scores). ``images`` is (B, H, W, 3) uint8, ``prompts`` a list of ``Prompt``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from datasetdm.errors import DatasetdmError
+from datasetdm.formats.sample import IGNORE_INDEX, Category, LabelledSample
+from datasetdm.formats.shards import ShardWriter, read_manifest
+from datasetdm.io import sample_seed
+from datasetdm.prompts.base import Prompt, PromptSource
+
+GenerateFn = Callable[[list[str], list[int]], tuple]
+Annotator = Callable[[np.ndarray, object, list[Prompt]], list[LabelledSample]]
+LABEL_FIELDS = ("semantic", "instances", "depth")
+
+
+# --------------------------------------------------------------------------------------------
+# Quality scores and filters
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Filters:
+    """Drop a sample when a score is below (or, for ``max_ignore``, above) its threshold.
+
+    A threshold of None is off. A score that could not be computed (e.g. no semantic mask) never
+    drops a sample.
+    """
+
+    min_confidence: float | None = None  # mean annotator confidence
+    min_area: float | None = None  # labelled foreground fraction of the image
+    min_agreement: float | None = None  # fraction of the prompt's classes found in the labels
+    max_ignore: float | None = None  # fraction of ignore (255) pixels
+
+    def reason(self, scores: Mapping[str, float | None]) -> str | None:
+        """Why the sample is dropped, or None to keep it."""
+        for name, limit, below in (
+            ("confidence", self.min_confidence, True),
+            ("area", self.min_area, True),
+            ("agreement", self.min_agreement, True),
+            ("ignore", self.max_ignore, False),
+        ):
+            value = scores.get(name)
+            if limit is None or value is None:
+                continue
+            if below and value < limit:
+                return f"{name} {value:.3f} < {limit:g}"
+            if not below and value > limit:
+                return f"{name} {value:.3f} > {limit:g}"
+        return None
+
+
+def quality_scores(
+    sample: LabelledSample,
+    prompt: Prompt,
+    categories: Sequence[Category],
+    confidences: Sequence[float] = (),
+    min_class_fraction: float = 0.001,
+) -> dict[str, float | None]:
+    """Per-sample scores: ``confidence``, ``area``, ``ignore`` and ``agreement`` (None if unknown).
+
+    Agreement is recall of the prompt's classes: a prompt "a dog on a street" may rightly show a
+    road too, so extra classes are not penalised; a missing dog is. A class counts as present
+    when it covers at least ``min_class_fraction`` of the image (or has an instance).
+    """
+    h, w = sample.size
+    names = {c.id: c.name for c in categories}
+    present: set[str] = set()
+    area = ignore = None
+    if sample.semantic is not None:
+        sem = np.asarray(sample.semantic)
+        ids, counts = np.unique(sem, return_counts=True)
+        fractions = dict(zip(ids.tolist(), (counts / sem.size).tolist()))
+        ignore = fractions.get(IGNORE_INDEX, 0.0)
+        area = float(((sem != 0) & (sem != IGNORE_INDEX)).mean())
+        present |= {names[i] for i, f in fractions.items() if i in names and f >= min_class_fraction}
+    if sample.instances is not None:
+        union = np.zeros((h, w), bool)
+        for inst in sample.instances:
+            union |= np.asarray(inst.mask, bool)
+            if inst.category_id in names and inst.mask.mean() >= min_class_fraction:
+                present.add(names[inst.category_id])
+        if area is None:
+            area = float(union.mean())
+    agreement = None
+    labelled = sample.semantic is not None or sample.instances is not None
+    if prompt.classes and labelled:
+        agreement = sum(c in present for c in prompt.classes) / len(prompt.classes)
+    confidence = float(np.mean(confidences)) if len(confidences) else None
+    return {"confidence": confidence, "area": area, "ignore": ignore, "agreement": agreement}
+
+
+# --------------------------------------------------------------------------------------------
+# Annotation
+# --------------------------------------------------------------------------------------------
+
+
+def as_uint8_images(images) -> np.ndarray:
+    """(B, H, W, 3) uint8 from what a generate function returns (see the module doc)."""
+    if hasattr(images, "detach"):  # a torch tensor, without importing torch here
+        images = images.detach().float().cpu().numpy()
+        if images.ndim == 4 and images.shape[1] == 3 and images.shape[-1] != 3:
+            images = images.transpose(0, 2, 3, 1)
+    if isinstance(images, (list, tuple)):
+        images = np.stack([np.asarray(im) for im in images])
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise DatasetdmError(f"generate function returned images of shape {images.shape}; expected (B, H, W, 3)")
+    if images.dtype != np.uint8:
+        images = np.clip(np.rint(images.astype(np.float64) * 255), 0, 255).astype(np.uint8)
+    return images
+
+
+def _confidence(label: LabelledSample) -> float | None:
+    scores = [i.score for i in label.instances or [] if i.score is not None]
+    if scores:
+        return float(np.mean(scores))
+    value = (label.meta or {}).get("confidence")
+    return None if value is None else float(value)
+
+
+def _check_label(name: str, label, shape: tuple[int, int], category_ids: set[int]) -> None:
+    where = f"annotator {name!r}"
+    if not all(hasattr(label, f) for f in LABEL_FIELDS):
+        raise DatasetdmError(f"{where}: returned {type(label).__name__}; expected LabelledSample-like outputs")
+    if label.semantic is not None:
+        sem = np.asarray(label.semantic)
+        if sem.shape != shape:
+            raise DatasetdmError(f"{where}: semantic mask is {sem.shape}, image is {shape}")
+        unknown = set(np.unique(sem).tolist()) - category_ids - {0, IGNORE_INDEX}
+        if unknown:
+            raise DatasetdmError(f"{where}: semantic mask has category ids {sorted(unknown)} not in the run's categories")
+    if label.depth is not None and np.shape(label.depth) != shape:
+        raise DatasetdmError(f"{where}: depth is {np.shape(label.depth)}, image is {shape}")
+    for inst in label.instances or []:
+        if inst.category_id not in category_ids:
+            raise DatasetdmError(f"{where}: instance of unknown category id {inst.category_id}")
+        if np.shape(inst.mask) != shape:
+            raise DatasetdmError(f"{where}: instance mask is {np.shape(inst.mask)}, image is {shape}")
+
+
+def merge_labels(image: np.ndarray, labels: Mapping[str, LabelledSample]) -> tuple[LabelledSample, dict, dict[str, str]]:
+    """One sample from several annotators' outputs for the same image.
+
+    Each label field comes from the first annotator (in the given order) that provides it; a
+    later annotator's field of a kind already taken is kept as an extra under its name, so two
+    labelers of the same task can be compared on the same images.
+    Returns (sample, extras by annotator name, annotator by field).
+    """
+    sample = LabelledSample(id="", image=image)
+    extras: dict[str, LabelledSample] = {}
+    source: dict[str, str] = {}
+    for name, label in labels.items():
+        for f in LABEL_FIELDS:
+            value = getattr(label, f)
+            if value is None:
+                continue
+            if f not in source:
+                setattr(sample, f, value)
+                source[f] = name
+            else:
+                extras.setdefault(name, LabelledSample(id="", image=image))
+                setattr(extras[name], f, value)
+    return sample, extras, source
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerationSummary:
+    out: Path
+    n: int
+    generated: int  # sample ids generated by this call (less than n after a resume)
+    kept: int  # in the whole run
+    dropped: int
+    drop_reasons: dict[str, int] = field(default_factory=dict)  # by score name
+    seconds: float = 0.0
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.generated / self.seconds if self.seconds > 0 else 0.0
+
+
+def prompts_fingerprint(prompts: PromptSource, count: int = 64) -> str:
+    """A hash of the first prompts, so resuming with another prompt source is caught."""
+    digest = hashlib.sha256()
+    for i in range(count):
+        p = prompts.prompt(i)
+        digest.update(json.dumps([p.text, list(p.classes)]).encode())
+    return digest.hexdigest()[:16]
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class SamplesPerSecond(ProgressColumn):
+        def render(self, task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text(f"{speed:.2f} samples/s" if speed else "? samples/s", style="progress.data.speed")
+
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        SamplesPerSecond(),
+        TextColumn("kept {task.fields[kept]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+    )
+
+
+def generate_dataset(
+    out: str | Path,
+    generate_fn: GenerateFn,
+    annotators: Mapping[str, Annotator],
+    prompts: PromptSource,
+    categories: Sequence[Category],
+    n: int,
+    seed: int = 0,
+    batch_size: int = 8,
+    samples_per_shard: int = 1000,
+    filters: Filters | None = None,
+    backbone: str = "",
+    config: Mapping | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> GenerationSummary:
+    """Generate sample ids 0..n-1 into shards under ``out`` (see the module doc).
+
+    ``config`` adds run settings that must match on resume (image size, steps, guidance,
+    decoder checkpoints); seed, prompts, annotators and filters are always checked.
+    """
+    if n < 0:
+        raise DatasetdmError(f"--n must be >= 0, got {n}")
+    if batch_size < 1:
+        raise DatasetdmError(f"--batch-size must be >= 1, got {batch_size}")
+    if not annotators:
+        raise DatasetdmError("generation needs at least one annotator (a decoder or a labeler)")
+    filters = filters or Filters()
+    categories = list(categories)
+    category_ids = {c.id for c in categories}
+    run_config = {
+        "seed": seed,
+        "prompts": prompts_fingerprint(prompts),
+        "annotators": list(annotators),
+        "filters": asdict(filters),
+        **(config or {}),
+    }
+    writer = ShardWriter(out, categories, run_config, samples_per_shard, backbone=backbone, resume=resume)
+    start = writer.resume_from(n)
+    t0 = time.perf_counter()
+    with _progress(progress) as bar, writer:
+        task = bar.add_task("generating", total=n, completed=min(start, n), kept="")
+        kept = 0
+        first = start
+        while first < n:
+            # Batches never span a shard boundary: a resumed run (which restarts at a boundary)
+            # then forms exactly the batches an uninterrupted run formed, so even a backbone whose
+            # float results vary slightly with batch composition gives identical samples.
+            shard_end = (first // samples_per_shard + 1) * samples_per_shard
+            ids = list(range(first, min(first + batch_size, n, shard_end)))
+            first = ids[-1] + 1
+            batch_prompts = [prompts.prompt(i) for i in ids]
+            seeds = [sample_seed(seed, i) for i in ids]
+            images, hypercolumns = generate_fn([p.text for p in batch_prompts], seeds)
+            images = as_uint8_images(images)
+            if len(images) != len(ids):
+                raise DatasetdmError(f"generate function returned {len(images)} images for {len(ids)} prompts")
+            outputs = {}
+            for name, annotate in annotators.items():
+                labels = list(annotate(images, hypercolumns, batch_prompts))
+                if len(labels) != len(ids):
+                    raise DatasetdmError(f"annotator {name!r}: returned {len(labels)} outputs for {len(ids)} images")
+                for label in labels:
+                    _check_label(name, label, images.shape[1:3], category_ids)
+                outputs[name] = labels
+            for b, sample_id in enumerate(ids):
+                labels = {name: outputs[name][b] for name in annotators}
+                sample, extras, source = merge_labels(images[b], labels)
+                sample.id = str(sample_id)
+                sample.caption = batch_prompts[b].text
+                confidences = [c for c in map(_confidence, labels.values()) if c is not None]
+                scores = quality_scores(sample, batch_prompts[b], categories, confidences)
+                reason = filters.reason(scores)
+                row = {
+                    "prompt": batch_prompts[b].text,
+                    "classes": list(batch_prompts[b].classes),
+                    "seed": seeds[b],
+                    "scores": scores,
+                    "annotators": source,
+                }
+                if reason is not None:
+                    row["dropped_reason"] = reason
+                    writer.add(sample_id, row, None)
+                else:
+                    writer.add(sample_id, row, sample, extras or None)
+                    kept += 1
+            bar.update(task, advance=len(ids), kept=kept)
+    seconds = time.perf_counter() - t0
+    rows = read_manifest(out).to_pylist() if n > 0 else []
+    reasons = Counter(r["dropped_reason"].split(" ")[0] for r in rows if not r["kept"])
+    return GenerationSummary(
+        out=Path(out),
+        n=n,
+        generated=max(n - start, 0),
+        kept=sum(r["kept"] for r in rows),
+        dropped=sum(not r["kept"] for r in rows),
+        drop_reasons=dict(reasons),
+        seconds=seconds,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Adapters for the real pieces
+# --------------------------------------------------------------------------------------------
+
+
+def labels_from_predictions(predictions: Sequence[Mapping], images: np.ndarray) -> list[LabelledSample]:
+    """A decoder's ``predict`` dicts (``semantic``, ``instances``, ``depth``, optional
+    ``confidence``) as LabelledSamples, the annotator output format."""
+    labels = []
+    for image, pred in zip(images, predictions):
+        meta = {"confidence": float(pred["confidence"])} if pred.get("confidence") is not None else {}
+        labels.append(
+            LabelledSample(
+                id="",
+                image=image,
+                semantic=None if pred.get("semantic") is None else np.asarray(pred["semantic"], dtype=np.uint8),
+                instances=pred.get("instances"),
+                depth=None if pred.get("depth") is None else np.asarray(pred["depth"], dtype=np.float32),
+                meta=meta,
+            )
+        )
+    return labels
+
+
+def decoder_annotator(decoder, tokenizer) -> Annotator:
+    """Annotator from a P-Decoder: it reads the hypercolumns captured while generating.
+
+    ``tokenizer`` is the backbone's: the decoder's per-class attention maps are found by the
+    class names' tokens inside each prompt.
+    """
+    from datasetdm.decoder.inputs import hypercolumn_input, image_tensor
+
+    names = [c["name"] for c in decoder.cfg.categories]
+    class_tokens = [list(tokenizer(name, add_special_tokens=False).input_ids) for name in names]
+
+    def annotate(images: np.ndarray, hypercolumns, prompts: list[Prompt]) -> list[LabelledSample]:
+        inp = hypercolumn_input(hypercolumns, class_tokens, image_tensor(images), images.shape[1:3])
+        return labels_from_predictions(decoder.predict(inp), images)
+
+    return annotate

@@ -1,0 +1,151 @@
+"""Commands of the text-to-data stage, as plain typer-annotated functions the CLI mounts:
+``generate``, ``export``, ``view`` and ``prompts`` (the LLM prompt builder)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from datasetdm.errors import DatasetdmError
+
+
+def _load_decoder(path: Path):
+    # Checkpoint loading belongs to the decoder/training stage; imported late so this module
+    # (and `export`/`view`) works without torch-heavy imports.
+    import datasetdm.decoder as decoder_module
+
+    loader = getattr(decoder_module, "load_decoder", None)
+    if loader is None:
+        raise DatasetdmError(f"{path}: this datasetdm cannot load decoder checkpoints (datasetdm.decoder.load_decoder is missing)")
+    if not path.exists():
+        raise DatasetdmError(f"{path}: decoder checkpoint not found")
+    return loader(path)
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for p in files:
+        digest.update(p.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _categories(decoders) -> list:
+    from datasetdm.formats.coco import category_from_coco
+
+    by_id = {}
+    for path, dec in decoders:
+        for entry in dec.cfg.categories:
+            cat = category_from_coco(entry)
+            if cat.id in by_id and by_id[cat.id].name != cat.name:
+                raise DatasetdmError(f"{path}: category id {cat.id} is {cat.name!r} here but {by_id[cat.id].name!r} in another decoder")
+            by_id.setdefault(cat.id, cat)
+    return [by_id[i] for i in sorted(by_id)]
+
+
+def generate(
+    decoder: list[Path] = typer.Option(..., "--decoder", help="Trained decoder checkpoint; repeat for several (each labels every image)."),
+    out: Path = typer.Option(..., help="Output folder: WebDataset shards + manifest.parquet."),
+    n: int = typer.Option(100, min=0, help="Number of samples to generate (sample ids 0..n-1)."),
+    seed: int = typer.Option(0, help="Run seed; each sample's seed is derived from (seed, sample id)."),
+    prompts: Optional[Path] = typer.Option(None, help="Prompt file, or folder with one {class}.txt per class."),
+    classes: Optional[str] = typer.Option(None, help="Comma-separated classes for template prompts (default: the decoders' classes)."),
+    batch_size: int = typer.Option(4, min=1, help="Images generated together; does not change the output."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run in OUT."),
+    backbone: Optional[str] = typer.Option(None, help="Diffusers model folder or hub id (default: the embedded backbone)."),
+    steps: int = typer.Option(50, min=1, help="Denoising steps."),
+    guidance: float = typer.Option(7.5, help="Classifier-free guidance scale (1 = off)."),
+    samples_per_shard: int = typer.Option(1000, min=1, help="Sample ids per tar shard."),
+    min_confidence: Optional[float] = typer.Option(None, help="Drop samples whose mean annotator confidence is lower."),
+    min_area: Optional[float] = typer.Option(None, help="Drop samples whose labelled fraction of the image is lower."),
+    min_agreement: Optional[float] = typer.Option(None, help="Drop samples where fewer of the prompt's classes were found."),
+    max_ignore: Optional[float] = typer.Option(None, help="Drop samples with a larger fraction of ignore (255) pixels."),
+    device: str = typer.Option("cpu", help="torch device, e.g. cuda."),
+) -> None:
+    """Generate annotated images: every decoder labels each image from the same hypercolumns."""
+    from datasetdm.backbone.capture import generate as generate_images
+    from datasetdm.backbone.loader import load_backbone
+    from datasetdm.generation import Filters, decoder_annotator, generate_dataset
+    from datasetdm.prompts import TemplatePrompts, load_prompts
+
+    decoders = [(p, _load_decoder(p)) for p in decoder]
+    categories = _categories(decoders)
+    names = [c.name for c in categories]
+    if prompts is not None:
+        source = load_prompts(prompts, classes=names, seed=seed)
+    else:
+        chosen = [c.strip() for c in classes.split(",")] if classes else names
+        unknown = [c for c in chosen if c not in names]
+        if unknown:
+            raise DatasetdmError(f"--classes: {', '.join(unknown)} not among the decoders' classes ({', '.join(names)})")
+        source = TemplatePrompts(chosen, seed=seed)
+    bb = load_backbone(backbone, device=device)
+    annotators = {}
+    for path, dec in decoders:
+        name = f"{dec.cfg.task}" if dec.cfg.task not in annotators else f"{dec.cfg.task}{len(annotators)}"
+        annotators[name] = decoder_annotator(dec.to(bb.device), bb.tokenizer)
+
+    def generate_fn(texts, seeds):
+        return generate_images(bb, texts, seeds, num_inference_steps=steps, guidance_scale=guidance)
+
+    config = {"steps": steps, "guidance": guidance, "decoders": [_file_digest(p) for p, _ in decoders]}
+    summary = generate_dataset(
+        out, generate_fn, annotators, source, categories, n=n, seed=seed, batch_size=batch_size,
+        samples_per_shard=samples_per_shard,
+        filters=Filters(min_confidence, min_area, min_agreement, max_ignore),
+        backbone=f"{bb.name}@{bb.fingerprint}", config=config, resume=resume,
+    )
+    typer.echo(
+        f"{out}: {summary.kept} kept, {summary.dropped} dropped {json.dumps(summary.drop_reasons)}; "
+        f"{summary.generated} generated now at {summary.samples_per_second:.2f} samples/s"
+    )
+
+
+def export(
+    shards: Path = typer.Argument(..., help="Shard folder written by `datasetdm generate`."),
+    out: Path = typer.Option(..., help="Output labelled folder (images, semantic, depth, annotations.json)."),
+    annotator: Optional[str] = typer.Option(None, help="Export a second annotator's labels instead of the primary ones."),
+    limit: Optional[int] = typer.Option(None, min=0, help="Export at most this many samples."),
+    overwrite: bool = typer.Option(False, help="Replace an existing labelled folder in OUT."),
+) -> None:
+    """Export shards to a plain labelled folder (COCO JSON, palettized masks, uint16 depth)."""
+    from datasetdm.formats.export import export_shards
+
+    count = export_shards(shards, out, annotator=annotator, limit=limit, overwrite=overwrite)
+    typer.echo(f"exported {count} samples to {out}")
+
+
+def view(
+    path: Path = typer.Argument(..., help="A labelled folder or a shard folder."),
+    out: Optional[Path] = typer.Option(None, help="Gallery folder (default: PATH/gallery)."),
+    limit: int = typer.Option(100, min=1, help="Show at most this many samples."),
+) -> None:
+    """Write a static HTML gallery: images, prompts and overlays (masks, contours, depth, skeletons)."""
+    from datasetdm.view import build_gallery, gallery_summary
+
+    index = build_gallery(path, out, limit=limit)
+    typer.echo(f"{index} ({gallery_summary(index)['samples']} samples)")
+
+
+def prompts(
+    out: Path = typer.Option(..., help="Prompt file to write (reused if it exists, unless --refresh)."),
+    classes: Optional[str] = typer.Option(None, help="Comma-separated classes: ~N prompts each. Omit for class-agnostic tasks."),
+    n: int = typer.Option(100, min=1, help="Prompts per class (or in all, without --classes)."),
+    min_words: int = typer.Option(10, min=1, help="Minimum words per description."),
+    topic: str = typer.Option("people in everyday scenes", help="Subject for class-agnostic prompts (pose, depth)."),
+    llm_url: Optional[str] = typer.Option(None, help="OpenAI-compatible base URL (default: $OPENAI_BASE_URL or OpenAI)."),
+    llm_model: Optional[str] = typer.Option(None, help="Model name (default: $OPENAI_MODEL)."),
+    llm_key: Optional[str] = typer.Option(None, help="API key (default: $OPENAI_API_KEY)."),
+    refresh: bool = typer.Option(False, help="Ask the model again even if OUT exists."),
+) -> None:
+    """Build a prompt file with a language model (asked as DatasetDM's supplementary §4 describes)."""
+    from datasetdm.prompts.llm import ChatClient, build_prompt_file
+
+    names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    client = None if (out.exists() and not refresh) else ChatClient(llm_url, llm_model, llm_key)
+    result = build_prompt_file(out, names, n=n, client=client, min_words=min_words, topic=topic, refresh=refresh)
+    typer.echo(f"{out}: {len(result)} prompts")
