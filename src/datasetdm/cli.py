@@ -32,8 +32,10 @@ def version() -> None:
 from datasetdm.world.cli import world_app  # noqa: E402
 
 from datasetdm import generation_cli  # noqa: E402
+from datasetdm.backbone.cli import backbone_app  # noqa: E402
 
 app.add_typer(world_app, name="world")
+app.add_typer(backbone_app, name="backbone")
 app.command("generate")(generation_cli.generate)
 app.command("export")(generation_cli.export)
 app.command("view")(generation_cli.view)

@@ -113,7 +113,8 @@ def build_unet(size: str = "base"):
 def build_train_scheduler():
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(**scheduler_config())
+    config = {k: v for k, v in scheduler_config().items() if k != "set_alpha_to_one"}  # DDIM-only key
+    return DDPMScheduler(**config)
 
 
 def minilm_path() -> Path:

@@ -1,0 +1,286 @@
+"""Train the embedded backbone on the world's images and captions (never its masks).
+
+Four stages, each written atomically under the run folder and skipped when already there, so a
+killed run resumes where it stopped (``datasetdm backbone train --run runs/backbone``):
+
+1. ``data.npz``: world train-split images (seed ``RECIPE.world_seed``) and their captions.
+2. ``vae.safetensors``: AutoencoderKL trained with L1 + a tiny KL term (the latent only has to be
+   compact and smooth, as in SD's first stage, paper ref. Rombach et al. 2022).
+3. ``latents.npy`` / ``text.npy``: every image's latent (posterior mean, scaled to unit std) and
+   its caption's 77 MiniLM token states, computed once so UNet steps never run the VAE or text
+   encoder.
+4. UNet: v-prediction, Min-SNR-5 loss weights, 10% caption dropout for classifier-free guidance,
+   AdamW with warm-up and cosine decay, EMA weights. ``unet-state.pt`` is written every few
+   minutes (atomic) and ``export/`` (diffusers layout, EMA weights, fp16) every
+   ``export_every`` steps; ``train.log`` has one JSON line per log interval.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from datasetdm.backbone import embedded
+from datasetdm.io import atomic_path, write_json_atomic
+
+
+@dataclass(frozen=True)
+class Recipe:
+    world_seed: int = 7  # train split; the few-shot images use seed 0 of the same split
+    n_images: int = 30000
+    vae_steps: int = 1500
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    unet_steps: int = 24000
+    unet_batch: int = 32
+    unet_lr: float = 4e-4
+    warmup: int = 500
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    min_snr_gamma: float = 5.0
+    export_every: int = 1000
+    checkpoint_minutes: float = 5.0
+    seed: int = 0
+
+
+RECIPE = Recipe()
+
+
+def _log(run: Path, **fields) -> None:
+    line = json.dumps({"time": round(time.time(), 1), **fields})
+    print(line, flush=True)
+    with open(run / "train.log", "a") as f:
+        f.write(line + "\n")
+
+
+def _lr(step: int, r: Recipe, total: int, base: float) -> float:
+    if step < r.warmup:
+        return base * (step + 1) / r.warmup
+    progress = min(1.0, (step - r.warmup) / max(1, total - r.warmup))
+    return base * (r.min_lr_ratio + (1 - r.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ---------------------------------------------------------------- stage 1: world images + captions
+def render_data(run: Path, r: Recipe) -> None:
+    path = run / "data.npz"
+    if path.exists():
+        return
+    from datasetdm.world.render import render_scene
+
+    images = np.zeros((r.n_images, embedded.IMAGE_SIZE, embedded.IMAGE_SIZE, 3), np.uint8)
+    captions = []
+    t0 = time.time()
+    for i in range(r.n_images):
+        s = render_scene("train", r.world_seed, i)
+        images[i] = s.image
+        captions.append(s.caption)
+        if (i + 1) % 5000 == 0:
+            _log(run, stage="data", rendered=i + 1, seconds=round(time.time() - t0, 1))
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, images=images, captions=np.array(captions))
+
+
+def _load_images(run: Path) -> tuple[np.ndarray, list[str]]:
+    data = np.load(run / "data.npz")
+    return data["images"], [str(c) for c in data["captions"]]
+
+
+def _to_unit(images_u8: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images_u8).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+# ---------------------------------------------------------------- stage 2: VAE
+def train_vae(run: Path, r: Recipe) -> None:
+    final = run / "vae"
+    if (final / "config.json").exists():
+        return
+    images, _ = _load_images(run)
+    g = torch.Generator().manual_seed(r.seed)
+    vae = embedded.build_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=r.vae_lr, weight_decay=0.0)
+    held_out = _to_unit(images[-64:])
+    train_n = len(images) - 64
+    t0 = time.time()
+    for step in range(r.vae_steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, r, r.vae_steps, r.vae_lr)
+        idx = torch.randint(0, train_n, (r.vae_batch,), generator=g).numpy()
+        x = _to_unit(images[idx])
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=g)).sample
+        loss = (recon - x).abs().mean() + r.vae_kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == r.vae_steps - 1:
+            _log(run, stage="vae", step=step, loss=round(loss.item(), 5), seconds=round(time.time() - t0, 1))
+    vae.eval()
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(held_out).latent_dist.mode()).sample.clamp(-1, 1)
+        mse = F.mse_loss((recon + 1) / 2, (held_out + 1) / 2).item()
+    _log(run, stage="vae", held_out_psnr=round(10 * math.log10(1 / mse), 2))
+    tmp = run / "vae.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    vae.save_pretrained(tmp, safe_serialization=True)
+    tmp.rename(final)
+
+
+# ---------------------------------------------------------------- stage 3: latents and text states
+@torch.no_grad()
+def cache_inputs(run: Path, r: Recipe) -> None:
+    if (run / "latents.npy").exists() and (run / "text.npy").exists():
+        return
+    from diffusers import AutoencoderKL
+
+    images, captions = _load_images(run)
+    vae = AutoencoderKL.from_pretrained(run / "vae").eval()
+    means = []
+    for i in range(0, len(images), 256):
+        means.append(vae.encode(_to_unit(images[i : i + 256])).latent_dist.mode())
+    latents = torch.cat(means)
+    scale = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=scale)
+    vae.save_pretrained(run / "vae", safe_serialization=True)
+    _log(run, stage="cache", latent_std=round(float(latents.std()), 4), scaling_factor=round(scale, 4))
+
+    tokenizer, encoder = embedded.load_text_encoder()
+    text = np.lib.format.open_memmap(
+        run / "text.tmp.npy", mode="w+", dtype=np.float16, shape=(len(captions), embedded.MAX_TOKENS, embedded.TEXT_DIM)
+    )
+    for i in range(0, len(captions), 256):
+        text[i : i + 256] = embedded.encode_captions(tokenizer, encoder, captions[i : i + 256]).numpy()
+    text.flush()
+    del text
+    (run / "text.tmp.npy").rename(run / "text.npy")
+    np.save(run / "empty_text.npy", embedded.encode_captions(tokenizer, encoder, [""]).numpy().astype(np.float16))
+    with atomic_path(run / "latents.npy") as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, (latents * scale).numpy().astype(np.float32))
+
+
+# ---------------------------------------------------------------- stage 4: UNet
+def _min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    alpha_bar = scheduler.alphas_cumprod[timesteps]
+    snr = alpha_bar / (1 - alpha_bar)
+    return torch.clamp(snr, max=gamma) / (snr + 1)  # v-prediction form (Hang et al. 2023)
+
+
+def _export(run: Path, ema, vae) -> None:
+    tmp = run / "export.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    embedded.save_embedded(tmp, ema, vae)
+    old = run / "export.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if (run / "export").exists():
+        (run / "export").rename(old)
+    tmp.rename(run / "export")
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def train_unet(run: Path, r: Recipe, max_minutes: float | None = None) -> None:
+    from diffusers import AutoencoderKL
+
+    latents = torch.from_numpy(np.load(run / "latents.npy"))
+    text = np.load(run / "text.npy", mmap_mode="r")
+    empty = torch.from_numpy(np.load(run / "empty_text.npy")).float()
+    vae = AutoencoderKL.from_pretrained(run / "vae").eval()
+    scheduler = embedded.build_train_scheduler()
+
+    unet = embedded.build_unet()
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=r.unet_lr, weight_decay=r.weight_decay)
+    g = torch.Generator().manual_seed(r.seed + 1)
+    step = 0
+    state_path = run / "unet-state.pt"
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        unet.load_state_dict(state["unet"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        g.set_state(state["generator"])
+        step = state["step"]
+        _log(run, stage="unet", resumed_at=step)
+
+    def save_state() -> None:
+        with atomic_path(state_path) as tmp:
+            torch.save(
+                {"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                 "generator": g.get_state(), "step": step, "recipe": asdict(r)},
+                tmp,
+            )
+
+    t_start = t_session = time.time()
+    last_ckpt = time.time()
+    losses = []
+    unet.train()
+    while step < r.unet_steps:
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, r, r.unet_steps, r.unet_lr)
+        idx = torch.randint(0, len(latents), (r.unet_batch,), generator=g)
+        x0 = latents[idx]
+        cond = torch.from_numpy(np.ascontiguousarray(text[np.sort(idx.numpy())])).float()
+        cond = cond[torch.argsort(torch.argsort(idx))]  # back to idx order (mmap reads want sorted rows)
+        drop = torch.rand(r.unet_batch, generator=g) < r.caption_dropout
+        cond[drop] = empty
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (r.unet_batch,), generator=g)
+        noisy = scheduler.add_noise(x0, noise, t)
+        target = scheduler.get_velocity(x0, noise, t)
+        pred = unet(noisy, t, cond).sample
+        per_sample = (pred - target).pow(2).mean(dim=(1, 2, 3))
+        loss = (per_sample * _min_snr_weights(scheduler, t, r.min_snr_gamma)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        decay = min(r.ema_decay, (1 + step) / (10 + step))  # short warm-up so early exports are usable
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(p, 1 - decay)
+        step += 1
+        losses.append(loss.item())
+        if step % 50 == 0:
+            _log(run, stage="unet", step=step, loss=round(float(np.mean(losses)), 5),
+                 lr=round(opt.param_groups[0]["lr"], 7), s_per_step=round((time.time() - t_start) / len(losses), 3))
+            losses, t_start = [], time.time()
+        if step % r.export_every == 0 or step == r.unet_steps:
+            save_state()
+            last_ckpt = time.time()
+            _export(run, ema, vae)
+            _log(run, stage="unet", exported_step=step)
+        elif time.time() - last_ckpt > r.checkpoint_minutes * 60:
+            save_state()
+            last_ckpt = time.time()
+        if max_minutes is not None and time.time() - t_session > max_minutes * 60:
+            save_state()
+            break
+
+
+def train(run: str | Path, max_minutes: float | None = None, recipe: Recipe = RECIPE) -> Path:
+    run = Path(run)
+    run.mkdir(parents=True, exist_ok=True)
+    recipe_path = run / "recipe.json"
+    if recipe_path.exists() and json.loads(recipe_path.read_text()) != asdict(recipe):
+        from datasetdm.errors import DatasetdmError
+
+        raise DatasetdmError(f"{recipe_path}: this run was started with another recipe; use a new --run folder")
+    write_json_atomic(recipe_path, asdict(recipe))
+    torch.manual_seed(recipe.seed)
+    render_data(run, recipe)
+    train_vae(run, recipe)
+    cache_inputs(run, recipe)
+    train_unet(run, recipe, max_minutes)
+    return run / "export"
