@@ -251,3 +251,28 @@ def gallery_summary(index: Path) -> dict:
 
 
 __all__ = ["build_gallery", "write_gallery", "sample_panels", "class_colour", "depth_colours", "gallery_summary"]
+
+
+def contact_sheet(samples: Sequence[LabelledSample], categories: dict[int, Category], out: str | os.PathLike) -> Path:
+    """One PNG: a row per sample (image and every overlay it has), its caption underneath."""
+    from PIL import ImageDraw
+
+    rows = [sample_panels(s, categories) for s in samples]
+    cell = max(p.shape[0] for r in rows for _, p in r)
+    cols = max(len(r) for r in rows)
+    pad, text_h = 4, 14
+    width = cols * (cell + pad) + pad
+    canvas = Image.new("RGB", (width, len(rows) * (cell + 2 * text_h + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    y = pad
+    for sample, panels in zip(samples, rows):
+        for c, (title, array) in enumerate(panels):
+            x = pad + c * (cell + pad)
+            draw.text((x, y), title, fill=(90, 90, 90))
+            canvas.paste(Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8)), (x, y + text_h))
+        draw.text((pad, y + text_h + cell + 1), (sample.caption or "")[: width // 6], fill=(0, 0, 0))
+        y += cell + 2 * text_h + pad
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out)
+    return out

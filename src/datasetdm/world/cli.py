@@ -31,3 +31,19 @@ def render(
             writer.add(render_scene(split, seed, index))
             progress.advance(task)
     typer.echo(f"wrote {n} scenes to {out}")
+
+
+@world_app.command("sheet")
+def sheet(
+    n: int = typer.Option(6, min=1, help="Number of scenes (rows)."),
+    split: str = typer.Option("val", help="Split to draw from."),
+    seed: int = typer.Option(0, help="Scene seed."),
+    out: Path = typer.Option(Path("docs/world.png"), help="Output PNG."),
+) -> None:
+    """A contact sheet: each row one scene with its overlays and caption (for the README)."""
+    from datasetdm.view import contact_sheet
+    from datasetdm.world.render import CATEGORIES, render_scene
+
+    samples = [render_scene(split, seed, i) for i in range(n)]
+    contact_sheet(samples, {c.id: c for c in CATEGORIES}, out)
+    typer.echo(f"wrote {out}")
