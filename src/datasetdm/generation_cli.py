@@ -48,7 +48,11 @@ def _categories(decoders) -> list:
 
 
 def generate(
-    decoder: list[Path] = typer.Option(..., "--decoder", help="Trained decoder checkpoint; repeat for several (each labels every image)."),
+    decoder: list[Path] = typer.Option([], "--decoder", help="Trained decoder checkpoint; repeat for several (each labels every image)."),
+    labeler: str = typer.Option("decoder", help="decoder (P-Decoders from --decoder) or attention (training-free, Dataset Diffusion; needs --classes)."),
+    tau: int = typer.Option(4, help="attention labeler: self-attention exponent."),
+    label_threshold: float = typer.Option(0.6, help="attention labeler: normalised attention at or above this is labelled."),
+    ignore_threshold: float = typer.Option(0.5, help="attention labeler: from here to --label-threshold is ignore (255)."),
     out: Path = typer.Option(..., help="Output folder: WebDataset shards + manifest.parquet."),
     n: int = typer.Option(100, min=0, help="Number of samples to generate (sample ids 0..n-1)."),
     seed: int = typer.Option(0, help="Run seed; each sample's seed is derived from (seed, sample id)."),
@@ -66,14 +70,29 @@ def generate(
     max_ignore: Optional[float] = typer.Option(None, help="Drop samples with a larger fraction of ignore (255) pixels."),
     device: str = typer.Option("cpu", help="torch device, e.g. cuda."),
 ) -> None:
-    """Generate annotated images: every decoder labels each image from the same hypercolumns."""
+    """Generate annotated images: every decoder labels each image from the same hypercolumns
+    (or, with --labeler attention, the model's own attention labels them)."""
     from datasetdm.backbone.capture import generate as generate_images
     from datasetdm.backbone.loader import load_backbone
     from datasetdm.generation import Filters, decoder_annotator, generate_dataset
     from datasetdm.prompts import TemplatePrompts, load_prompts
 
-    decoders = [(p, _load_decoder(p)) for p in decoder]
-    categories = _categories(decoders)
+    if labeler not in ("decoder", "attention"):
+        raise DatasetdmError(f"--labeler {labeler!r}: choose decoder or attention")
+    if labeler == "decoder" and not decoder:
+        raise DatasetdmError("--labeler decoder needs at least one --decoder checkpoint")
+    if labeler == "attention":
+        if decoder:
+            raise DatasetdmError("--labeler attention labels without decoders; drop --decoder")
+        if not classes:
+            raise DatasetdmError("--labeler attention needs --classes (the class names to label, in id order)")
+        from datasetdm.formats.sample import Category
+
+        decoders = []
+        categories = [Category(i + 1, c.strip()) for i, c in enumerate(classes.split(",")) if c.strip()]
+    else:
+        decoders = [(p, _load_decoder(p)) for p in decoder]
+        categories = _categories(decoders)
     names = [c.name for c in categories]
     if prompts is not None:
         source = load_prompts(prompts, classes=names, seed=seed)
@@ -93,6 +112,14 @@ def generate(
         return generate_images(bb, texts, seeds, num_inference_steps=steps, guidance_scale=guidance)
 
     config = {"steps": steps, "guidance": guidance, "decoders": [_file_digest(p) for p, _ in decoders]}
+    if labeler == "attention":
+        from datasetdm.labelers.attention import AttentionLabeler, AttentionLabelerConfig
+
+        settings = AttentionLabelerConfig(tau=tau, label_threshold=label_threshold, ignore_threshold=ignore_threshold)
+        attention = AttentionLabeler(bb, categories, settings)
+        annotators["attention"] = attention.annotator
+        generate_fn = attention.generate_fn(num_inference_steps=steps, guidance_scale=guidance)
+        config["attention_labeler"] = {"tau": tau, "label_threshold": label_threshold, "ignore_threshold": ignore_threshold}
     summary = generate_dataset(
         out, generate_fn, annotators, source, categories, n=n, seed=seed, batch_size=batch_size,
         samples_per_shard=samples_per_shard,
