@@ -5,10 +5,12 @@ the only difference is ``generate(..., capture=True)`` (features + cross-attenti
 step) against ``capture=False``. Two models: an SD-1.5-shaped one (UNet 320/640/1280/1280,
 cross_attention_dim 768, CLIP-L-sized text encoder, SD VAE) at 256 px, and the tiny test model.
 
-Time: plain and capture runs alternate in one process after a warm-up; the minimum of each is
-compared (the machine is shared, the minimum is the least disturbed run).
+Time: plain and capture runs alternate (ABBA) in one process after a warm-up; the minimum of each
+is compared (the machine is shared, the minimum is the least disturbed run). Capture installs its
+processors and hooks only around the captured forward, so the other steps cost exactly the same.
 Memory: each mode runs once in a fresh subprocess; peak resident set size (RSS, read from
-/proc/self/statm every millisecond by a thread, and ru_maxrss) during generation. ``memory_ratio``
+/proc/self/statm every millisecond by a thread, and ru_maxrss) during generation, with glibc's
+mmap threshold fixed (``MALLOC_MMAP_THRESHOLD_``) so freed tensors leave the RSS. ``memory_ratio``
 compares the process peak; ``working_memory_ratio`` compares the peak above the RSS just before
 generation (weights excluded), the stricter figure.
 
@@ -127,8 +129,9 @@ def worker(args) -> dict:
     if args.worker == "time":
         run_once(bb, size, args.steps, True, args.device)  # warm-up (allocator, oneDNN kernels)
         times = {"plain": [], "capture": []}
-        for _ in range(args.repeats):
-            for mode in ("plain", "capture"):
+        for r in range(args.repeats):
+            # ABBA order: a slow drift of the shared machine's load does not favour either mode
+            for mode in ("plain", "capture") if r % 2 == 0 else ("capture", "plain"):
                 dt, _, _ = run_once(bb, size, args.steps, mode == "capture", args.device)
                 times[mode].append(dt)
         return times
@@ -150,7 +153,14 @@ def worker(args) -> dict:
 def sub(args, model, what) -> dict:
     cmd = [sys.executable, __file__, "--worker", what, "--model", model, "--steps", str(args.steps[model]),
            "--repeats", str(args.repeats[model]), "--threads", str(args.threads), "--device", args.device]
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ)
+    if what.startswith("mem") and args.device == "cpu":
+        # glibc keeps freed blocks of a growing heap (its mmap threshold rises with each large
+        # free), so a process's RSS peak depends on the order of its allocations: runs differed by
+        # 100 MiB with identical work. A fixed threshold returns every block >= 64 KiB to the OS on
+        # free, so peak RSS follows the peak of live tensors (weights + activations)
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode:
         sys.stderr.write(res.stderr[-3000:])
         raise SystemExit(f"worker {model}/{what} failed")
@@ -189,7 +199,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="tiny,sd15")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: sd15 2, tiny 10)")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per mode (default: sd15 2, tiny 10)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per mode (default: sd15 2, tiny 30)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch default); 1 keeps timings stable on shared cores")
     p.add_argument("--device", default="cpu")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -200,7 +210,7 @@ def main():
         return
     models = [m for m in args.models.split(",") if m]
     args.steps = {m: args.steps or {"sd15": 2, "tiny": 10}[m] for m in models}
-    args.repeats = {m: args.repeats or {"sd15": 2, "tiny": 10}[m] for m in models}
+    args.repeats = {m: args.repeats or {"sd15": 2, "tiny": 30}[m] for m in models}
     results = {m: bench_model(args, m) for m in models}
     main_model = "sd15" if "sd15" in results else models[0]
     print(json.dumps({

@@ -243,3 +243,28 @@ def test_input_errors(tiny_clip):
         generate(tiny_clip, ["a"], [0], num_inference_steps=3, capture_step=5)
     with pytest.raises(DatasetdmError, match="timestep t=1000"):
         capture_real(tiny_clip, _images(1), "a", t=1000)
+
+
+def test_png_files_palette_la_rgba_16bit(tiny_bert, tmp_path):
+    """Files as users have them: read back from PNG, every mode ends up as RGB in [-1, 1]."""
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (27, 41, 3), dtype=np.uint8)
+    alpha = np.full((27, 41, 1), 255, np.uint8)
+    alpha[:, :20] = 0  # left part transparent -> white
+    Image.fromarray(np.concatenate([rgb, alpha], -1), mode="RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=8).save(tmp_path / "p.png")
+    gray = rng.integers(0, 256, (27, 41), dtype=np.uint8)
+    Image.fromarray(np.stack([gray, np.full_like(gray, 255)], -1), mode="LA").save(tmp_path / "la.png")
+    Image.fromarray((gray.astype(np.uint16) * 257)).save(tmp_path / "g16.png")  # 16-bit, same values
+    files = [Image.open(tmp_path / f) for f in ("rgba.png", "p.png", "la.png", "g16.png")]
+    assert [f.mode for f in files][:3] == ["RGBA", "P", "LA"] and files[3].mode.startswith("I")
+    px = preprocess_images(files, (27, 41))
+    assert px.shape == (4, 3, 27, 41)
+    torch.testing.assert_close(px[0, :, :, :20], torch.ones(3, 27, 20))
+    torch.testing.assert_close(px[0, :, :, 20:], torch.from_numpy(rgb[:, 20:]).permute(2, 0, 1).float() / 127.5 - 1)
+    # a palette image is expanded to its colours, not read as indices
+    pal_rgb = np.array(files[1].convert("RGB"))
+    torch.testing.assert_close(px[1], torch.from_numpy(pal_rgb).permute(2, 0, 1).float() / 127.5 - 1)
+    torch.testing.assert_close(px[2], px[3])  # 8-bit LA and its 16-bit twin agree
+    hc = capture_real(tiny_bert, files, "a photo", seeds=[0, 1, 2, 3])
+    assert hc.batch_size == 4 and all(torch.isfinite(f).all() for f in hc.features)

@@ -93,3 +93,20 @@ def test_embedded_not_trained_yet(monkeypatch, tmp_path):
     monkeypatch.setattr(loader, "embedded_backbone_path", lambda: tmp_path)
     with pytest.raises(DatasetdmError, match="embedded backbone is not trained yet"):
         load_backbone(None)
+
+
+def test_embedded_training_and_loader_encode_prompts_alike(tmp_path):
+    """The embedded UNet is trained on `embedded.encode_captions`; the loader must condition it the same way."""
+    import torch
+
+    from datasetdm.backbone import embedded
+    from datasetdm.backbone.loader import load_backbone
+    from datasetdm.backbone.testing import make_tiny_backbone
+
+    bb = load_backbone(make_tiny_backbone(tmp_path / "m", text_encoder="minilm"))
+    captions = ["a red ball and two people on grass at dusk", ""]
+    loaded, ids = bb.encode_prompt(captions)
+    tokenizer, encoder = embedded.load_text_encoder()
+    trained = embedded.encode_captions(tokenizer, encoder, captions)
+    assert loaded.shape == trained.shape == (2, embedded.MAX_TOKENS, embedded.TEXT_DIM)
+    assert torch.allclose(loaded, trained, atol=1e-5)

@@ -48,3 +48,29 @@ def test_absent_and_truncated(tiny_bert):
     long_prompt = "a dog " * 60 + "and a zebra"
     with pytest.raises(DatasetdmError, match="beyond the first 77 tokens"):
         token_positions(tok, long_prompt, "zebra")
+
+
+def test_multi_token_name_maps_are_averaged(tiny_clip):
+    import torch
+
+    from datasetdm.backbone.capture import capture_real
+    from datasetdm.backbone.tokens import average_token_maps
+
+    tok = tiny_clip.tokenizer
+    prompts = ["a photo of a aardwolf", "an aardwolf and a dog"]
+    pos = [token_positions(tok, p, "aardwolf") for p in prompts]
+    assert pos == [[5, 6], [2, 3]]
+    img = torch.rand(2, 3, 32, 32)
+    hc = capture_real(tiny_clip, img, prompts, seeds=[0, 1])
+    maps = average_token_maps(hc.cross_attention, pos)
+    for m, a in zip(maps, hc.cross_attention):
+        assert m.shape == (2, *a.shape[2:])
+        torch.testing.assert_close(m[0], (a[0, 5] + a[0, 6]) / 2)
+        torch.testing.assert_close(m[1], (a[1, 2] + a[1, 3]) / 2)
+    # one list for the whole batch
+    same = average_token_maps(hc.cross_attention[0], [5, 6])
+    torch.testing.assert_close(same[1], (hc.cross_attention[0][1, 5] + hc.cross_attention[0][1, 6]) / 2)
+    with pytest.raises(DatasetdmError, match=r"token positions \[77\]"):
+        average_token_maps(hc.cross_attention[0], [77])
+    with pytest.raises(DatasetdmError, match="3 position lists for a batch of 2"):
+        average_token_maps(hc.cross_attention[0], [[1], [2], [3]])

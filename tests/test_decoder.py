@@ -1,12 +1,16 @@
 """P-Decoder: every head through one interface, inputs, checkpoints (tiny random tensors)."""
 
+import json
+import re
+
 import numpy as np
 import pytest
 import torch
 
 from datasetdm.backbone.hypercolumns import Hypercolumns
-from datasetdm.decoder import TASKS, DecoderConfig, DecoderInput, build_decoder
+from datasetdm.decoder import TASKS, DecoderConfig, DecoderInput, PDecoder, build_decoder
 from datasetdm.decoder.checkpoint import load_decoder, save_decoder
+from datasetdm.decoder.heads import FLIP_PAIRS
 from datasetdm.decoder.inputs import class_attention_maps, raw_pixel_input
 from datasetdm.decoder.losses import gaussian_heatmaps, heatmap_peaks
 from datasetdm.errors import DatasetdmError
@@ -37,10 +41,26 @@ def forward_kw(task):
             "class_index": list(range(K))}
 
 
+def first_scene(accept, split="train", seed=0, limit=200):
+    """The first world scene (by index) that ``accept`` takes: a deterministic search, so the tests
+    keep their subject (people, several objects) if the renderer's random draws change."""
+    for i in range(limit):
+        s = render_scene(split, seed, i)
+        if accept(s):
+            return s
+    raise AssertionError(f"no {split} scene in the first {limit} passes the filter")
+
+
+def people(s):
+    return [i for i in s.instances if i.keypoints is not None and (i.keypoints[:, 2] > 0).sum() >= 10]
+
+
 @pytest.fixture(scope="module")
 def samples():
-    # scenes with people (for pose), several objects, depth
-    return [render_scene("train", 0, i) for i in (2, 3)]
+    # [0]: a person among other objects; [1]: two people (pose with several people per image)
+    mixed = first_scene(lambda s: len(people(s)) == 1 and len(s.instances) >= 3)
+    crowd = first_scene(lambda s: len(people(s)) >= 2)
+    return [mixed, crowd]
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -126,8 +146,8 @@ def test_heatmap_peaks_recover_subpixel_keypoints():
 
 
 def test_augment_moves_labels_with_the_image(samples):
-    s = samples[1]
-    person = next(i for i in s.instances if i.keypoints is not None)
+    s = samples[0]
+    person = people(s)[0]
     found_flip = False
     for seed in range(6):
         v = augment(s, np.random.default_rng(seed), (64, 64))
@@ -149,32 +169,68 @@ def test_augment_moves_labels_with_the_image(samples):
         def random(self): return 0.0
     v = augment(s, Rng(), (64, 64))
     assert np.array_equal(v.image, s.image[:, ::-1])
-    p2 = next(i for i in v.instances if i.keypoints is not None and i.category_id == person.category_id)
+    assert np.array_equal(v.semantic, s.semantic[:, ::-1]) and np.array_equal(v.depth, s.depth[:, ::-1])
+    (p2,) = people(v)
+    assert np.array_equal(p2.mask, person.mask[:, ::-1])
     k, k2 = person.keypoints, p2.keypoints
-    if k[5, 2] > 0:
-        assert k2[6, 2] > 0 and abs(k2[6, 0] - (63 - k[5, 0])) < 1e-4 and abs(k2[6, 1] - k[5, 1]) < 1e-4
+    swap = dict(FLIP_PAIRS + tuple((b, a) for a, b in FLIP_PAIRS))
+    for j in range(17):  # joint j lands, mirrored, in its left/right partner's slot (nose stays 0)
+        m = swap.get(j, j)
+        assert k2[m, 2] == k[j, 2]
+        if k[j, 2] > 0:
+            assert abs(k2[m, 0] - (63 - k[j, 0])) < 1e-4 and abs(k2[m, 1] - k[j, 1]) < 1e-4
 
 
 def test_checkpoint_round_trip_and_refusals(tmp_path):
     torch.manual_seed(0)
-    dec = build_decoder(tiny_config("semantic"))
+    dec = build_decoder(tiny_config("open-vocab"))
+    dec.head.text_embeddings.normal_()  # what training stores: every category's name embedding
     inp = tiny_input()
     before = dec.predict(inp)[0]["semantic"]
-    ck = save_decoder(dec, tmp_path / "ck", extra_tensors={"t": torch.ones(2)})
+    ck = save_decoder(dec, tmp_path / "ck", info={"note": 1})
     assert sorted(p.name for p in ck.iterdir()) == ["config.json", "model.safetensors"]
-    loaded, extra, config = load_decoder(ck, task="semantic", backbone_fingerprint="fp-a")
+    config = json.loads((ck / "config.json").read_text())
+    assert config["decoder"]["task"] == "open-vocab" and config["decoder"]["categories"] == CATS
+    assert config["decoder"]["backbone"] == {"fingerprint": "fp-a"} and config["info"] == {"note": 1}
+    loaded = load_decoder(ck, task="open-vocab", backbone="fp-a")
+    assert isinstance(loaded, PDecoder) and not loaded.training
+    assert loaded.cfg.task == "open-vocab" and loaded.cfg.categories == CATS and loaded.checkpoint_path == ck
+    assert torch.equal(loaded.head.text_embeddings, dec.head.text_embeddings)
+    # without text embeddings, an open-vocab decoder labels its own categories with the stored ones
     assert np.array_equal(loaded.predict(inp)[0]["semantic"], before)
-    assert torch.equal(extra["t"], torch.ones(2)) and config["decoder"]["task"] == "semantic"
-    with pytest.raises(DatasetdmError, match="trained for task 'semantic', not 'depth'"):
+    with pytest.raises(DatasetdmError, match=f"{re.escape(str(ck))}: decoder was trained for task 'open-vocab', not 'depth'"):
         load_decoder(ck, task="depth")
-    with pytest.raises(DatasetdmError, match="fp-a.*fp-b"):
-        load_decoder(ck, backbone_fingerprint="fp-b")
+    with pytest.raises(DatasetdmError, match=f"{re.escape(str(ck))}: .*fingerprint fp-a.*fingerprint fp-b"):
+        load_decoder(ck, backbone="fp-b")
+    with pytest.raises(DatasetdmError, match=f"{re.escape(str(ck))}: .*fingerprint fp-a.*fingerprint fp-b"):
+        loaded.check_backbone("fp-b")
     with pytest.raises(DatasetdmError, match="not a decoder checkpoint"):
         load_decoder(tmp_path / "nothing")
+    # features of another shape (another backbone) are refused by name, not with a conv error
+    bad = DecoderInput([f[:, :1] for f in inp.features], inp.class_attention, inp.image, inp.image_size)
+    with pytest.raises(DatasetdmError, match=f"{re.escape(str(ck))}: features have channels \\[1, 1, 1, 1\\]"):
+        loaded.predict(bad)
     (ck / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(DatasetdmError, match="model.safetensors"):
         load_decoder(ck)
     # overwriting replaces the directory as a whole and leaves no temporary siblings
     save_decoder(dec, ck)
-    assert load_decoder(ck)[0] is not None
+    assert load_decoder(ck) is not None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    # anything that is not a checkpoint is never overwritten
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "keep.txt").write_text("x")
+    with pytest.raises(DatasetdmError, match="exists and is not a decoder checkpoint"):
+        save_decoder(dec, tmp_path / "data")
+    assert (tmp_path / "data" / "keep.txt").read_text() == "x"
+
+
+def test_raw_pixel_decoder_reads_the_image_whatever_it_is_given():
+    cfg = DecoderConfig(task="semantic", categories=CATS, feature_channels=[48, 192, 768, 3072],
+                        feature_sizes=[[16, 16], [8, 8], [4, 4], [2, 2]], image_size=[64, 64], features="raw-pixels",
+                        attention=False, dim=32, num_queries=8, layers=3, ffn_dim=64)
+    torch.manual_seed(0)
+    dec = build_decoder(cfg)
+    hyper = tiny_input()  # hypercolumn-shaped input (what generation passes): only its image is read
+    raw = raw_pixel_input(hyper.image)
+    assert np.array_equal(dec.predict(hyper)[0]["semantic"], dec.predict(raw)[0]["semantic"])

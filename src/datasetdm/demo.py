@@ -104,6 +104,8 @@ def generate_annotated(out: Path, decoders: dict[str, Path], prompts: Path, back
     loaded = [(p, load_decoder(p)) for p in decoders.values()]
     categories = _categories(loaded)
     bb = load_backbone(backbone)
+    for _, dec in loaded:
+        dec.check_backbone(bb)
     annotators = {dec.cfg.task: decoder_annotator(dec, bb.tokenizer) for _, dec in loaded}
 
     def generate_fn(texts, seeds):

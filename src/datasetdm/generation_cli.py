@@ -103,6 +103,8 @@ def generate(
             raise DatasetdmError(f"--classes: {', '.join(unknown)} not among the decoders' classes ({', '.join(names)})")
         source = TemplatePrompts(chosen, seed=seed)
     bb = load_backbone(backbone, device=device)
+    for _, dec in decoders:
+        dec.check_backbone(bb)  # a decoder reads the features of the backbone it was trained on
     annotators = {}
     for path, dec in decoders:
         name = f"{dec.cfg.task}" if dec.cfg.task not in annotators else f"{dec.cfg.task}{len(annotators)}"

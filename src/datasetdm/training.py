@@ -18,7 +18,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,14 +27,22 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from datasetdm.decoder.build import DecoderConfig, PDecoder, build_decoder
-from datasetdm.decoder.checkpoint import save_decoder
+from datasetdm.decoder.checkpoint import decoder_config, is_checkpoint, save_decoder
 from datasetdm.decoder.heads import FLIP_PAIRS, TASKS
-from datasetdm.decoder.inputs import DecoderInput, class_attention_maps, class_prompt, image_tensor, raw_pixel_input
+from datasetdm.decoder.inputs import (
+    RAW_PIXELS,
+    DecoderInput,
+    class_attention_maps,
+    class_prompt,
+    find_token_positions,
+    image_tensor,
+    raw_pixel_input,
+)
 from datasetdm.errors import DatasetdmError
 from datasetdm.formats.sample import IGNORE_INDEX, Instance, LabelledSample
 from datasetdm.io import atomic_path, sample_seed
 
-RAW_PIXELS = "raw-pixels"
+EMBEDDED = "embedded"  # the loader's printable source of the embedded backbone
 
 
 @dataclass
@@ -59,6 +67,7 @@ class TrainOptions:
     checkpoint_every: int = 250
     extract_batch: int = 16
     keep_cache: bool = False
+    device: str = "cpu"  # backbone and decoder; the feature cache stays in CPU memory
 
 
 # ------------------------------------------------------------------------------------- samples
@@ -104,7 +113,7 @@ def _resize(a: np.ndarray, size_hw, resample) -> np.ndarray:
     if a.dtype == bool:
         return np.asarray(Image.fromarray(a.astype(np.uint8)).resize((w, h), resample)).astype(bool)
     if a.dtype == np.float32:
-        return np.asarray(Image.fromarray(a, mode="F").resize((w, h), resample))
+        return np.asarray(Image.fromarray(a).resize((w, h), resample))
     return np.asarray(Image.fromarray(a).resize((w, h), resample))
 
 
@@ -174,9 +183,18 @@ class FeatureSource:
 
     @property
     def description(self) -> dict:
+        """What the checkpoint records; ``backbone_from_record`` turns ``source`` back into a backbone."""
         if self.kind == RAW_PIXELS:
-            return {"fingerprint": RAW_PIXELS, "source": RAW_PIXELS, "name": RAW_PIXELS}
-        return {"fingerprint": self.backbone.fingerprint, "source": str(self.backbone.source), "name": self.backbone.name}
+            d = {"fingerprint": RAW_PIXELS, "source": RAW_PIXELS, "name": RAW_PIXELS}
+            if self.backbone is not None:  # open-vocab: class names embedded by this backbone's text encoder
+                d["text_encoder"] = self._source()
+            return d
+        return {"fingerprint": self.backbone.fingerprint, "source": self._source(), "name": self.backbone.name}
+
+    def _source(self) -> str:
+        src = str(self.backbone.source)  # "embedded", a folder as given, or a hub id
+        folder = Path(src).expanduser()
+        return str(folder.resolve()) if src != EMBEDDED and folder.exists() else src
 
     def train_size(self, sizes: set) -> tuple[int, int]:
         """One size for every view: the images' own when they share one the backbone accepts."""
@@ -213,21 +231,24 @@ class FeatureSource:
         for name in names:
             states, ids = self.backbone.encode_prompt([name])
             name_ids = list(tok(name, add_special_tokens=False).input_ids)
-            from datasetdm.decoder.inputs import find_token_positions
-
             pos = find_token_positions(ids[0].tolist(), name_ids) or list(range(1, 1 + len(name_ids)))
             out.append(states[0, pos].float().mean(0).cpu())
         return torch.stack(out)
 
 
-def load_feature_source(kind: str, categories, backbone_source=None, need_text=False) -> FeatureSource:
+def backbone_from_record(source: str | None):
+    """A checkpoint's recorded backbone source → what ``load_backbone`` takes (None: embedded)."""
+    return None if source in (None, EMBEDDED, RAW_PIXELS) else source
+
+
+def load_feature_source(kind: str, categories, backbone_source=None, need_text=False, device="cpu") -> FeatureSource:
     if kind not in ("hypercolumns", RAW_PIXELS):
         raise DatasetdmError(f"--features must be 'hypercolumns' or '{RAW_PIXELS}', not {kind!r}")
     backbone = None
     if kind == "hypercolumns" or need_text:
         from datasetdm.backbone.loader import load_backbone
 
-        backbone = load_backbone(backbone_source)
+        backbone = load_backbone(backbone_source, device=device)
     return FeatureSource(kind, categories, backbone)
 
 
@@ -248,6 +269,11 @@ def build_views(samples, opts: TrainOptions, size) -> list[LabelledSample]:
     return views
 
 
+def view_noise_seeds(opts: TrainOptions, n: int) -> list[int]:
+    """The timestep-noise seed of each view (paper §3.3: noise to t = 1 before the UNet pass)."""
+    return [sample_seed(opts.seed, i, "noise") for i in range(n)]
+
+
 def cached_inputs(views, source: FeatureSource, categories, exclude, opts, cache_file: Path | None, progress=None):
     """DecoderInput for every view, computed once (batched) or read back from ``cache_file``."""
     if cache_file is not None and cache_file.exists():
@@ -263,7 +289,7 @@ def cached_inputs(views, source: FeatureSource, categories, exclude, opts, cache
     for b in range(0, len(views), opts.extract_batch):
         chunk = views[b : b + opts.extract_batch]
         prompts = [prompt_for(v, categories, exclude) for v in chunk]
-        seeds = [sample_seed(opts.seed, b + j, "noise") for j in range(len(chunk))]
+        seeds = view_noise_seeds(opts, len(views))[b : b + len(chunk)]
         parts.append(source.extract([v.image for v in chunk], prompts, seeds))
         if progress:
             progress.advance(task, len(chunk))
@@ -306,24 +332,34 @@ def make_decoder_config(opts: TrainOptions, categories, inp: DecoderInput, sourc
 
 
 class Trainer:
-    """Holds the cache, model and optimizer; ``step()`` is one decoder update from cached inputs."""
+    """Holds the cache, model and optimizer; ``step()`` is one decoder update from cached inputs.
+
+    Every step draws its batch from ``gen`` and seeds torch's global RNG (the Mask2Former matcher
+    samples points with it) from (seed, step), so a resumed run repeats an uninterrupted one exactly.
+    """
 
     def __init__(self, decoder: PDecoder, inp: DecoderInput, targets: list[dict], opts: TrainOptions, forward_kw=None):
         self.decoder, self.inp, self.targets, self.opts = decoder, inp, targets, opts
-        self.forward_kw = forward_kw or {}
+        self.device = torch.device(opts.device)
+        self.decoder.to(self.device)
+        self.forward_kw = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in (forward_kw or {}).items()}
         self.opt = torch.optim.AdamW(decoder.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
         self.gen = torch.Generator().manual_seed(opts.seed)
         self.step_no = 0
 
     def batch_indices(self) -> torch.Tensor:
-        n = self.inp.batch_size
+        n = len(self.targets)
         return torch.randperm(n, generator=self.gen)[: min(self.opts.batch_size, n)]
 
     def step(self, inp: DecoderInput | None = None, targets=None) -> dict:
         if inp is None:
             idx = self.batch_indices()
-            inp = self.inp.select(idx).to(dtype=torch.float32)
+            inp = self.inp.select(idx)
             targets = [self.targets[i] for i in idx.tolist()]
+        inp = inp.to(device=self.device, dtype=torch.float32)
+        if self.device.type != "cpu":
+            targets = [{k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in t.items()} for t in targets]
+        torch.manual_seed(sample_seed(self.opts.seed, self.step_no, "step"))
         for g in self.opt.param_groups:
             g["lr"] = _lr_at(self.step_no, self.opts)
         self.decoder.train()
@@ -347,12 +383,25 @@ class Trainer:
         self.gen.set_state(st["gen"])
 
 
-def prepare(data_dir, opts: TrainOptions, backbone_source=None, work_dir: Path | None = None, progress=None):
-    """Read the folder, build views and their cached inputs → (decoder, trainer, extra tensors, info)."""
+@dataclass
+class Prepared:
+    """Everything a training run needs, made by ``prepare``."""
+
+    decoder: PDecoder
+    trainer: Trainer
+    info: dict  # recorded in the checkpoint's config (JSON)
+    source: FeatureSource
+    views: list[LabelledSample]  # view i ↔ row i of the feature cache ↔ trainer.targets[i]
+    prompts: list[str]  # the prompt of each view
+    noise_seeds: list[int]  # the timestep-noise seed of each view
+
+
+def prepare(data_dir, opts: TrainOptions, backbone_source=None, work_dir: Path | None = None, progress=None) -> Prepared:
+    """Read the folder, build the views, compute (or read back) their cached inputs, build the
+    decoder and its trainer."""
     from datasetdm.formats.labelled_folder import read_labelled_folder
 
-    if opts.task not in TASKS:
-        raise DatasetdmError(f"--task must be one of {', '.join(TASKS)}, not {opts.task!r}")
+    check_options(opts)
     folder = read_labelled_folder(data_dir)
     check_task_data(folder, opts.task, data_dir)
     categories = _categories(folder)
@@ -364,71 +413,103 @@ def prepare(data_dir, opts: TrainOptions, backbone_source=None, work_dir: Path |
         raise DatasetdmError("--held-out-classes only applies to --task open-vocab")
     n = min(opts.n_images, len(folder))
     samples = [folder[i] for i in range(n)]  # pixel-level checks (corrupt data, unknown ids) run here
-    source = load_feature_source(opts.features, categories, backbone_source, need_text=opts.task == "open-vocab")
+    source = load_feature_source(opts.features, categories, backbone_source, need_text=opts.task == "open-vocab",
+                                 device=opts.device)
     size = source.train_size({s.size for s in samples})
     views = build_views(samples, opts, size)
     exclude = set(opts.held_out)
-    key = _cache_key({"fp": source.fingerprint, "ids": [s.id for s in samples], "views": opts.views,
+    # the pixels themselves are in the key: an image edited between an interrupted run and its
+    # resume gets new features
+    pixels = [hashlib.sha256(np.ascontiguousarray(s.image).tobytes()).hexdigest()[:16] for s in samples]
+    key = _cache_key({"fp": source.fingerprint, "ids": [s.id for s in samples], "pixels": pixels, "views": opts.views,
                       "scale": opts.scale, "seed": opts.seed, "exclude": sorted(exclude), "size": size,
                       "cats": categories, "data": str(Path(data_dir).resolve())})
     cache_file = None if work_dir is None else work_dir / f"cache-{key}.safetensors"
     inp = cached_inputs(views, source, categories, exclude, opts, cache_file, progress)
 
-    extra, kw, text_dim = {}, {}, 0
+    kw, emb = {}, None
     if opts.task == "open-vocab":
         emb = source.text_embeddings(names)
-        extra["text_embeddings"] = emb
-        text_dim = emb.shape[1]
         seen = [i for i, c in enumerate(categories) if c["name"] not in exclude]
         kw = {"text_embeddings": emb[seen], "class_index": seen}
-    cfg = make_decoder_config(opts, categories, inp, source, text_dim)
+    cfg = make_decoder_config(opts, categories, inp, source, 0 if emb is None else emb.shape[1])
     torch.manual_seed(opts.seed)
     decoder = build_decoder(cfg)
     if opts.task == "open-vocab":
+        decoder.head.text_embeddings.copy_(emb)  # every category's, held-out ones too, for inference
         seen_ids = [categories[i]["id"] for i in kw["class_index"]]
         targets = [decoder.targets(v, class_ids=seen_ids) for v in views]
     else:
         targets = [decoder.targets(v) for v in views]
     trainer = Trainer(decoder, inp, targets, opts, kw)
     info = {"data": str(data_dir), "n_images": n, "views": opts.views, "train_options": asdict(opts),
-            "cache_key": key, "source": source}
-    return decoder, trainer, extra, info
+            "cache_key": key}
+    prompts = [prompt_for(v, categories, exclude) for v in views]
+    return Prepared(decoder, trainer, info, source, views, prompts, view_noise_seeds(opts, len(views)))
 
 
 def _progress():
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    # on stderr: stdout carries the command's result (one JSON line)
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[msg]}"),
-                    TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
+                    TimeElapsedColumn(), TimeRemainingColumn(), transient=False, console=Console(stderr=True))
+
+
+def check_options(opts: TrainOptions) -> None:
+    if opts.task not in TASKS:
+        raise DatasetdmError(f"--task must be one of {', '.join(TASKS)}, not {opts.task!r}")
+    for name in ("n_images", "iterations", "batch_size", "views"):
+        if getattr(opts, name) < 1:
+            raise DatasetdmError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(opts, name)}")
+
+
+def check_out(out: Path, task: str) -> None:
+    """``out`` may be new or a checkpoint of the same task (retraining replaces it); anything else is
+    refused before any work is done, and never overwritten."""
+    if not out.exists():
+        return
+    if not is_checkpoint(out):
+        raise DatasetdmError(f"{out}: exists and is not a decoder checkpoint; not overwriting it (choose another --out)")
+    have = decoder_config(out).task
+    if have != task:
+        raise DatasetdmError(f"{out}: is a checkpoint for task {have!r}, not {task!r}; choose another --out or remove it")
 
 
 def train_decoder(data_dir, out, opts: TrainOptions, backbone_source=None, show_progress: bool = True) -> dict:
     """Train a decoder on a labelled folder and write the checkpoint directory ``out``.
 
     Resumable: ``{out}.work/`` holds the feature cache and a training state saved every
-    ``checkpoint_every`` steps; running the same command again continues from there.
+    ``checkpoint_every`` steps; running the same command again continues from there. The work
+    folder is removed once the checkpoint is written (``keep_cache`` keeps the feature cache).
     """
     out = Path(out)
+    check_options(opts)
+    check_out(out, opts.task)
     work = out.parent / f"{out.name}.work"
-    work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     progress = _progress() if show_progress else None
     if progress:
         progress.start()
+        progress.add_task = _with_msg(progress.add_task)  # rich needs the msg field on every task
+    history: list[float] = []
     try:
-        if progress:
-            # rich needs the msg field on every task
-            progress.add_task = _with_msg(progress.add_task)
-        decoder, trainer, extra, info = prepare(data_dir, opts, backbone_source, work, progress)
+        prep = prepare(data_dir, opts, backbone_source, work, progress)
+        decoder, trainer, info = prep.decoder, prep.trainer, prep.info
         t_cache = time.time() - t0
         state_file = work / "state.pt"
         run_key = _cache_key({"cache": info["cache_key"], "opts": asdict(opts), "cfg": decoder.cfg.to_dict()})
+        resumed_at = 0
         if state_file.exists():
-            st = torch.load(state_file, weights_only=False)
+            try:
+                st = torch.load(state_file, map_location="cpu", weights_only=False)
+            except Exception:  # written atomically, so only a foreign file gets here
+                st = {}
             if st.get("run_key") == run_key:
                 trainer.load_state(st)
+                resumed_at = trainer.step_no
         bar = progress.add_task("train", total=opts.iterations, completed=trainer.step_no) if progress else None
-        history = []
         while trainer.step_no < opts.iterations:
             logs = trainer.step()
             history.append(logs["loss"])
@@ -440,13 +521,14 @@ def train_decoder(data_dir, out, opts: TrainOptions, backbone_source=None, show_
     finally:
         if progress:
             progress.stop()
-    source = info.pop("source")
+    source = prep.source
     summary = {"task": opts.task, "n_images": info["n_images"], "views": opts.views, "iterations": opts.iterations,
-               "final_loss": float(np.mean(history[-20:])) if history else None,
+               "resumed_at": resumed_at,
                "first_loss": float(np.mean(history[:20])) if history else None,
+               "final_loss": float(np.mean(history[-20:])) if history else None,
                "cache_seconds": round(t_cache, 2), "total_seconds": round(time.time() - t0, 2),
                "backbone": source.description}
-    save_decoder(decoder, out, extra, info={**{k: v for k, v in info.items()}, "summary": summary})
+    save_decoder(decoder, out, info={**info, "summary": summary})
     if opts.keep_cache:
         (work / "state.pt").unlink(missing_ok=True)
     else:

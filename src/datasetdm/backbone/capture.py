@@ -1,18 +1,25 @@
 """Hypercolumn capture (paper §3.3): multi-scale UNet features and attention maps.
 
-Everything goes through diffusers' public extension points: ``unet.set_attn_processor`` installs a
-thin wrapper around each needed layer's own processor (restored afterwards) and forward hooks
+Everything goes through diffusers' public extension points: ``Attention.set_processor`` installs
+a thin wrapper around each needed layer's own processor (restored afterwards) and forward hooks
 read the up-block features. Nothing in diffusers is patched.
 
 Cost: the wrapped processors call the original processor for the layer output (so the UNet's
-output is unchanged) and, only during the one forward that is captured, recompute the query and
-key of the conditional half to form the attention probabilities, averaging them into one running
-sum per resolution. Per-layer or per-head maps are never stored, and layers whose maps are not
-requested keep their original (SDPA) processor.
+output is bit-identical) and, only during the one forward that is captured, recompute the query
+and key of the conditional half to form the attention probabilities, averaging them into one
+running sum per resolution. Per-layer or per-head maps are never stored; layers whose maps are not
+requested keep their original (SDPA) processor, unwrapped.
+
+Side branch (training-free labels, Dataset Diffusion): with ``class_prompt_embeds`` (B, Tc, D),
+every cross-attention layer also computes softmax(Q · to_k(class_prompt_embeds)ᵀ · scale) for the
+image queries of that forward, averaged per resolution like the prompt maps, and returns its
+normal output unchanged: the class prompt observes the image, it does not steer it.
 """
 
 from __future__ import annotations
 
+import re
+from contextlib import contextmanager
 from typing import Sequence
 
 import numpy as np
@@ -23,105 +30,170 @@ from datasetdm.backbone.hypercolumns import Hypercolumns
 from datasetdm.backbone.loader import Backbone
 from datasetdm.errors import DatasetdmError
 
+_BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.|^mid_block\.")
+
+
+def attention_level(name: str, levels: int) -> int | None:
+    """UNet level (0 = highest resolution) at which the attention layer ``name`` runs.
+
+    SD-format UNets (``UNet2DConditionModel``): down block i attends before its downsampler, at
+    level i; the mid block at the lowest level; up block j before its upsampler, at level
+    ``levels - 1 - j``. ``None`` for a name outside that layout.
+    """
+    m = _BLOCK.match(name)
+    if m is None:
+        return None
+    if m.group(1) is None:
+        return levels - 1
+    i = int(m.group(2))
+    return i if m.group(1) == "down_blocks" else levels - 1 - i
+
+
+def level_sizes(latent_size: tuple[int, int], levels: int) -> list[tuple[int, int]]:
+    """(h, w) of each UNet level for a latent of ``latent_size`` (stride-2 convs round up)."""
+    h, w = (int(latent_size), int(latent_size)) if isinstance(latent_size, int) else map(int, latent_size)
+    return [(-(-h // 2**i), -(-w // 2**i)) for i in range(levels)]
+
 
 class _Recorder:
     """Collects one UNet forward's features and attention, averaged on the fly."""
 
-    def __init__(self, self_attention_res: Sequence[int] = ()):
+    def __init__(self, latent_size: tuple[int, int], levels: int, self_attention_res: Sequence[int] = ()):
         self.active = False
         self.rows = slice(None)  # batch rows to keep: the conditional half under CFG
+        self.sizes = level_sizes(latent_size, levels)
+        self.level_hw = {h * w: (h, w) for h, w in self.sizes}  # h*w -> (h, w) of each UNet level
+        sides = [h for h, _ in self.sizes]
         self.self_res = {int(r) for r in self_attention_res}
-        self.level_hw: dict[int, tuple[int, int]] = {}  # h*w -> (h, w) of each UNet level
+        bad = sorted(self.self_res - set(sides))
+        if bad:
+            raise DatasetdmError(
+                f"self_attention_res {bad}: not a UNet level side for latent size "
+                f"{self.sizes[0][0]}x{self.sizes[0][1]} (levels: {sides})"
+            )
+        self.self_levels = {sides.index(r) for r in self.self_res}
+        # optional side branch: (B, Tc, D) class-prompt encoder states, for the kept rows
+        self.class_context: torch.Tensor | None = None
+        self.reset()
+
+    def reset(self) -> None:
         self.features: dict[int, torch.Tensor] = {}  # up block index -> (B, C, h, w)
         self.cross_sum: dict[int, torch.Tensor] = {}  # h*w -> (B, h*w, T) sum over layers
         self.cross_n: dict[int, int] = {}
+        self.class_sum: dict[int, torch.Tensor] = {}  # h*w -> (B, h*w, Tc) sum over layers
+        self.class_n: dict[int, int] = {}
         self.self_sum: dict[int, torch.Tensor] = {}  # h*w -> (B, h*w, h*w) sum over layers
         self.self_n: dict[int, int] = {}
 
-    def set_latent_size(self, h: int, w: int, levels: int) -> None:
-        self.level_hw = {(h >> i) * (w >> i): (h >> i, w >> i) for i in range(levels)}
+    @contextmanager
+    def capturing(self, rows: slice = slice(None)):
+        """Record the forward(s) run inside: fresh sums, ``rows`` of the batch kept."""
+        self.reset()
+        self.rows, self.active = rows, True
+        try:
+            yield self
+        finally:
+            self.active = False
 
-    def wants(self, hw: int, cross: bool) -> bool:
-        if cross:
-            return True
-        return hw in self.level_hw and self.level_hw[hw][0] in self.self_res
-
-    def add_attention(self, attn, hidden_states, context, temb) -> None:
-        cross = context is not None
-        x = hidden_states[self.rows]
-        if attn.spatial_norm is not None:
-            x = attn.spatial_norm(x, temb[self.rows])
-        if x.ndim == 4:
-            x = x.flatten(2).transpose(1, 2)
-        hw = x.shape[1]
-        if not self.wants(hw, cross):
-            return
-        # the same query/key preparation as diffusers' AttnProcessor2_0
-        if attn.group_norm is not None:
-            x = attn.group_norm(x.transpose(1, 2)).transpose(1, 2)
-        q = attn.to_q(x)
-        if cross:
-            c = context[self.rows]
-            c = attn.norm_encoder_hidden_states(c) if attn.norm_cross else c
-        else:
-            c = x
-        k = attn.to_k(c)
-        b, heads = q.shape[0], attn.heads
-        q = q.view(b, -1, heads, q.shape[-1] // heads).transpose(1, 2)
-        k = k.view(b, -1, heads, k.shape[-1] // heads).transpose(1, 2)
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        q, k = q.float(), k.float()
-        scale = attn.scale
-        if cross:
-            # (B, heads, hw, T) is small (T <= 77): one shot, then the head average
-            probs = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1).mean(1)
-            store, count = self.cross_sum, self.cross_n
-        else:
-            # (B, hw, hw) per head can be large: accumulate head by head
-            probs = torch.zeros(b, hw, hw, dtype=torch.float32, device=q.device)
-            for i in range(heads):
-                probs += torch.softmax(q[:, i] @ k[:, i].transpose(-1, -2) * scale, dim=-1)
-            probs /= heads
-            store, count = self.self_sum, self.self_n
+    @staticmethod
+    def _add(store: dict, count: dict, hw: int, probs: torch.Tensor) -> None:
         if hw in store:
             store[hw] += probs
         else:
             store[hw] = probs
         count[hw] = count.get(hw, 0) + 1
 
-    def hypercolumns(self, input_ids, prompts, timestep) -> Hypercolumns:
-        features = [self.features[j] for j in sorted(self.features, reverse=True)]  # highest res first
-        cross = []
-        for f in features:
+    def add_attention(self, attn, hidden_states, context, temb, want_self: bool) -> None:
+        cross = context is not None
+        if not cross and not want_self:
+            return
+        x = hidden_states[self.rows]
+        if attn.spatial_norm is not None:
+            x = attn.spatial_norm(x, temb[self.rows])
+        if x.ndim == 4:
+            x = x.flatten(2).transpose(1, 2)
+        hw = x.shape[1]
+        if not cross and (hw not in self.level_hw or self.level_hw[hw][0] not in self.self_res):
+            return
+        # the same query/key preparation as diffusers' AttnProcessor2_0
+        if attn.group_norm is not None:
+            x = attn.group_norm(x.transpose(1, 2)).transpose(1, 2)
+        b, heads = x.shape[0], attn.heads
+        q = self._heads(attn, attn.to_q(x), attn.norm_q, b, heads)
+        if cross:
+            probs = self._cross_probs(attn, q, context[self.rows])
+            self._add(self.cross_sum, self.cross_n, hw, probs)
+            if self.class_context is not None:
+                c = self.class_context
+                if c.shape[0] != b:
+                    if c.shape[0] != 1:
+                        raise DatasetdmError(f"class_prompt_embeds has {c.shape[0]} rows for a batch of {b}: pass {b} or 1")
+                    c = c.expand(b, -1, -1)
+                probs = self._cross_probs(attn, q, c.to(device=x.device, dtype=x.dtype))
+                self._add(self.class_sum, self.class_n, hw, probs)
+        else:
+            k = self._heads(attn, attn.to_k(x), attn.norm_k, b, heads).float()
+            # (B, hw, hw) per head can be large: accumulate head by head, never all heads at once
+            probs = torch.zeros(b, hw, hw, dtype=torch.float32, device=q.device)
+            for i in range(heads):
+                probs += torch.softmax(torch.matmul(q[:, i], k[:, i].transpose(-1, -2)) * attn.scale, dim=-1)
+            probs /= heads
+            self._add(self.self_sum, self.self_n, hw, probs)
+
+    @staticmethod
+    def _heads(attn, t: torch.Tensor, norm, b: int, heads: int) -> torch.Tensor:
+        t = t.view(b, -1, heads, t.shape[-1] // heads).transpose(1, 2)
+        if norm is not None:
+            t = norm(t)
+        return t.float()
+
+    def _cross_probs(self, attn, q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Head-averaged softmax(Q Kᵀ · scale) over the tokens of ``c``: (B, hw, T), float32."""
+        if attn.norm_cross:
+            c = attn.norm_encoder_hidden_states(c)
+        k = self._heads(attn, attn.to_k(c), attn.norm_k, q.shape[0], attn.heads)
+        # (B, heads, hw, T) is small (T <= 77): one shot, then the head average
+        return torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * attn.scale, dim=-1).mean(1)
+
+    def _maps(self, store: dict, count: dict, what: str) -> list[torch.Tensor]:
+        out = []
+        for f in self._features():
             h, w = f.shape[-2:]
-            if h * w not in self.cross_sum:
-                raise DatasetdmError(f"the UNet has no cross-attention layer at resolution {h}x{w}")
-            a = self.cross_sum[h * w] / self.cross_n[h * w]
-            cross.append(a.transpose(1, 2).reshape(a.shape[0], a.shape[2], h, w))
-        selfs = {}
-        for hw, s in self.self_sum.items():
-            selfs[self.level_hw[hw][0]] = s / self.self_n[hw]
+            if h * w not in store:
+                raise DatasetdmError(f"the UNet has no cross-attention layer at resolution {h}x{w} ({what})")
+            a = store[h * w] / count[h * w]
+            out.append(a.transpose(1, 2).reshape(a.shape[0], a.shape[2], h, w))
+        return out
+
+    def _features(self) -> list[torch.Tensor]:
+        if not self.features:
+            raise DatasetdmError("nothing was captured: run one UNet forward while the recorder is active")
+        return [self.features[j] for j in sorted(self.features, reverse=True)]  # highest res first
+
+    def hypercolumns(self, input_ids, prompts, timestep) -> Hypercolumns:
+        features = self._features()
+        cross = self._maps(self.cross_sum, self.cross_n, "prompt")
+        classes = self._maps(self.class_sum, self.class_n, "class prompt") if self.class_context is not None else None
+        selfs = {self.level_hw[hw][0]: s / self.self_n[hw] for hw, s in self.self_sum.items()}
         return Hypercolumns(
             features=features, cross_attention=cross, self_attention=selfs, input_ids=input_ids,
-            prompts=list(prompts), timestep=None if timestep is None else int(timestep),
+            prompts=list(prompts), timestep=None if timestep is None else int(timestep), class_attention=classes,
         )
 
 
 class CaptureAttnProcessor:
     """Wraps a layer's attention processor: same output, plus the maps while recording."""
 
-    def __init__(self, inner, recorder: _Recorder):
+    def __init__(self, inner, recorder: _Recorder, want_self: bool = False):
         self.inner = inner
         self.recorder = recorder
+        self.want_self = want_self
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         if self.recorder.active:
             # attention masks are not used by SD's UNet; the maps assume none
             with torch.no_grad():
-                self.recorder.add_attention(attn, hidden_states, encoder_hidden_states, temb)
+                self.recorder.add_attention(attn, hidden_states, encoder_hidden_states, temb, self.want_self)
         if temb is not None:
             kwargs["temb"] = temb
         return self.inner(
@@ -132,6 +204,9 @@ class CaptureAttnProcessor:
 class capture_hypercolumns:
     """Context manager that installs the capture processors and hooks on ``unet``, then removes them.
 
+    ``latent_size``: (h, w) of the latent the UNet will see (image size / VAE factor); it fixes
+    each level's resolution, so only the layers whose maps are requested are wrapped.
+
     Features: for each up block, the hidden state at the block's own resolution after all its
     resnets and (cross-)attention layers, i.e. the input of its upsampler (the block output for the
     last block, which has none). These are the decoder-side maps DatasetDM collects: they have
@@ -140,44 +215,69 @@ class capture_hypercolumns:
     (each upsampler doubles the size). For SD at 512 px: 64, 32, 16, 8 latent px.
 
     Cross-attention: every cross-attention layer (down, mid and up blocks; 16 in SD) grouped by
-    resolution and averaged over layers and heads, as in §3.3. Self-attention: only at the sides
-    in ``self_attention_res``.
+    resolution and averaged over layers and heads, as in §3.3. Self-attention: only the layers at
+    the sides in ``self_attention_res`` are wrapped for it. ``class_prompt_embeds`` (B or 1, Tc, D):
+    the class-prompt side branch (``Hypercolumns.class_attention``); it can also be set later as
+    ``recorder.class_context``.
 
-    Set ``recorder.active = True`` (and ``recorder.rows``) around the one forward to capture.
+    Record with ``with rec.capturing(rows): unet(...)`` (or set ``rec.active`` around the one
+    forward; ``rec.rows`` = the conditional half under CFG).
     """
 
-    def __init__(self, unet, self_attention_res: Sequence[int] = ()):
+    def __init__(self, unet, latent_size, self_attention_res: Sequence[int] = (), class_prompt_embeds=None):
         self.unet = unet
-        self.recorder = _Recorder(self_attention_res)
+        self.levels = len(unet.config.down_block_types)
+        self.recorder = _Recorder(latent_size, self.levels, self_attention_res)
+        self.recorder.class_context = class_prompt_embeds
         self._originals = None
         self._hooks: list = []
 
     def __enter__(self) -> _Recorder:
+        from diffusers.models.attention_processor import Attention
+
         rec = self.recorder
-        self._originals = dict(self.unet.attn_processors)
-        procs = {}
-        for name, proc in self._originals.items():
-            module = self.unet.get_submodule(name[: -len(".processor")])
-            needed = module.is_cross_attention or bool(rec.self_res)
-            procs[name] = CaptureAttnProcessor(proc, rec) if needed else proc
-        self.unet.set_attn_processor(procs)
+        # Attention.get_processor/set_processor per layer (what unet.set_attn_processor does for
+        # all of them), so only the layers whose maps are needed are touched: entering and leaving
+        # costs one walk over the modules, not five (measurable on small UNets)
+        self._originals = {}
+        try:
+            for name, module in self.unet.named_modules():
+                if not isinstance(module, Attention):
+                    continue
+                if module.is_cross_attention:
+                    want_self = False
+                else:
+                    level = attention_level(name, self.levels)
+                    # a layer outside the SD layout is wrapped when any self-attention is asked for
+                    # and keeps its map only if its resolution matches (checked at run time)
+                    if not rec.self_levels or (level is not None and level not in rec.self_levels):
+                        continue
+                    want_self = True
+                proc = module.get_processor()
+                self._originals[module] = proc
+                module.set_processor(CaptureAttnProcessor(proc, rec, want_self=want_self))
+            for j, block in enumerate(self.unet.up_blocks):
+                def keep(x, j=j):
+                    if rec.active:
+                        rec.features[j] = x[rec.rows].detach().clone()
 
-        for j, block in enumerate(self.unet.up_blocks):
-            def keep(x, j=j):
-                if rec.active:
-                    rec.features[j] = x[rec.rows].detach().clone()
-
-            if getattr(block, "upsamplers", None):
-                self._hooks.append(block.upsamplers[0].register_forward_pre_hook(lambda m, args, keep=keep: keep(args[0])))
-            else:
-                self._hooks.append(block.register_forward_hook(lambda m, args, out, keep=keep: keep(out)))
+                if getattr(block, "upsamplers", None):
+                    hook = block.upsamplers[0].register_forward_pre_hook(lambda m, args, keep=keep: keep(args[0]))
+                else:
+                    hook = block.register_forward_hook(lambda m, args, out, keep=keep: keep(out))
+                self._hooks.append(hook)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         return rec
 
     def __exit__(self, *exc) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-        self.unet.set_attn_processor(dict(self._originals))
+        for module, proc in (self._originals or {}).items():
+            module.set_processor(proc)
+        self._originals = None
         self.recorder.active = False
 
 
@@ -287,6 +387,20 @@ def _noise(shape, seeds: list[int], device, dtype) -> tuple[torch.Tensor, list[t
 # entry points
 
 
+def _class_context(backbone: Backbone, class_prompt_embeds, b: int) -> torch.Tensor | None:
+    if class_prompt_embeds is None:
+        return None
+    c = torch.as_tensor(class_prompt_embeds)
+    d = backbone.unet.config.cross_attention_dim
+    d = d[0] if isinstance(d, (list, tuple)) else d
+    if c.ndim != 3 or c.shape[0] not in (1, b) or c.shape[-1] != d:
+        raise DatasetdmError(
+            f"class_prompt_embeds of shape {tuple(c.shape)}: expected ({b} or 1, Tc, {d}) "
+            "(e.g. backbone.encode_prompt([class prompt])[0])"
+        )
+    return c.to(device=backbone.device, dtype=backbone.dtype)
+
+
 @torch.no_grad()
 def capture_real(
     backbone: Backbone,
@@ -296,6 +410,7 @@ def capture_real(
     seeds: Sequence[int] | None = None,
     self_attention_res: Sequence[int] = (),
     size: tuple[int, int] | None = None,
+    class_prompt_embeds: torch.Tensor | None = None,
 ) -> Hypercolumns:
     """Hypercolumns of real images (paper §3.3): VAE-encode, noise to timestep ``t``, one UNet pass.
 
@@ -303,6 +418,8 @@ def capture_real(
     [0, 1]; any size, resized to ``size`` (default the model's native size). ``prompts``: one per
     image (or one string for all). ``seeds``: one per image for the added noise (default 0 each).
     The VAE posterior mean is used, so only the timestep noise is random.
+    ``self_attention_res``: latent sides whose self-attention maps to keep (default none).
+    ``class_prompt_embeds`` (B or 1, Tc, D): class-prompt side branch, see ``generate``.
     """
     h, w = size or backbone.native_size
     _check_size(backbone, h, w)
@@ -311,6 +428,7 @@ def capture_real(
     n_train = backbone.scheduler.config.num_train_timesteps
     if not 0 <= int(t) < n_train:
         raise DatasetdmError(f"timestep t={t}: must be in [0, {n_train})")
+    class_context = _class_context(backbone, class_prompt_embeds, len(prompts))
 
     device, dtype = backbone.device, backbone.dtype
     latents = backbone.vae.encode(pixels.to(device=device, dtype=dtype)).latent_dist.mode()
@@ -324,12 +442,10 @@ def capture_real(
     noisy = ddpm.add_noise(latents, noise, timesteps)
 
     context, input_ids = backbone.encode_prompt(prompts)
-    with capture_hypercolumns(backbone.unet, self_attention_res) as rec:
-        rec.set_latent_size(*noisy.shape[-2:], len(backbone.unet.config.down_block_types))
-        rec.active = True
-        backbone.unet(noisy, timesteps, encoder_hidden_states=context)
-        rec.active = False
-    return rec.hypercolumns(input_ids, prompts, t)
+    with capture_hypercolumns(backbone.unet, noisy.shape[-2:], self_attention_res, class_context) as rec:
+        with rec.capturing():
+            backbone.unet(noisy, timesteps, encoder_hidden_states=context)
+        return rec.hypercolumns(input_ids, prompts, t)
 
 
 @torch.no_grad()
@@ -345,6 +461,7 @@ def generate(
     width: int | None = None,
     negative_prompt: str = "",
     capture: bool = True,
+    class_prompt_embeds: torch.Tensor | None = None,
 ) -> tuple[np.ndarray, Hypercolumns | None]:
     """Text-to-image with the backbone's scheduler; hypercolumns captured at ``capture_step``.
 
@@ -353,12 +470,20 @@ def generate(
     default the last, as DatasetDM does). Classifier-free guidance when ``guidance_scale > 1``;
     then only the conditional half is captured. Each sample's initial noise and any scheduler
     noise come from its own generator seeded with its seed, so it does not depend on its batch.
+
+    ``class_prompt_embeds`` (B or 1, Tc, D), e.g. ``backbone.encode_prompt(["dog cat bus"])[0]``:
+    the training-free labeler's side branch. At the captured forward every cross-attention layer
+    also attends from the image queries to these states (its own ``to_k``), giving
+    ``Hypercolumns.class_attention`` (B, Tc, h, w) per resolution, summing to 1 over Tc; the
+    generated images are bit-identical to a run without it.
     """
     prompts, seeds = _prompts_and_seeds(prompts, seeds, None)
     if num_inference_steps < 1:
         raise DatasetdmError(f"num_inference_steps={num_inference_steps}: must be at least 1")
     if not -num_inference_steps <= capture_step < num_inference_steps:
         raise DatasetdmError(f"capture_step={capture_step}: out of range for {num_inference_steps} steps")
+    if class_prompt_embeds is not None and not capture:
+        raise DatasetdmError("class_prompt_embeds needs capture=True (it is part of the captured hypercolumns)")
     capture_index = capture_step % num_inference_steps
     nh, nw = backbone.native_size
     height, width = height or nh, width or nw
@@ -366,6 +491,7 @@ def generate(
 
     device, dtype = backbone.device, backbone.dtype
     b = len(prompts)
+    class_context = _class_context(backbone, class_prompt_embeds, b)
     cond, input_ids = backbone.encode_prompt(prompts)
     do_cfg = guidance_scale > 1.0
     context = torch.cat([backbone.encode_prompt([negative_prompt] * b)[0], cond]) if do_cfg else cond
@@ -381,29 +507,26 @@ def generate(
 
     step_kwargs = {"generator": gens} if "generator" in inspect.signature(scheduler.step).parameters else {}
 
-    ctx = capture_hypercolumns(backbone.unet, self_attention_res) if capture else None
-    rec = ctx.__enter__() if ctx else None
-    try:
-        if rec:
-            rec.set_latent_size(shape[1], shape[2], len(backbone.unet.config.down_block_types))
-            rec.rows = slice(b, 2 * b) if do_cfg else slice(None)
-        captured_t = None
-        for i, t in enumerate(scheduler.timesteps):
-            x = torch.cat([latents, latents]) if do_cfg else latents
-            x = scheduler.scale_model_input(x, t)
-            if rec and i == capture_index:
-                rec.active, captured_t = True, t
+    rows = slice(b, 2 * b) if do_cfg else slice(None)  # the conditional half
+    # built (and its arguments checked) before the first step, entered only around the captured one
+    cap = capture_hypercolumns(backbone.unet, shape[1:], self_attention_res, class_context) if capture else None
+    hc = None
+    for i, t in enumerate(scheduler.timesteps):
+        x = torch.cat([latents, latents]) if do_cfg else latents
+        x = scheduler.scale_model_input(x, t)
+        if cap is not None and i == capture_index:
+            # processors and hooks are installed for this one forward only: the other steps run
+            # the UNet exactly as without capture, at no cost
+            with cap as rec:
+                with rec.capturing(rows):
+                    eps = backbone.unet(x, t, encoder_hidden_states=context).sample
+                hc = rec.hypercolumns(input_ids, prompts, t)
+        else:
             eps = backbone.unet(x, t, encoder_hidden_states=context).sample
-            if rec:
-                rec.active = False
-            if do_cfg:
-                uncond, text = eps.chunk(2)
-                eps = uncond + guidance_scale * (text - uncond)
-            latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample
-        hc = rec.hypercolumns(input_ids, prompts, captured_t) if rec else None
-    finally:
-        if ctx:
-            ctx.__exit__(None, None, None)
+        if do_cfg:
+            uncond, text = eps.chunk(2)
+            eps = uncond + guidance_scale * (text - uncond)
+        latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample
 
     images = backbone.vae.decode(_unscale_latents(backbone, latents)).sample
     images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

@@ -23,3 +23,67 @@ def train_command(
     torch.set_num_threads(threads)
     out = train(run, max_minutes=max_minutes)
     typer.echo(f"exported: {out}")
+
+
+@backbone_app.command("check")
+def check_command(
+    backbone: Path = typer.Option(..., help="Backbone folder (diffusers layout), e.g. runs/backbone/export."),
+    out: Path = typer.Option(None, help="Also write the figures to this JSON file."),
+    quick: bool = typer.Option(False, help="Plumbing run: 32 generated samples and 100 test images."),
+    samples: int = typer.Option(None, help="Generated samples for prompt fidelity (default 200, quick 32)."),
+    test_images: int = typer.Option(None, help="Held-out test images (default 500, quick 100)."),
+    steps: int = typer.Option(25, help="DDIM steps."),
+    guidance: float = typer.Option(4.0, help="Classifier-free guidance scale."),
+    min_pixels: int = typer.Option(4, help="Pixels a prompted category/colour needs to count as found."),
+    cache: Path = typer.Option(Path("runs/reference"), help="Where the reference segmenter is cached."),
+    reference_images: int = typer.Option(None, help="Reference segmenter training images (default 12000)."),
+    reference_steps: int = typer.Option(None, help="Reference segmenter training steps (default 3000)."),
+    threads: int = typer.Option(1, help="CPU threads for torch."),
+) -> None:
+    """Measure the backbone's quality gates (issue 4): reference segmenter mIoU, prompt fidelity,
+    hypercolumn probe. Progress goes to stderr; the last stdout line is the figures as JSON.
+    Exit status 1 when a gate fails."""
+    import json
+
+    import torch
+
+    from datasetdm.backbone.gates import CheckConfig, ReferenceConfig, run_checks
+    from datasetdm.io import write_json_atomic
+
+    torch.set_num_threads(threads)
+    overrides = {k: v for k, v in dict(samples=samples, test_images=test_images).items() if v is not None}
+    overrides.update(steps=steps, guidance=guidance, min_pixels=min_pixels)
+    ref = {k: v for k, v in dict(n_train=reference_images, steps=reference_steps).items() if v is not None}
+    if ref:  # another config is another cache entry (its hash names the file)
+        overrides["reference"] = ReferenceConfig(**ref)
+    config = CheckConfig.quick(**overrides) if quick else CheckConfig(**overrides)
+    result = run_checks(backbone, config, cache_dir=cache, log=lambda m: typer.echo(m, err=True))
+    result["quick"] = quick
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out, result)
+    typer.echo(json.dumps(result))
+    if not result["passed"]:
+        raise typer.Exit(1)
+
+
+@backbone_app.command("sheet")
+def sheet_command(
+    backbone: Path = typer.Option(..., help="Backbone folder (diffusers layout)."),
+    out: Path = typer.Option(Path("docs/backbone-samples.png"), help="PNG to write."),
+    n: int = typer.Option(16, help="Number of samples (captions of the first test-split scenes)."),
+    columns: int = typer.Option(4, help="Tiles per row."),
+    steps: int = typer.Option(25, help="DDIM steps."),
+    guidance: float = typer.Option(4.0, help="Classifier-free guidance scale."),
+    seed: int = typer.Option(0, help="Generation seed (per-sample seeds derive from it)."),
+    threads: int = typer.Option(1, help="CPU threads for torch."),
+) -> None:
+    """A contact sheet of generated samples with their prompts written under them."""
+    import torch
+
+    from datasetdm.backbone.sheet import contact_sheet
+
+    torch.set_num_threads(threads)
+    path = contact_sheet(backbone, out, n=n, columns=columns, steps=steps, guidance=guidance, seed=seed,
+                         log=lambda m: typer.echo(m, err=True))
+    typer.echo(f"wrote {path}")

@@ -24,6 +24,10 @@ class Hypercolumns:
     input_ids: torch.Tensor | None = None  # (B, T) the tokens the cross-attention refers to
     prompts: list[str] = field(default_factory=list)
     timestep: int | None = None
+    # optional side branch (training-free labels): each (B, Tc, H_i, W_i), the image queries'
+    # attention to the class-prompt tokens (softmax over Tc, sums to 1), averaged like
+    # ``cross_attention``; None unless ``class_prompt_embeds`` was passed to the capture.
+    class_attention: list[torch.Tensor] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -46,6 +50,7 @@ class Hypercolumns:
             input_ids=mv(self.input_ids),
             prompts=list(self.prompts),
             timestep=self.timestep,
+            class_attention=None if self.class_attention is None else [mv(a) for a in self.class_attention],
         )
 
     def select(self, index) -> "Hypercolumns":
@@ -63,4 +68,5 @@ class Hypercolumns:
             input_ids=None if self.input_ids is None else self.input_ids[index],
             prompts=prompts,
             timestep=self.timestep,
+            class_attention=None if self.class_attention is None else [a[index] for a in self.class_attention],
         )

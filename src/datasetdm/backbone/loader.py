@@ -75,8 +75,9 @@ class Backbone:
     def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Text embeddings (B, T, D) and input ids (B, T), padded/truncated to ``max_tokens``.
 
-        The last hidden state is the conditioning, as in the SD pipelines. BERT-style encoders get
-        their attention mask (they were trained with it); CLIP, as in SD, attends to padding.
+        The last hidden state is the conditioning, as in diffusers' SD pipelines: the attention
+        mask is passed only when the text encoder's config sets ``use_attention_mask`` (CLIP does
+        not; nor does the embedded backbone, whose UNet was trained on unmasked MiniLM states).
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -85,7 +86,7 @@ class Backbone:
         )
         input_ids = enc.input_ids.to(self.device)
         kwargs = {}
-        if self.text_encoder.config.model_type != "clip_text_model" and "attention_mask" in enc:
+        if getattr(self.text_encoder.config, "use_attention_mask", False) and "attention_mask" in enc:
             kwargs["attention_mask"] = enc.attention_mask.to(self.device)
         out = self.text_encoder(input_ids=input_ids, **kwargs)
         return out[0].to(self.dtype), input_ids

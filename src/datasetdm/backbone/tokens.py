@@ -47,3 +47,29 @@ def token_positions(tokenizer, prompt: str, phrase: str, max_tokens: int | None 
 
 def _contains(seq: list[int], sub: list[int]) -> bool:
     return any(seq[i : i + len(sub)] == sub for i in range(len(seq) - len(sub) + 1))
+
+
+def average_token_maps(maps, positions):
+    """One map per sample for a phrase: its tokens' attention maps averaged.
+
+    ``maps``: a (B, T, h, w) tensor or a list of them (one per resolution, as
+    ``Hypercolumns.cross_attention``). ``positions``: the phrase's token positions from
+    ``token_positions`` — one list for every sample, or one list per sample (prompts differ).
+    Returns (B, h, w) (or a list of them): a name of several BPE/WordPiece tokens, or one that
+    occurs twice, is the mean of all its token maps.
+    """
+    if isinstance(maps, (list, tuple)):
+        return [average_token_maps(m, positions) for m in maps]
+    import torch
+
+    b, t = maps.shape[:2]
+    per_sample = [list(p) for p in positions] if positions and not isinstance(positions[0], int) else [list(positions)] * b
+    if len(per_sample) != b:
+        raise DatasetdmError(f"{len(per_sample)} position lists for a batch of {b}: pass one list, or one per sample")
+    weights = torch.zeros(b, t, dtype=maps.dtype, device=maps.device)
+    for i, pos in enumerate(per_sample):
+        if not pos or min(pos) < 0 or max(pos) >= t:
+            raise DatasetdmError(f"token positions {pos}: need at least one, each in [0, {t})")
+        for p in pos:
+            weights[i, p] += 1.0 / len(pos)
+    return torch.einsum("bt,bthw->bhw", weights, maps)

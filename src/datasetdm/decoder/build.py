@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from datasetdm.decoder.heads import HEADS, TASKS
-from datasetdm.decoder.inputs import DecoderInput
+from datasetdm.decoder.inputs import RAW_PIXELS, DecoderInput, raw_pixel_input
 from datasetdm.decoder.modules import Fusion, PixelDecoder, image_stages
+from datasetdm.errors import DatasetdmError
 
 
 @dataclass
@@ -23,7 +24,7 @@ class DecoderConfig:
     feature_channels: list[int]  # per level, highest resolution first
     feature_sizes: list[list[int]]  # (h, w) per level
     image_size: list[int]  # (H, W) of the decoder's output
-    features: str = "hypercolumns"  # or "raw-pixels" (the paper's baseline)
+    features: str = "hypercolumns"  # or RAW_PIXELS = "raw-pixels" (the paper's baseline)
     attention: bool = True  # fuse per-class cross-attention maps (paper §3.3)
     use_image: bool = True  # image path in the pixel decoder (see modules.py)
     dim: int = 64
@@ -54,7 +55,30 @@ class DecoderConfig:
         return 1 if self.task == "open-vocab" else len(self.categories)
 
 
+def check_backbone(cfg: DecoderConfig, backbone, name) -> None:
+    """DatasetdmError naming ``name`` unless ``backbone`` (a ``Backbone`` or its fingerprint) is the
+    one ``cfg`` was trained on. Raw-pixel decoders read the image only and fit every backbone."""
+    fingerprint = backbone if isinstance(backbone, str) else backbone.fingerprint
+    if cfg.features == RAW_PIXELS:
+        return
+    mine = cfg.backbone.get("fingerprint")
+    if mine != fingerprint:
+        raise DatasetdmError(
+            f"{name}: decoder was trained on backbone {cfg.backbone.get('source') or '?'} "
+            f"(fingerprint {mine}), not on the one given (fingerprint {fingerprint}); "
+            "its weights only fit the features they were trained on — retrain it with `datasetdm train`"
+        )
+
+
 class PDecoder(nn.Module):
+    """Fusion → pixel decoder → head. ``cfg`` names the task, the categories and the backbone.
+
+    Set by ``load_decoder``: ``checkpoint_path`` (named in errors) and ``checkpoint`` (config.json).
+    """
+
+    checkpoint_path = None
+    checkpoint: dict | None = None
+
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         if cfg.task not in HEADS:
@@ -65,6 +89,28 @@ class PDecoder(nn.Module):
         self.pixel_decoder = PixelDecoder(len(cfg.feature_channels), cfg.dim, stages)
         self.head = HEADS[cfg.task](cfg)
 
+    @property
+    def name(self) -> str:
+        return str(self.checkpoint_path) if self.checkpoint_path is not None else f"{self.cfg.task} decoder"
+
+    def check_backbone(self, backbone) -> None:
+        """Refuse a backbone (a ``Backbone`` or its fingerprint) other than the one trained on."""
+        check_backbone(self.cfg, backbone, self.name)
+
+    def _check_input(self, inp: DecoderInput) -> None:
+        got = [int(f.shape[1]) for f in inp.features]
+        if got != list(self.cfg.feature_channels):
+            raise DatasetdmError(
+                f"{self.name}: features have channels {got} but the decoder was trained on {self.cfg.feature_channels} "
+                f"(backbone {self.cfg.backbone.get('source') or '?'}): use the backbone it was trained on"
+            )
+        if self.cfg.attention and self.cfg.task != "open-vocab":
+            k = [int(a.shape[1]) for a in inp.class_attention]
+            if k != [len(self.cfg.categories)] * len(got):
+                raise ValueError(f"{self.name}: expected {len(self.cfg.categories)} class attention maps per level, got {k}")
+        if self.cfg.use_image and inp.image is None:
+            raise ValueError(f"{self.name}: this decoder reads the image too: pass it in DecoderInput.image")
+
     def _attention(self, inp: DecoderInput, class_index=None) -> list[torch.Tensor]:
         if not self.cfg.attention:
             return []
@@ -74,6 +120,13 @@ class PDecoder(nn.Module):
         return inp.class_attention
 
     def forward(self, inp: DecoderInput, **kw) -> dict:
+        if self.cfg.features == RAW_PIXELS:  # the paper's baseline reads the image, whatever came with it
+            if inp.image is None:
+                raise ValueError(f"{self.name}: a raw-pixels decoder needs DecoderInput.image")
+            inp = raw_pixel_input(inp.image.float(), len(self.cfg.categories))
+        self._check_input(inp)
+        if self.cfg.task == "open-vocab" and kw.get("text_embeddings") is None:
+            kw = {**self.head.default_kw(inp), **{k: v for k, v in kw.items() if v is not None}}
         fused = self.fusion(inp.features, self._attention(inp, kw.get("class_index")))
         levels, pixel_embed = self.pixel_decoder(fused, inp.image if self.cfg.use_image else None)
         return self.head(levels, pixel_embed, inp, **kw)
@@ -86,12 +139,41 @@ class PDecoder(nn.Module):
 
     @torch.no_grad()
     def predict(self, inp: DecoderInput, **kw) -> list[dict]:
+        """Per image, LabelledSample fields (see heads.py). Inputs are moved to the decoder's device;
+        outputs are numpy arrays / ``Instance``s on the CPU. Open-vocab without ``text_embeddings``:
+        the decoder's own categories."""
         was = self.training
         self.eval()
         try:
-            return self.head.predict(self(inp, **kw), **kw)
+            param = next(self.parameters())
+            inp = inp.to(device=param.device, dtype=torch.float32)
+            if self.cfg.task == "open-vocab" and kw.get("text_embeddings") is None:
+                kw = {**self.head.default_kw(inp), **{k: v for k, v in kw.items() if v is not None}}
+            out = _to_cpu(self(inp, **kw))
+            return self.head.predict(out, **kw)
         finally:
             self.train(was)
+
+    def predict_hypercolumns(self, hypercolumns, images, tokenizer, **kw) -> list[dict]:
+        """Predict from captured ``Hypercolumns`` (generation, or ``capture_real``) and the images they
+        belong to ((B, H, W, 3) uint8); ``tokenizer`` is the backbone's, to find class tokens in the
+        prompts. What ``generation.decoder_annotator`` does, as one call."""
+        from datasetdm.decoder.inputs import hypercolumn_input, image_tensor
+
+        names = [c["name"] for c in self.cfg.categories]
+        class_tokens = [list(tokenizer(n, add_special_tokens=False).input_ids) for n in names]
+        images = image_tensor(images)
+        return self.predict(hypercolumn_input(hypercolumns, class_tokens, images, images.shape[-2:]), **kw)
+
+
+def _to_cpu(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu()
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_cpu(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _to_cpu(v) for k, v in x.items()}
+    return x
 
 
 # segment-anything style: a small dict of builders, one per task, all returning a PDecoder

@@ -1,15 +1,20 @@
 """`datasetdm train` and `datasetdm evaluate`: plain functions the main app mounts with
-``app.command()(train)`` / ``app.command()(evaluate)`` (or ``register(app)``)."""
+``app.command("train")(train)`` / ``app.command("evaluate")(evaluate)`` (or ``register(app)``).
+
+``python -m datasetdm.decoder.cli`` runs them standalone, with the main CLI's error handling.
+"""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from datasetdm.decoder.heads import TASKS
+from datasetdm.errors import DatasetdmError
 
 
 def train(
@@ -28,35 +33,65 @@ def train(
     use_image: bool = typer.Option(True, "--image/--no-image", help="image path in the pixel decoder"),
     seed: int = typer.Option(0, "--seed"),
     keep_cache: bool = typer.Option(False, "--keep-cache", help="keep {out}.work/ (feature cache) afterwards"),
+    device: str = typer.Option("cpu", "--device", help="torch device for the backbone and decoder, e.g. cuda"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    """Train a P-Decoder on a few labelled images; the diffusion model stays frozen."""
+    """Train a P-Decoder on a few labelled images; the diffusion model stays frozen.
+
+    Hypercolumns of each image and a few augmented views are computed once and cached in
+    {out}.work/; an interrupted run continues from there when run again."""
     from datasetdm.training import TrainOptions, train_decoder
 
     held = [h.strip() for h in held_out_classes.split(",") if h.strip()] if held_out_classes else []
     opts = TrainOptions(task=task, n_images=n_images, views=views, iterations=iterations, batch_size=batch_size,
                         lr=lr, seed=seed, features=features, attention=attention, use_image=use_image,
-                        held_out=held, keep_cache=keep_cache)
-    summary = train_decoder(data, out, opts, backbone_source=backbone)
-    typer.echo(json.dumps(summary))
+                        held_out=held, keep_cache=keep_cache, device=device)
+    summary = train_decoder(data, out, opts, backbone_source=backbone, show_progress=progress)
+    typer.echo(json.dumps({"checkpoint": str(out), **summary}))
 
 
 def evaluate(
     decoder: Path = typer.Option(..., "--decoder", help="checkpoint directory from `datasetdm train`"),
     data: Path = typer.Option(..., "--data", help="labelled folder of held-out images"),
-    out: Optional[Path] = typer.Option(None, "--out", help="write the metrics JSON here"),
+    out: Optional[Path] = typer.Option(None, "--out", help="metrics JSON to write (default: beside the checkpoint, "
+                                       "{decoder}.eval-{data folder name}.json)"),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="default: the one the decoder was trained on"),
-    n_images: Optional[int] = typer.Option(None, "--n-images"),
+    n_images: Optional[int] = typer.Option(None, "--n-images", help="score the first N images only"),
+    device: str = typer.Option("cpu", "--device", help="torch device for the backbone and decoder, e.g. cuda"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    """Score a decoder: mIoU, mask AP/AP50, depth AbsRel/RMSE/δ1, keypoint AP (those that apply)."""
-    from datasetdm.evaluation.evaluate import evaluate_decoder, headline
+    """Score a decoder: mIoU, mask AP/AP50, depth AbsRel/RMSE/δ1, keypoint AP (those that apply).
 
-    metrics = evaluate_decoder(decoder, data, out=out, backbone_source=backbone, n_images=n_images)
+    The last line printed is one JSON object with the headline figures."""
+    from datasetdm.evaluation.evaluate import default_metrics_path, evaluate_decoder, headline
+
+    out = out or default_metrics_path(decoder, data)
+    metrics = evaluate_decoder(decoder, data, out=out, backbone_source=backbone, n_images=n_images,
+                               show_progress=progress, device=device)
     for k, v in metrics.items():
-        if k not in ("task",):
-            typer.echo(f"{k}: {v}")
+        typer.echo(f"{k}: {json.dumps(v)}")
+    typer.echo(f"wrote {out}")
     typer.echo(json.dumps(headline(metrics)))
 
 
 def register(app: typer.Typer) -> None:
     app.command("train")(train)
     app.command("evaluate")(evaluate)
+
+
+app = typer.Typer(help="Few-shot P-Decoder training and evaluation.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+register(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run ``app`` like ``datasetdm.cli.main`` does: a DatasetdmError prints plainly and exits 2."""
+    try:
+        app(args=argv)
+    except DatasetdmError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

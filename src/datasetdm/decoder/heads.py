@@ -254,6 +254,18 @@ class OpenVocabHead(Head):
         self.transformer = MaskedAttentionDecoder(d, cfg.heads, cfg.ffn_dim, cfg.layers)
         self.present = nn.Linear(d, 1)
         self.attention_gain = nn.Parameter(torch.tensor(1.0 if cfg.attention else 0.0))
+        # τ(C_j) of the decoder's own categories, in config order, stored with the weights so a
+        # loaded decoder labels its classes without a text encoder (training fills it in)
+        self.register_buffer("text_embeddings", torch.zeros(len(cfg.categories), cfg.text_dim))
+
+    def default_kw(self, inp: DecoderInput) -> dict:
+        """Forward/predict arguments for "all my categories": their stored embeddings, their
+        attention maps at the same positions of ``inp.class_attention`` (as ``hypercolumn_input``
+        lays them out for the config's categories), and their ids."""
+        K = len(self.category_ids)
+        has_maps = self.cfg.attention and bool(inp.class_attention) and inp.class_attention[0].shape[1] == K
+        return {"text_embeddings": self.text_embeddings, "class_index": list(range(K)) if has_maps else None,
+                "class_ids": list(self.category_ids)}
 
     def forward(self, levels, pixel_embed, inp, text_embeddings=None, class_index=None, **kw):
         """text_embeddings: (K, D_text) for the classes asked for; class_index: their positions in

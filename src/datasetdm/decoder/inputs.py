@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -113,6 +114,7 @@ def hypercolumn_input(
     return DecoderInput(list(hc.features), class_attention_maps(hc, class_tokens), images, tuple(image_size))
 
 
+RAW_PIXELS = "raw-pixels"  # DecoderConfig.features of the baseline decoder
 RAW_STRIDES = (4, 8, 16, 32)
 
 
@@ -136,6 +138,8 @@ def raw_pixel_input(images: torch.Tensor, num_classes: int = 0, strides: Sequenc
 def image_tensor(images) -> torch.Tensor:
     """uint8 (B,H,W,3) numpy/tensor or list of (H,W,3) → float (B,3,H,W) in [0,1]."""
     if isinstance(images, (list, tuple)):
-        images = torch.stack([torch.as_tensor(i) for i in images])
+        images = torch.stack([torch.as_tensor(np.array(i)) for i in images])  # copies: inputs may be read-only
+    elif isinstance(images, np.ndarray):
+        images = torch.from_numpy(np.array(images))
     images = torch.as_tensor(images)
     return images.permute(0, 3, 1, 2).float() / 255.0

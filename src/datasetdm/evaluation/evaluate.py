@@ -2,7 +2,8 @@
 
 Inputs are made exactly as in training (``datasetdm.training``): the same features (backbone
 hypercolumns at t = 1, or raw pixels), the same prompt template naming the classes of the image —
-as a generation prompt names the classes it asks for — and no augmentation.
+as a generation prompt names the classes it asks for — and no augmentation. Predictions are scored
+against the labels at the images' own size.
 """
 
 from __future__ import annotations
@@ -11,10 +12,8 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from datasetdm.decoder.checkpoint import check_compatible, load_decoder, read_config
-from datasetdm.decoder.build import DecoderConfig
+from datasetdm.decoder.checkpoint import decoder_config, load_decoder
 from datasetdm.errors import DatasetdmError
 from datasetdm.evaluation.metrics import DepthErrors, SemanticIoU, keypoint_ap, mask_ap
 from datasetdm.io import sample_seed, write_json_atomic
@@ -22,92 +21,158 @@ from datasetdm.io import sample_seed, write_json_atomic
 KEYS = ("miou", "mask_ap", "mask_ap50", "abs_rel", "rmse", "delta1", "keypoint_ap")
 
 
-def evaluate_decoder(ckpt, data_dir, out=None, backbone_source=None, n_images: int | None = None,
-                     batch_size: int = 16, seed: int = 0) -> dict:
-    from datasetdm.formats.labelled_folder import read_labelled_folder
-    from datasetdm.training import RAW_PIXELS, _categories, augment, check_task_data, load_feature_source, prompt_for
+def default_metrics_path(ckpt, data_dir) -> Path:
+    """Where ``datasetdm evaluate`` writes its figures without --out: beside the checkpoint, not in it
+    (generation records the checkpoint's digest, which must not change)."""
+    ckpt = Path(ckpt)
+    return ckpt.parent / f"{ckpt.name}.eval-{Path(data_dir).resolve().name}.json"
 
-    cfg = DecoderConfig.from_dict(read_config(ckpt)["decoder"])
+
+class Scores:
+    """Accumulates one task's metrics over predicted/ground-truth LabelledSample fields."""
+
+    def __init__(self, task: str, categories: list[dict], held_out=()):
+        self.task, self.categories, self.held_out = task, categories, list(held_out)
+        self.sem = SemanticIoU([c["id"] for c in categories]) if task in ("semantic", "open-vocab") else None
+        self.depth = DepthErrors() if task == "depth" else None
+        self.gts, self.preds, self.sizes = [], [], []
+        self.n = 0
+
+    def add(self, sample, pred: dict) -> None:
+        """``pred`` at the sample's size (see ``resize_prediction``)."""
+        self.n += 1
+        if self.sem is not None:
+            self.sem.update(pred["semantic"], sample.semantic)
+        if self.depth is not None:
+            self.depth.update(pred["depth"], sample.depth)
+        if self.task in ("instance", "pose"):
+            self.gts.append(sample.instances or [])
+            self.preds.append(pred["instances"])
+            self.sizes.append(sample.size)
+
+    def compute(self) -> dict:
+        metrics: dict = {"task": self.task, "n_images": self.n}
+        if self.sem is not None:
+            r = self.sem.compute()
+            metrics["miou"] = r["miou"]
+            names = {c["id"]: c["name"] for c in self.categories}
+            metrics["iou"] = {("background" if k == 0 else names[k]): v for k, v in r["iou"].items()}
+            if self.held_out:
+                unseen = [v for k, v in metrics["iou"].items() if k in self.held_out]
+                seen = [v for k, v in metrics["iou"].items() if k not in self.held_out]
+                metrics["miou_unseen"] = float(np.mean(unseen)) if unseen else float("nan")
+                metrics["miou_seen"] = float(np.mean(seen)) if seen else float("nan")
+        if self.depth is not None:
+            metrics.update(self.depth.compute())
+        if self.task == "instance":
+            metrics.update(mask_ap(self.gts, self.preds, self.sizes, self.categories))
+        if self.task == "pose":
+            people = [c for c in self.categories if c.get("keypoints")]
+            metrics.update(keypoint_ap(self.gts, self.preds, self.sizes, people))
+            metrics.update(mask_ap(self.gts, self.preds, self.sizes, people))
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+
+
+def resize_prediction(pred: dict, from_size, to_size) -> dict:
+    """A prediction made at ``from_size`` (H, W) brought to ``to_size``: nearest for maps and masks,
+    keypoints rescaled (pixel-centre convention of ``decoder/losses.gaussian_heatmaps``)."""
+    if tuple(from_size) == tuple(to_size):
+        return pred
+    out = dict(pred)
+    for key in ("semantic", "depth"):
+        if pred.get(key) is not None:
+            out[key] = _resize_nearest(pred[key], to_size)
+    for inst in pred.get("instances") or []:
+        inst.mask = _resize_nearest(inst.mask.astype(np.uint8), to_size).astype(bool)
+        if inst.keypoints is not None:
+            inst.keypoints[:, 0] = (inst.keypoints[:, 0] + 0.5) * to_size[1] / from_size[1] - 0.5
+            inst.keypoints[:, 1] = (inst.keypoints[:, 1] + 0.5) * to_size[0] / from_size[0] - 0.5
+    return out
+
+
+def evaluate_decoder(ckpt, data_dir, out=None, backbone_source=None, n_images: int | None = None,
+                     batch_size: int = 16, seed: int = 0, show_progress: bool = False, device="cpu") -> dict:
+    """Score the decoder checkpoint ``ckpt`` on the labelled folder ``data_dir``; write the figures to
+    ``out`` (JSON) when given. Returns them: ``task``, ``n_images``, ``features`` and those of
+    ``KEYS`` that apply (plus per-class ``iou``, ``keypoint_ap50``; open-vocab with held-out classes:
+    ``miou_seen`` and ``miou_unseen``)."""
+    from datasetdm.formats.labelled_folder import read_labelled_folder
+    from datasetdm.training import (
+        RAW_PIXELS,
+        _categories,
+        augment,
+        backbone_from_record,
+        check_task_data,
+        load_feature_source,
+        prompt_for,
+    )
+
+    cfg = decoder_config(ckpt)
+    if n_images is not None and n_images < 1:
+        raise DatasetdmError(f"--n-images must be at least 1, got {n_images}")
     folder = read_labelled_folder(data_dir)
     check_task_data(folder, cfg.task, data_dir)
     categories = _categories(folder)
     known = {c["id"]: c["name"] for c in cfg.categories}
+    where = Path(data_dir) / "annotations.json"
     for c in categories:
         if c["id"] in known and known[c["id"]] != c["name"]:
-            raise DatasetdmError(f"{data_dir}: category {c['id']} is {c['name']!r} here but {known[c['id']]!r} in {ckpt}")
+            raise DatasetdmError(f"{where}: category {c['id']} is {c['name']!r} here but {known[c['id']]!r} in {ckpt}")
     if cfg.task != "open-vocab":
         extra_ids = {c["id"] for c in categories} - set(known)
         if extra_ids:
-            raise DatasetdmError(f"{data_dir}: category ids {sorted(extra_ids)} are unknown to decoder {ckpt}")
+            raise DatasetdmError(f"{where}: category ids {sorted(extra_ids)} are unknown to decoder {ckpt}")
         categories = cfg.categories
-    source = load_feature_source(cfg.features, cfg.categories if cfg.task != "open-vocab" else categories,
-                                 backbone_source or (None if cfg.features == RAW_PIXELS else cfg.backbone.get("source")),
-                                 need_text=False)
-    check_compatible(ckpt, cfg, backbone_fingerprint=source.fingerprint)
-    decoder, extra, _ = load_decoder(ckpt, backbone_fingerprint=source.fingerprint)
+    stored = {c["name"]: i for i, c in enumerate(cfg.categories)}
+    new_names = cfg.task == "open-vocab" and any(c["name"] not in stored for c in categories)
+    if backbone_source is None:  # the one it was trained on
+        backbone_source = backbone_from_record(cfg.backbone.get("text_encoder" if cfg.features == RAW_PIXELS else "source"))
+    source = load_feature_source(cfg.features, categories, backbone_source, need_text=new_names, device=device)
+    decoder = load_decoder(ckpt, backbone=source.fingerprint, map_location=device)
 
     kw = {}
     if cfg.task == "open-vocab":
         names = [c["name"] for c in categories]
-        stored = {c["name"]: i for i, c in enumerate(cfg.categories)}
-        if "text_embeddings" in extra and all(n in stored for n in names):
-            emb = extra["text_embeddings"][[stored[n] for n in names]]
-        else:  # class names the decoder never saw: embed them with the backbone's text encoder
+        if new_names:  # class names the decoder never saw: embed them with the backbone's text encoder
             emb = source.text_embeddings(names)
+        else:
+            emb = decoder.head.text_embeddings[[stored[n] for n in names]]
         kw = {"text_embeddings": emb, "class_index": list(range(len(categories))),
               "class_ids": [c["id"] for c in categories]}
 
     n = len(folder) if n_images is None else min(n_images, len(folder))
     size = tuple(cfg.image_size)
-    sem = SemanticIoU([c["id"] for c in categories]) if cfg.task in ("semantic", "open-vocab") else None
-    depth = DepthErrors() if cfg.task == "depth" else None
-    gts, preds, sizes = [], [], []
-    for b in range(0, n, batch_size):
-        samples = [folder[i] for i in range(b, min(n, b + batch_size))]
-        views = [augment(s, None, size) if s.size != size else s for s in samples]
-        prompts = [prompt_for(v, categories) for v in views]
-        inp = source.extract([v.image for v in views], prompts, [sample_seed(seed, b + j, "noise") for j in range(len(views))],
-                             timestep=cfg.timestep)
-        with torch.no_grad():
-            outs = decoder.predict(inp.to(dtype=torch.float32), **kw)
-        for s, v, p in zip(samples, views, outs):
-            # score against the original labels: bring predictions back to the sample's size
-            if sem is not None:
-                sem.update(_resize_nearest(p["semantic"], s.size), s.semantic)
-            if depth is not None:
-                depth.update(_resize_nearest(p["depth"], s.size), s.depth)
-            if "instances" in p:
-                for inst in p["instances"]:
-                    inst.mask = _resize_nearest(inst.mask.astype(np.uint8), s.size).astype(bool)
-                    if inst.keypoints is not None and s.size != size:
-                        inst.keypoints[:, 0] = (inst.keypoints[:, 0] + 0.5) * s.size[1] / size[1] - 0.5
-                        inst.keypoints[:, 1] = (inst.keypoints[:, 1] + 0.5) * s.size[0] / size[0] - 0.5
-                gts.append(s.instances or [])
-                preds.append(p["instances"])
-                sizes.append(s.size)
-
-    metrics: dict = {"task": cfg.task, "n_images": n, "features": cfg.features}
-    if sem is not None:
-        r = sem.compute()
-        metrics["miou"] = r["miou"]
-        names = {c["id"]: c["name"] for c in categories}
-        metrics["iou"] = {("background" if k == 0 else names[k]): v for k, v in r["iou"].items()}
-        if cfg.task == "open-vocab" and cfg.held_out:
-            unseen = [v for k, v in metrics["iou"].items() if k in cfg.held_out]
-            seen = [v for k, v in metrics["iou"].items() if k not in cfg.held_out]
-            metrics["miou_unseen"] = float(np.mean(unseen)) if unseen else float("nan")
-            metrics["miou_seen"] = float(np.mean(seen)) if seen else float("nan")
-    if depth is not None:
-        metrics.update(depth.compute())
-    if cfg.task == "instance":
-        metrics.update(mask_ap(gts, preds, sizes, categories))
-    if cfg.task == "pose":
-        metrics.update(keypoint_ap(gts, preds, sizes, categories))
-        metrics.update(mask_ap(gts, preds, sizes, [c for c in categories if c.get("keypoints")]))
-    metrics = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+    scores = Scores(cfg.task, categories, cfg.held_out if cfg.task == "open-vocab" else ())
+    progress = _progress(n) if show_progress else None
+    try:
+        for b in range(0, n, batch_size):
+            samples = [folder[i] for i in range(b, min(n, b + batch_size))]
+            views = [augment(s, None, size) for s in samples]  # the decoder's size (a no-op when equal)
+            prompts = [prompt_for(v, categories) for v in views]
+            seeds = [sample_seed(seed, b + j, "noise") for j in range(len(views))]
+            inp = source.extract([v.image for v in views], prompts, seeds, timestep=cfg.timestep)
+            for s, p in zip(samples, decoder.predict(inp, **kw)):
+                scores.add(s, resize_prediction(p, size, s.size))
+            if progress:
+                progress.advance(progress.task_ids[0], len(samples))
+    finally:
+        if progress:
+            progress.stop()
+    metrics = {**scores.compute(), "features": cfg.features}
     if out is not None:
         write_json_atomic(out, metrics)
     return metrics
+
+
+def _progress(total: int):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn("evaluate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                        console=Console(stderr=True))  # stdout carries the figures
+    progress.add_task("evaluate", total=total)
+    progress.start()
+    return progress
 
 
 def _resize_nearest(a: np.ndarray, size) -> np.ndarray:
@@ -116,8 +181,7 @@ def _resize_nearest(a: np.ndarray, size) -> np.ndarray:
     from PIL import Image
 
     h, w = size
-    mode = "F" if a.dtype == np.float32 else None
-    return np.asarray(Image.fromarray(a, mode=mode).resize((w, h), Image.NEAREST))
+    return np.asarray(Image.fromarray(a).resize((w, h), Image.NEAREST))
 
 
 def headline(metrics: dict) -> dict:

@@ -75,26 +75,33 @@ def train_segmenter(
     num_classes: dict[str, int],
     config: SegmenterTrainConfig | None = None,
     progress=None,
+    base: int = 24,
+    depth: int = 4,
+    callback=None,
+    callback_every: int = 0,
 ) -> UNetSegmenter:
     """Train on uint8 images (N, H, W, 3) and per-head uint8 label maps (N, H, W) with 255 ignore.
 
     Sampling is with replacement from a seeded generator, so a run is reproducible.
+    ``progress(step, loss)`` is called every step; ``callback(step, model)`` every
+    ``callback_every`` steps (e.g. to measure a held-out set; the model is put back in train mode).
     """
     config = config or SegmenterTrainConfig()
     if len(images) == 0:
         raise ValueError("no training images")
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
-    model = UNetSegmenter(num_classes)
+    model = UNetSegmenter(num_classes, base=base, depth=depth)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.steps, pct_start=0.1)
-    x_all = _to_tensor_images(images)
-    y_all = {k: torch.from_numpy(np.ascontiguousarray(v)).long() for k, v in targets.items()}
+    # kept as uint8 (N, 3, H, W); a batch is converted to float when drawn (4x less memory)
+    x_all = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    y_all = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.uint8)) for k, v in targets.items()}
     model.train()
     for step in range(config.steps):
         idx = torch.randint(len(x_all), (config.batch_size,), generator=gen)
-        x = x_all[idx]
-        ys = {k: v[idx] for k, v in y_all.items()}
+        x = x_all[idx].float() / 255.0
+        ys = {k: v[idx].long() for k, v in y_all.items()}
         if config.flip:
             flip = torch.rand(len(idx), generator=gen) < 0.5
             x[flip] = x[flip].flip(-1)
@@ -107,7 +114,10 @@ def train_segmenter(
         opt.step()
         sched.step()
         if progress is not None:
-            progress(step, float(loss))
+            progress(step, loss.item())
+        if callback is not None and callback_every and (step + 1) % callback_every == 0 and step + 1 < config.steps:
+            callback(step + 1, model)
+            model.train()
     model.eval()
     return model
 

@@ -1,0 +1,211 @@
+"""Decoder training from cached hypercolumns vs recomputing the UNet every iteration (issue 5, item 5).
+
+Both runs train the same semantic decoder from the same initial weights on the same views, batches
+and timestep-noise seeds (``datasetdm.training``); the only difference is where a batch's
+hypercolumns come from:
+
+- cached: every view (image + augmented views) goes through the VAE and UNet once before training
+  (that time counts), then each step reads the cache;
+- recompute: the reference code's way, the UNet runs on the batch's views at every step.
+
+Validation mIoU on held-out images (their hypercolumns computed once, outside both timings) is
+measured every ``--val-every`` steps. The target is ``--target-miou``, else ``--target-fraction``
+(0.9) × the best mIoU the cached run reached. Time to target: training seconds until the first
+validation at or above it (cache time included for the cached run; backbone loading excluded).
+A recompute run that passes ``--max-recompute-seconds`` stops there; its time to target is then
+its mean step time × the steps the cached run needed (``extrapolated: true``; the runs follow the
+same trajectory up to float differences, reported as ``max_miou_gap`` over the shared steps).
+
+    python bench/decoder_training.py                      # embedded backbone, world images
+    python bench/decoder_training.py --tiny --iterations 60 --n-images 8 --n-val 8   # smoke test
+
+The speedup is bounded by how often each cached view is reused (iterations × batch / views) when
+the UNet dominates a step, so it grows with the backbone's cost. The last printed line is JSON
+with ``speedup``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def world_folder(path: Path, split: str, n: int) -> Path:
+    from datasetdm.formats.labelled_folder import LabelledFolderWriter
+    from datasetdm.world.render import CATEGORIES, render_scene
+
+    with LabelledFolderWriter(path, list(CATEGORIES)) as w:
+        for i in range(n):
+            w.add(render_scene(split, 0, i))
+    return path
+
+
+class Validator:
+    """Held-out images at the decoder's size, their inputs computed once; ``miou(decoder)``."""
+
+    def __init__(self, folder_path, prep, n: int, batch: int = 16):
+        from datasetdm.decoder.inputs import DecoderInput
+        from datasetdm.formats.labelled_folder import read_labelled_folder
+        from datasetdm.io import sample_seed
+        from datasetdm.training import augment, prompt_for
+
+        folder = read_labelled_folder(folder_path)
+        cfg = prep.decoder.cfg
+        size = tuple(cfg.image_size)
+        self.views = [augment(folder[i], None, size) for i in range(min(n, len(folder)))]
+        parts = []
+        for b in range(0, len(self.views), batch):
+            chunk = self.views[b : b + batch]
+            prompts = [prompt_for(v, cfg.categories) for v in chunk]
+            seeds = [sample_seed(0, b + j, "val-noise") for j in range(len(chunk))]
+            parts.append(prep.source.extract([v.image for v in chunk], prompts, seeds))
+        self.inp = DecoderInput.stack(parts)
+        self.ids = [c["id"] for c in cfg.categories]
+
+    def miou(self, decoder) -> float:
+        from datasetdm.evaluation.metrics import SemanticIoU
+
+        iou = SemanticIoU(self.ids)
+        n = len(self.views)
+        for b in range(0, n, 32):
+            idx = list(range(b, min(n, b + 32)))
+            for v, p in zip([self.views[i] for i in idx], decoder.predict(self.inp.select(idx))):
+                iou.update(p["semantic"], v.semantic)
+        return float(iou.compute()["miou"])
+
+
+def run(trainer, validator, iterations, val_every, batch_fn=None, target=None, budget=None):
+    """Train; validate every ``val_every`` steps. Returns [(step, train seconds, mIoU)] and the
+    mean step time. Stops at ``target`` or past ``budget`` seconds when given."""
+    import torch
+
+    curve, seconds = [], 0.0
+    for step in range(1, iterations + 1):
+        t = time.perf_counter()
+        if batch_fn is None:
+            trainer.step()
+        else:
+            trainer.step(*batch_fn(trainer.batch_indices()))
+        seconds += time.perf_counter() - t
+        if step % val_every == 0 or step == iterations:
+            with torch.no_grad():
+                curve.append((step, seconds, validator.miou(trainer.decoder)))
+            print(f"  step {step}: {seconds:.1f}s mIoU {curve[-1][2]:.3f}", flush=True)
+            if target is not None and curve[-1][2] >= target:
+                break
+            if budget is not None and seconds > budget:
+                break
+    return curve, seconds / step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--backbone", default=None, help="diffusers folder or hub id (default: embedded)")
+    ap.add_argument("--tiny", action="store_true", help="a tiny random SD-shaped backbone (smoke test)")
+    ap.add_argument("--data", type=Path, help="labelled training folder (default: world train split)")
+    ap.add_argument("--val", type=Path, help="labelled validation folder (default: world val split)")
+    ap.add_argument("--n-images", type=int, default=100)
+    ap.add_argument("--n-val", type=int, default=100)
+    ap.add_argument("--views", type=int, default=4)
+    ap.add_argument("--iterations", type=int, default=1500)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--val-every", type=int, default=50)
+    ap.add_argument("--target-miou", type=float, default=None)
+    ap.add_argument("--target-fraction", type=float, default=0.9)
+    ap.add_argument("--max-recompute-seconds", type=float, default=600.0)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_decoder_"))
+    try:
+        print(json.dumps(bench(args, tmp)))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bench(args, tmp: Path) -> dict:
+    import torch
+
+    from datasetdm.decoder import build_decoder
+    from datasetdm.training import Trainer, TrainOptions, cached_inputs, prepare
+
+    backbone = args.backbone
+    if args.tiny:
+        from datasetdm.backbone.testing import make_tiny_backbone
+
+        backbone = str(make_tiny_backbone(tmp / "tiny", text_encoder="clip"))
+    data = args.data or world_folder(tmp / "train", "train", args.n_images)
+    val = args.val or world_folder(tmp / "val", "val", args.n_val)
+    opts = TrainOptions(task="semantic", n_images=args.n_images, views=args.views, iterations=args.iterations,
+                        batch_size=args.batch_size, seed=args.seed, device=args.device)
+
+    prep = prepare(data, opts, backbone)  # loads the backbone and builds the cache (untimed: warm-up)
+    cfg, source, views = prep.decoder.cfg, prep.source, prep.views
+    t = time.perf_counter()
+    cached_inputs(views, source, cfg.categories, set(), opts, None)  # the cache again, timed, backbone warm
+    cache_seconds = time.perf_counter() - t
+    validator = Validator(val, prep, args.n_val)
+    print(f"cache: {len(views)} views in {cache_seconds:.1f}s", flush=True)
+
+    print("cached:", flush=True)
+    cached_curve, cached_step = run(prep.trainer, validator, args.iterations, args.val_every)
+    best = max(m for _, _, m in cached_curve)
+    target = args.target_miou if args.target_miou is not None else args.target_fraction * best
+    hit = next(((s, sec) for s, sec, m in cached_curve if m >= target), None)
+    if hit is None:
+        raise SystemExit(f"the cached run never reached mIoU {target:.3f} (best {best:.3f}): lower --target-miou")
+    cached_steps, cached_train = hit
+    cached_seconds = cache_seconds + cached_train
+
+    print("recompute:", flush=True)
+    torch.manual_seed(opts.seed)  # the same initial weights as the cached run (see training.prepare)
+    decoder = build_decoder(cfg)
+    trainer = Trainer(decoder, None, prep.trainer.targets, opts, prep.trainer.forward_kw)
+
+    def batch(idx):
+        idx = idx.tolist()
+        inp = source.extract([views[i].image for i in idx], [prep.prompts[i] for i in idx],
+                             [prep.noise_seeds[i] for i in idx])
+        return inp, [prep.trainer.targets[i] for i in idx]
+
+    re_curve, re_step = run(trainer, validator, args.iterations, args.val_every, batch, target, args.max_recompute_seconds)
+    re_hit = next(((s, sec) for s, sec, m in re_curve if m >= target), None)
+    extrapolated = re_hit is None
+    re_seconds = re_hit[1] if re_hit else re_step * cached_steps
+    shared = {s: m for s, _, m in re_curve}
+    gap = max((abs(m - shared[s]) for s, _, m in cached_curve if s in shared), default=None)
+
+    return {
+        "speedup": round(re_seconds / cached_seconds, 2),
+        "target_miou": round(target, 4),
+        "best_cached_miou": round(best, 4),
+        "cached_seconds": round(cached_seconds, 2),
+        "cache_seconds": round(cache_seconds, 2),
+        "cached_steps_to_target": cached_steps,
+        "recompute_seconds": round(re_seconds, 2),
+        "recompute_steps_to_target": re_hit[0] if re_hit else None,
+        "extrapolated": extrapolated,
+        "max_miou_gap": None if gap is None else round(gap, 4),
+        "seconds_per_step": {"cached": round(cached_step, 4), "recompute": round(re_step, 4)},
+        "views": len(views),
+        "batch_size": args.batch_size,
+        "backbone": source.description["source"],
+        "threads": args.threads,
+        "device": args.device,
+    }
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Metrics on world scenes: perfect labels score perfectly, damaged ones measurably less."""
+
+import copy
+
+import numpy as np
+import pytest
+
+from datasetdm.evaluation.evaluate import KEYS, Scores, headline, resize_prediction
+from datasetdm.evaluation.metrics import DepthErrors, SemanticIoU, keypoint_ap, mask_ap
+from datasetdm.formats.sample import IGNORE_INDEX
+from datasetdm.training import augment
+from datasetdm.world.render import CATEGORIES, render_scene
+
+CATS = [{"id": c.id, "name": c.name, **({"keypoints": list(c.keypoints)} if c.keypoints else {})} for c in CATEGORIES]
+PEOPLE = [c for c in CATS if c.get("keypoints")]
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    return [render_scene("test", 0, i) for i in range(12)]
+
+
+def test_miou_perfect_ignores_255_and_drops_with_errors(scenes):
+    iou = SemanticIoU([c["id"] for c in CATS])
+    for s in scenes:
+        gt = s.semantic.copy()
+        pred = gt.copy()
+        gt[:4] = IGNORE_INDEX  # ignored rows: whatever is predicted there does not count
+        pred[:4] = 0
+        iou.update(pred, gt)
+    assert iou.compute()["miou"] == pytest.approx(1.0)
+
+    damaged = SemanticIoU([c["id"] for c in CATS])
+    for s in scenes:
+        pred = s.semantic.copy()
+        pred[:, :16] = 0  # a quarter of each image called background
+        damaged.update(pred, s.semantic)
+    r = damaged.compute()
+    assert 0.3 < r["miou"] < 0.95 and r["iou"][0] < 1
+    with pytest.raises(ValueError, match="unknown class values \\[77\\]"):
+        damaged.update(np.full((64, 64), 77, np.uint8), scenes[0].semantic)
+
+
+def _instances_with_scores(scenes, shift=0):
+    preds = []
+    for s in scenes:
+        insts = []
+        for inst in copy.deepcopy(s.instances):
+            inst.mask = np.roll(inst.mask, shift, axis=1)
+            inst.score = 0.9
+            insts.append(inst)
+        preds.append(insts)
+    return preds
+
+
+def test_mask_ap_perfect_shifted_and_missing(scenes):
+    gts, sizes = [s.instances for s in scenes], [s.size for s in scenes]
+    perfect = mask_ap(gts, _instances_with_scores(scenes), sizes, CATS)
+    assert perfect == {"mask_ap": pytest.approx(1.0), "mask_ap50": pytest.approx(1.0)}
+    shifted = mask_ap(gts, _instances_with_scores(scenes, shift=2), sizes, CATS)
+    assert shifted["mask_ap"] < 0.8 and shifted["mask_ap"] < shifted["mask_ap50"]
+    assert mask_ap(gts, [[] for _ in scenes], sizes, CATS) == {"mask_ap": 0.0, "mask_ap50": 0.0}
+
+
+def test_keypoint_ap_perfect_and_perturbed(scenes):
+    gts, sizes = [s.instances for s in scenes], [s.size for s in scenes]
+    assert sum(i.keypoints is not None for g in gts for i in g) >= 3  # enough people to mean something
+    perfect = keypoint_ap(gts, _instances_with_scores(scenes), sizes, CATS)
+    assert perfect["keypoint_ap"] == pytest.approx(1.0)
+    rng = np.random.default_rng(0)
+    noisy = _instances_with_scores(scenes)
+    for insts in noisy:
+        for inst in insts:
+            if inst.keypoints is not None:
+                inst.keypoints[:, :2] += rng.normal(0, 2.0, (17, 2)).astype(np.float32)
+    assert keypoint_ap(gts, noisy, sizes, CATS)["keypoint_ap"] < 0.9
+
+
+def test_depth_errors(scenes):
+    for factor, abs_rel, delta1 in ((1.0, 0.0, 1.0), (1.1, 0.1, 1.0), (1.3, 0.3, 0.0)):
+        d = DepthErrors()
+        for s in scenes:
+            d.update(s.depth * factor, s.depth)
+        r = d.compute()
+        assert r["abs_rel"] == pytest.approx(abs_rel, abs=1e-5) and r["delta1"] == pytest.approx(delta1)
+        assert r["rmse"] >= 0
+
+
+def test_scores_and_resize_follow_the_training_convention(scenes):
+    """A prediction made at the decoder's size, brought back to the image's size, lands where the
+    labels are: keypoints as ``augment`` maps them (pixel centres), masks and maps by nearest."""
+    s = next(x for x in scenes if any(i.keypoints is not None for i in x.instances))
+    big = augment(s, None, (128, 128))  # what the decoder would see at 128 px
+    pred = {"semantic": big.semantic, "depth": big.depth, "instances": _instances_with_scores([big])[0]}
+    back = resize_prediction(pred, (128, 128), s.size)
+    assert np.array_equal(back["semantic"], s.semantic) and np.allclose(back["depth"], s.depth)
+    for a, b in zip(back["instances"], s.instances):
+        assert np.array_equal(a.mask, b.mask)
+        if b.keypoints is not None:
+            vis = b.keypoints[:, 2] > 0
+            assert np.allclose(a.keypoints[vis, :2], b.keypoints[vis, :2], atol=1e-4)
+    for task, keys in (("semantic", {"miou"}), ("depth", {"abs_rel", "rmse", "delta1"}),
+                       ("pose", {"keypoint_ap", "mask_ap", "mask_ap50"}), ("instance", {"mask_ap", "mask_ap50"})):
+        sc = Scores(task, CATS)
+        sc.add(s, back)
+        m = sc.compute()
+        assert set(headline(m)) == keys and set(headline(m)) <= set(KEYS) and m["n_images"] == 1
+        assert all(v == pytest.approx(0.0 if k in ("abs_rel", "rmse") else 1.0) for k, v in headline(m).items()), m
