@@ -86,8 +86,8 @@ def train_decoders(data: Path, out_dir: Path, tasks, backbone: str, iterations: 
         ckpt = out_dir / task
         if not (ckpt / "config.json").exists():
             say(f"[bold]training the {task} decoder[/bold] on {data}")
-            train_decoder(data, ckpt, TrainOptions(task=task, iterations=iterations), backbone_source=backbone,
-                          show_progress=show_progress)
+            opts = TrainOptions(task=task, iterations=iterations, cache_dir=str(out_dir / "features"))
+            train_decoder(data, ckpt, opts, backbone_source=backbone, show_progress=show_progress)
         paths[task] = ckpt
     return paths
 

@@ -67,6 +67,9 @@ class TrainOptions:
     checkpoint_every: int = 250
     extract_batch: int = 16
     keep_cache: bool = False
+    # shared feature-cache folder (kept): decoders of several tasks on the same images reuse one
+    # hypercolumn pass (the cache key does not depend on the task). None: {out}.work/, removed after.
+    cache_dir: str | None = None
     device: str = "cpu"  # backbone and decoder; the feature cache stays in CPU memory
 
 
@@ -424,7 +427,8 @@ def prepare(data_dir, opts: TrainOptions, backbone_source=None, work_dir: Path |
     key = _cache_key({"fp": source.fingerprint, "ids": [s.id for s in samples], "pixels": pixels, "views": opts.views,
                       "scale": opts.scale, "seed": opts.seed, "exclude": sorted(exclude), "size": size,
                       "cats": categories, "data": str(Path(data_dir).resolve())})
-    cache_file = None if work_dir is None else work_dir / f"cache-{key}.safetensors"
+    cache_root = Path(opts.cache_dir) if opts.cache_dir else work_dir
+    cache_file = None if cache_root is None else cache_root / f"cache-{key}.safetensors"
     inp = cached_inputs(views, source, categories, exclude, opts, cache_file, progress)
 
     kw, emb = {}, None
