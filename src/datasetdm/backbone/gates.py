@@ -306,21 +306,55 @@ def prompt_fidelity(
 # --------------------------------------------------------------------------- hypercolumn probe
 
 
+def category_token_ids(tokenizer) -> dict[int, list[int]]:
+    """Category id -> the token ids of its name and plural (words that are one token only)."""
+    from datasetdm.world.render import PLURALS
+
+    out: dict[int, list[int]] = {}
+    for c in CATEGORIES:
+        ids = []
+        for word in (c.name, PLURALS.get(c.name, c.name + "s")):
+            tok = tokenizer(word, add_special_tokens=False)["input_ids"]
+            if len(tok) == 1:
+                ids.append(int(tok[0]))
+        out[c.id] = ids
+    return out
+
+
+def category_attention(cross_attention: list[torch.Tensor], input_ids: torch.Tensor,
+                       token_ids: dict[int, list[int]]) -> list[torch.Tensor]:
+    """Per level (B, 9, h, w): the prompt cross-attention of each category's word, averaged over
+    its occurrences in the prompt; zero where the prompt does not name it. Channels line up
+    across prompts (unlike token positions), so a linear probe can read them."""
+    ids = input_ids.cpu()
+    weights = torch.zeros(ids.shape[0], len(CATEGORIES), ids.shape[1])  # (B, 9, T)
+    for j, c in enumerate(CATEGORIES):
+        for t in token_ids[c.id]:
+            weights[:, j] += (ids == t).float()
+    weights = weights / weights.sum(-1, keepdim=True).clamp_min(1)
+    return [torch.einsum("bct,bthw->bchw", weights, a.float().cpu()) for a in cross_attention]
+
+
 @torch.no_grad()
 def hypercolumn_features(
     backbone, images: np.ndarray, prompts: list[str], t: int = 1, batch_size: int = 25, seed: int = 0,
-    log: Log = _nolog,
+    attention: bool = False, log: Log = _nolog,
 ) -> list[torch.Tensor]:
-    """The four UNet feature maps of ``capture_real`` (highest resolution first), float32 CPU."""
+    """The four UNet feature maps of ``capture_real`` (highest resolution first), float32 CPU;
+    with ``attention``, followed by the four levels' ``category_attention`` maps."""
     from datasetdm.backbone.capture import capture_real
     from datasetdm.io import sample_seed
 
+    token_ids = category_token_ids(backbone.tokenizer) if attention else None
     chunks: list[list[torch.Tensor]] = []
     t0 = time.time()
     for i in range(0, len(images), batch_size):
         seeds = [sample_seed(seed, i + j, "backbone-probe") for j in range(len(images[i : i + batch_size]))]
         hc = capture_real(backbone, list(images[i : i + batch_size]), prompts[i : i + batch_size], t=t, seeds=seeds)
-        chunks.append([f.float().cpu() for f in hc.features])
+        levels = [f.float().cpu() for f in hc.features]
+        if attention:
+            levels += category_attention(hc.cross_attention, hc.input_ids, token_ids)
+        chunks.append(levels)
         if (i // batch_size) % 4 == 3 or i + batch_size >= len(images):
             log(f"  captured {min(i + batch_size, len(images))}/{len(images)} ({time.time() - t0:.0f} s)")
     return [torch.cat(level) for level in zip(*chunks)]
