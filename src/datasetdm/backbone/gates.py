@@ -136,10 +136,11 @@ def render_set(split: str, seed: int, n: int, skip_empty: bool = False) -> World
 class ReferenceConfig:
     """What the cached reference segmenter is trained on and how; its hash names the cache file."""
 
-    n_train: int = 12000
+    n_train: int = 20000
     train_seed: int = SEGMENTER_TRAIN_SEED
-    base: int = 24
-    steps: int = 3000
+    base: int = 16
+    depth: int = 5
+    steps: int = 6000
     batch_size: int = 32
     lr: float = 3e-3
     seed: int = 0
@@ -173,7 +174,7 @@ def reference_segmenter(
     path = Path(cache_dir) / f"segmenter-{config.key()}.pt"
     if path.exists():
         state = torch.load(path, map_location="cpu", weights_only=True)
-        model = UNetSegmenter(NUM_CLASSES, base=config.base)
+        model = UNetSegmenter(NUM_CLASSES, base=config.base, depth=config.depth)
         model.load_state_dict(state["state_dict"])
         log(f"reference segmenter: loaded {path}")
         return model.eval()
@@ -197,7 +198,7 @@ def reference_segmenter(
     train_cfg = SegmenterTrainConfig(steps=config.steps, batch_size=config.batch_size, lr=config.lr, seed=config.seed)
     model = train_segmenter(
         data.images, {"semantic": data.semantic, "colour": data.colour}, NUM_CLASSES, train_cfg,
-        progress=progress, base=config.base,
+        progress=progress, base=config.base, depth=config.depth,
         callback=callback if held_out is not None and eval_every else None, callback_every=eval_every,
     )
     _atomic_torch_save({"config": asdict(config), "state_dict": model.state_dict()}, path)
