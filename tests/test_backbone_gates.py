@@ -89,6 +89,24 @@ def test_probe_is_a_1x1_conv_on_the_upsampled_hypercolumn():
     torch.testing.assert_close(probe(feats), ref, atol=1e-4, rtol=1e-4)
 
 
+def test_category_attention_gathers_each_category_word(tiny_bert):
+    tok = tiny_bert.tokenizer
+    ids = gates.category_token_ids(tok)
+    assert all(len(v) == 2 for v in ids.values())  # name and plural are single WordPiece tokens
+    prompts = ["two red balls and a person in a blue shirt on grass", "a car on a street at night"]
+    input_ids = tok(prompts, padding="max_length", max_length=16, return_tensors="pt").input_ids
+    b, t = input_ids.shape
+    attn = torch.rand(b, t, 4, 4)
+    maps = gates.category_attention([attn], input_ids, ids)
+    assert maps[0].shape == (2, 9, 4, 4)
+    names = [c.name for c in CATEGORIES]
+    pos = lambda i, word: (input_ids[i] == tok.convert_tokens_to_ids(word)).nonzero()[0, 0]  # noqa: E731
+    torch.testing.assert_close(maps[0][0, names.index("ball")], attn[0, pos(0, "balls")])
+    torch.testing.assert_close(maps[0][0, names.index("person")], attn[0, pos(0, "person")])
+    torch.testing.assert_close(maps[0][1, names.index("car")], attn[1, pos(1, "car")])
+    assert maps[0][0, names.index("car")].abs().sum() == 0 and maps[0][1, names.index("ball")].abs().sum() == 0
+
+
 def test_train_probe_learns_a_separable_labelling():
     """Labels that are a linear function of the features: the probe must reach them."""
     torch.manual_seed(0)
@@ -125,7 +143,9 @@ def test_run_checks_on_a_tiny_backbone(tiny_backbone_64, tmp_path):
     for key in ("category_fidelity", "colour_fidelity", "pair_fidelity", "real_category_fidelity",
                 "reference_miou_colour", "probe_train_miou"):
         assert 0.0 <= result["figures"][key] <= 1.0
-    assert result["settings"]["probe_channels"] == 8 + 16 + 16 + 32  # the tiny UNet's four levels
+    # the tiny UNet's four levels + 9 category-attention channels per level
+    assert result["settings"]["probe_channels"] == 8 + 16 + 16 + 32 + 4 * 9
+    assert 0.0 <= result["figures"]["probe_features_only_miou"] <= 1.0
     json.dumps(result)
     cached = list((tmp_path / "ref").glob("segmenter-*.pt"))
     assert [p.name for p in cached] == [f"segmenter-{TINY.reference.key()}.pt"]

@@ -87,3 +87,14 @@ def sheet_command(
     path = contact_sheet(backbone, out, n=n, columns=columns, steps=steps, guidance=guidance, seed=seed,
                          log=lambda m: typer.echo(m, err=True))
     typer.echo(f"wrote {path}")
+
+
+@backbone_app.command("pack")
+def pack_command(
+    run: Path = typer.Option(Path("runs/backbone"), help="Run folder with unet-state.pt."),
+    out: Path = typer.Option(..., help="Folder for the pack (copy its files into a new --run to resume there)."),
+) -> None:
+    """Write a small resume pack (VAE + fp16 UNet/EMA weights + step) to carry a run to another machine."""
+    from datasetdm.backbone.train import write_resume_pack
+
+    typer.echo(f"wrote {write_resume_pack(run, out)}")

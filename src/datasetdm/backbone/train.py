@@ -41,7 +41,7 @@ class Recipe:
     vae_batch: int = 16
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
-    unet_steps: int = 24000
+    unet_steps: int = 7000  # one 3-hour session on 2 cores, cosine-decayed to the end
     unet_batch: int = 32
     unet_lr: float = 4e-4
     warmup: int = 500
@@ -204,7 +204,18 @@ def train_unet(run: Path, r: Recipe, max_minutes: float | None = None) -> None:
     opt = torch.optim.AdamW(unet.parameters(), lr=r.unet_lr, weight_decay=r.weight_decay)
     g = torch.Generator().manual_seed(r.seed + 1)
     step = 0
+    rewarm_from = None
     state_path = run / "unet-state.pt"
+    pack = run / "resume-pack.safetensors"
+    if not state_path.exists() and pack.exists():
+        # weights only (fp16, see `write_resume_pack`): fresh optimizer, short re-warm-up
+        from safetensors.torch import load_file
+
+        tensors = load_file(pack)
+        unet.load_state_dict({k[5:]: v.float() for k, v in tensors.items() if k.startswith("unet.")})
+        ema.load_state_dict({k[4:]: v.float() for k, v in tensors.items() if k.startswith("ema.")})
+        step = rewarm_from = int(tensors["step"])
+        _log(run, stage="unet", resumed_from_pack_at=step)
     if state_path.exists():
         state = torch.load(state_path, weights_only=False)
         unet.load_state_dict(state["unet"])
@@ -227,8 +238,11 @@ def train_unet(run: Path, r: Recipe, max_minutes: float | None = None) -> None:
     losses = []
     unet.train()
     while step < r.unet_steps:
+        lr = _lr(step, r, r.unet_steps, r.unet_lr)
+        if rewarm_from is not None and step - rewarm_from < r.warmup:
+            lr *= (step - rewarm_from + 1) / r.warmup
         for group in opt.param_groups:
-            group["lr"] = _lr(step, r, r.unet_steps, r.unet_lr)
+            group["lr"] = lr
         idx = torch.randint(0, len(latents), (r.unet_batch,), generator=g)
         x0 = latents[idx]
         cond = torch.from_numpy(np.ascontiguousarray(text[np.sort(idx.numpy())])).float()
@@ -284,3 +298,26 @@ def train(run: str | Path, max_minutes: float | None = None, recipe: Recipe = RE
     cache_inputs(run, recipe)
     train_unet(run, recipe, max_minutes)
     return run / "export"
+
+
+def write_resume_pack(run: str | Path, out: str | Path) -> Path:
+    """Carry a run across machines: VAE (fp32) + UNet and EMA weights (fp16) + step, ~65 MB.
+
+    ``datasetdm backbone train --run NEW`` after copying ``out/*`` into NEW resumes from it (the
+    world data and caches are recomputed deterministically; the optimizer restarts with a short
+    warm-up). Never commit a pack: it is a training checkpoint, not a shipped weight.
+    """
+    from safetensors.torch import save_file
+
+    run, out = Path(run), Path(out)
+    state = torch.load(run / "unet-state.pt", weights_only=False)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {f"unet.{k}": v.half().contiguous() for k, v in state["unet"].items()}
+    tensors.update({f"ema.{k}": v.half().contiguous() for k, v in state["ema"].items()})
+    tensors["step"] = torch.tensor(state["step"])
+    with atomic_path(out / "resume-pack.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+    shutil.copytree(run / "vae", out / "vae", dirs_exist_ok=True)
+    shutil.copy(run / "recipe.json", out / "recipe.json")
+    shutil.copy(run / "train.log", out / "train.log")
+    return out

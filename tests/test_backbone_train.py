@@ -1,0 +1,85 @@
+"""The backbone training script: stages, resume after a stop, resume pack, export loads."""
+
+import json
+
+import pytest
+import torch
+
+from datasetdm.backbone import embedded
+from datasetdm.backbone import train as train_mod
+from datasetdm.errors import DatasetdmError
+
+TINY_RECIPE = train_mod.Recipe(n_images=72, vae_steps=3, vae_batch=2, unet_steps=5, unet_batch=2,
+                               warmup=2, export_every=3, checkpoint_minutes=100.0)
+
+
+@pytest.fixture()
+def tiny_models(monkeypatch):
+    """The recipe as shipped, but with the test-size VAE and UNet (same code path)."""
+    monkeypatch.setattr(embedded, "build_unet", lambda size="base": _build("unet"))
+    monkeypatch.setattr(embedded, "build_vae", lambda size="base": _build("vae"))
+
+
+def _build(kind):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    if kind == "unet":
+        return UNet2DConditionModel(**embedded.unet_config("tiny"))
+    return AutoencoderKL(**embedded.vae_config("tiny"))
+
+
+def _log_lines(run):
+    return [json.loads(line) for line in (run / "train.log").read_text().splitlines()]
+
+
+def test_train_stops_resumes_and_exports(tiny_models, tmp_path):
+    run = tmp_path / "run"
+    train_mod.train(run, max_minutes=0.0, recipe=TINY_RECIPE)  # stops after the first UNet step
+    assert torch.load(run / "unet-state.pt", weights_only=False)["step"] == 1
+    for name in ("data.npz", "latents.npy", "text.npy", "vae/config.json"):
+        assert (run / name).exists(), name
+    vae_mtime = (run / "vae" / "diffusion_pytorch_model.safetensors").stat().st_mtime
+
+    out = train_mod.train(run, recipe=TINY_RECIPE)
+    lines = _log_lines(run)
+    assert {"stage": "unet", "resumed_at": 1}.items() <= next(x for x in lines if "resumed_at" in x).items()
+    assert [x["exported_step"] for x in lines if "exported_step" in x] == [3, 5]
+    assert (run / "vae" / "diffusion_pytorch_model.safetensors").stat().st_mtime == vae_mtime  # not retrained
+
+    from datasetdm.backbone.loader import load_backbone
+
+    from safetensors.torch import load_file
+
+    saved = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {v.dtype for v in saved.values()} == {torch.float16}  # shipped weights are fp16
+    bb = load_backbone(out)
+    ema = torch.load(run / "unet-state.pt", weights_only=False)["ema"]
+    key = next(iter(ema))
+    torch.testing.assert_close(bb.unet.state_dict()[key].float(), ema[key].half().float())  # export = EMA
+    assert bb.vae.config.scaling_factor > 0
+
+    with pytest.raises(DatasetdmError, match="recipe.json"):
+        train_mod.train(run, recipe=train_mod.Recipe(n_images=72, vae_steps=4))
+
+
+def test_resume_pack_carries_the_run_to_a_new_folder(tiny_models, tmp_path):
+    run = tmp_path / "run"
+    train_mod.train(run, max_minutes=0.0, recipe=TINY_RECIPE)
+    state = torch.load(run / "unet-state.pt", weights_only=False)
+    pack = train_mod.write_resume_pack(run, tmp_path / "pack")
+    assert sorted(p.name for p in pack.iterdir()) == ["recipe.json", "resume-pack.safetensors", "train.log", "vae"]
+
+    new = tmp_path / "new"
+    new.mkdir()
+    import shutil
+
+    shutil.copytree(pack, new, dirs_exist_ok=True)
+    # stop again right after loading: the weights must be the packed ones (fp16-rounded)
+    train_mod.train(new, max_minutes=0.0, recipe=TINY_RECIPE)
+    assert any(x.get("resumed_from_pack_at") == 1 for x in _log_lines(new))
+    resumed = torch.load(new / "unet-state.pt", weights_only=False)
+    assert resumed["step"] == 2
+    key = next(iter(state["ema"]))
+    assert torch.allclose(resumed["ema"][key], state["ema"][key], atol=5e-2)
+    train_mod.train(new, recipe=TINY_RECIPE)
+    assert any(x.get("exported_step") == 5 for x in _log_lines(new))
