@@ -83,3 +83,33 @@ def test_resume_pack_carries_the_run_to_a_new_folder(tiny_models, tmp_path):
     assert torch.allclose(resumed["ema"][key], state["ema"][key], atol=5e-2)
     train_mod.train(new, recipe=TINY_RECIPE)
     assert any(x.get("exported_step") == 5 for x in _log_lines(new))
+
+
+def test_export_records_training_and_seeds_a_new_run(tiny_models, tmp_path):
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    out = train_mod.train(run, recipe=TINY_RECIPE)
+    info = json.loads((out / "training.json").read_text())
+    assert info["step"] == 5 and info["recipe"] == dataclasses.asdict(TINY_RECIPE)
+    assert (run / "train.log").read_text().startswith((out / "train.log").read_text())  # up to the export
+
+    longer = dataclasses.replace(TINY_RECIPE, unet_steps=7)
+    info["recipe"] = dataclasses.asdict(longer)  # as if the committed export came from a longer recipe
+    (out / "training.json").write_text(json.dumps(info))
+    seeded = train_mod.seed_run_from_export(out, tmp_path / "seeded")
+    with pytest.raises(DatasetdmError, match="not empty"):
+        train_mod.seed_run_from_export(out, seeded)
+    exported = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    train_mod.train(seeded, max_minutes=0.0, recipe=longer)  # one step from the export's weights
+    state = torch.load(seeded / "unet-state.pt", weights_only=False)
+    assert state["step"] == 6
+    key = next(k for k in exported if k.endswith("weight"))
+    # the EMA moved by at most one 0.1% step away from the exported weights
+    torch.testing.assert_close(state["ema"][key], exported[key].float(), atol=2e-3, rtol=0)
+    train_mod.train(seeded, recipe=longer)
+    lines = _log_lines(seeded)
+    assert any(x.get("resumed_from_pack_at") == 5 for x in lines)
+    assert [x["exported_step"] for x in lines if "exported_step" in x][-1] == 7

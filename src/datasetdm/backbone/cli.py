@@ -14,13 +14,17 @@ def train_command(
     run: Path = typer.Option(Path("runs/backbone"), help="Run folder: data, checkpoints, log, export/."),
     max_minutes: float = typer.Option(None, help="Stop the UNet stage after this long (resume later)."),
     threads: int = typer.Option(2, help="CPU threads for torch."),
+    from_export: Path = typer.Option(None, help="Seed a new RUN from an exported backbone (its training.json "
+                                     "gives step and recipe), e.g. the committed one, and train it further."),
 ) -> None:
     """Train VAE then UNet on world images and captions; resumes from RUN if it exists."""
     import torch
 
-    from datasetdm.backbone.train import train
+    from datasetdm.backbone.train import seed_run_from_export, train
 
     torch.set_num_threads(threads)
+    if from_export is not None:
+        seed_run_from_export(from_export, run)
     out = train(run, max_minutes=max_minutes)
     typer.echo(f"exported: {out}")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -53,6 +54,9 @@ class Recipe:
     export_every: int = 1000
     checkpoint_minutes: float = 5.0
     seed: int = 0
+    # UNet forward under CPU bf16 autocast: 1.25-1.4x faster steps on an AVX512-BF16 CPU
+    # (measured 0.80 vs 1.07 s per batch-32 step); weights, optimizer and loss stay fp32
+    unet_bf16: bool = True
 
 
 RECIPE = Recipe()
@@ -178,10 +182,20 @@ def _min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.
     return torch.clamp(snr, max=gamma) / (snr + 1)  # v-prediction form (Hang et al. 2023)
 
 
-def _export(run: Path, ema, vae) -> None:
+def _export(run: Path, ema, vae, step: int, r: Recipe) -> None:
+    """EMA weights in the diffusers layout, plus ``training.json`` (step, recipe, machine) and a
+    copy of ``train.log``: what is committed records how it was made, and can seed a new run
+    (``seed_run_from_export``)."""
+    import platform
+
     tmp = run / "export.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     embedded.save_embedded(tmp, ema, vae)
+    write_json_atomic(tmp / "training.json", {
+        "step": step, "recipe": asdict(r), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus".strip(),
+    })
+    shutil.copy(run / "train.log", tmp / "train.log")
     old = run / "export.old"
     shutil.rmtree(old, ignore_errors=True)
     if (run / "export").exists():
@@ -253,7 +267,8 @@ def train_unet(run: Path, r: Recipe, max_minutes: float | None = None) -> None:
         t = torch.randint(0, scheduler.config.num_train_timesteps, (r.unet_batch,), generator=g)
         noisy = scheduler.add_noise(x0, noise, t)
         target = scheduler.get_velocity(x0, noise, t)
-        pred = unet(noisy, t, cond).sample
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=r.unet_bf16):
+            pred = unet(noisy, t, cond).sample.float()
         per_sample = (pred - target).pow(2).mean(dim=(1, 2, 3))
         loss = (per_sample * _min_snr_weights(scheduler, t, r.min_snr_gamma)).mean()
         opt.zero_grad(set_to_none=True)
@@ -273,7 +288,7 @@ def train_unet(run: Path, r: Recipe, max_minutes: float | None = None) -> None:
         if step % r.export_every == 0 or step == r.unet_steps:
             save_state()
             last_ckpt = time.time()
-            _export(run, ema, vae)
+            _export(run, ema, vae, step, r)
             _log(run, stage="unet", exported_step=step)
         elif time.time() - last_ckpt > r.checkpoint_minutes * 60:
             save_state()
@@ -321,3 +336,41 @@ def write_resume_pack(run: str | Path, out: str | Path) -> Path:
     shutil.copy(run / "recipe.json", out / "recipe.json")
     shutil.copy(run / "train.log", out / "train.log")
     return out
+
+
+def seed_run_from_export(export: str | Path, run: str | Path) -> Path:
+    """Start ``run`` from an exported backbone (e.g. the committed one) to train it further.
+
+    The export's ``training.json`` gives the recipe and step; its UNet weights (EMA, fp16) seed
+    both the trained UNet and its EMA, its VAE is reused (the VAE stage is skipped), and the
+    optimizer restarts with a short warm-up (see ``train_unet``). World data and the latent cache
+    are recomputed deterministically. Then ``train(run)`` continues to ``recipe.unet_steps``.
+    """
+    from safetensors.torch import load_file, save_file
+
+    export, run = Path(export), Path(run)
+    info_path = export / "training.json"
+    if not info_path.exists():
+        from datasetdm.errors import DatasetdmError
+
+        raise DatasetdmError(f"{info_path}: missing; only a training export records its step and recipe")
+    if run.exists() and any(run.iterdir()):
+        from datasetdm.errors import DatasetdmError
+
+        raise DatasetdmError(f"{run}: exists and is not empty; seed a new run folder")
+    info = json.loads(info_path.read_text())
+    run.mkdir(parents=True, exist_ok=True)
+    weights = load_file(export / "unet" / "diffusion_pytorch_model.safetensors")
+    tensors = {f"unet.{k}": v for k, v in weights.items()}
+    tensors.update({f"ema.{k}": v.clone() for k, v in weights.items()})
+    tensors["step"] = torch.tensor(int(info["step"]))
+    save_file(tensors, str(run / "resume-pack.safetensors"))
+    from diffusers import AutoencoderKL
+
+    AutoencoderKL.from_pretrained(export / "vae", torch_dtype=torch.float32).save_pretrained(
+        run / "vae", safe_serialization=True)
+    write_json_atomic(run / "recipe.json", info["recipe"])
+    if (export / "train.log").exists():
+        shutil.copy(export / "train.log", run / "train.log")
+    _log(run, stage="seed", from_export=str(export), step=int(info["step"]))
+    return run
