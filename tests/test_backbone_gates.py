@@ -154,6 +154,12 @@ def test_run_checks_on_a_tiny_backbone(tiny_backbone_64, tmp_path):
     again = gates.run_checks(tiny_backbone_64, TINY, cache_dir=tmp_path / "ref", log=logs2.append)
     assert any("loaded" in m for m in logs2) and not any("loaded" in m for m in logs)
     assert again["figures"] == result["figures"]
+    # probe only: no segmenter, no generation; the same probe figure, and never "passed"
+    probe = gates.run_checks(tiny_backbone_64, TINY, cache_dir=tmp_path / "none", probe_only=True)
+    assert set(probe["gates"]) == {"probe_miou"} and probe["passed"] is False
+    assert probe["skipped"] == ["reference_miou", "category_fidelity", "colour_fidelity"]
+    assert probe["figures"]["probe_miou"] == result["figures"]["probe_miou"]
+    assert not (tmp_path / "none").exists()
 
 
 def test_check_command_writes_json(tiny_backbone_64, tmp_path, monkeypatch):

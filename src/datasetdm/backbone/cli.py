@@ -43,6 +43,7 @@ def check_command(
     reference_images: int = typer.Option(None, help="Reference segmenter training images (default 12000)."),
     reference_steps: int = typer.Option(None, help="Reference segmenter training steps (default 3000)."),
     threads: int = typer.Option(1, help="CPU threads for torch."),
+    probe_only: bool = typer.Option(False, help="Only the hypercolumn probe gate (minutes; no reference segmenter)."),
 ) -> None:
     """Measure the backbone's quality gates (issue 4): reference segmenter mIoU, prompt fidelity,
     hypercolumn probe. Progress goes to stderr; the last stdout line is the figures as JSON.
@@ -61,7 +62,7 @@ def check_command(
     if ref:  # another config is another cache entry (its hash names the file)
         overrides["reference"] = ReferenceConfig(**ref)
     config = CheckConfig.quick(**overrides) if quick else CheckConfig(**overrides)
-    result = run_checks(backbone, config, cache_dir=cache, log=lambda m: typer.echo(m, err=True))
+    result = run_checks(backbone, config, cache_dir=cache, log=lambda m: typer.echo(m, err=True), probe_only=probe_only)
     result["quick"] = quick
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

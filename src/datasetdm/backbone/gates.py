@@ -467,6 +467,9 @@ class CheckConfig:
 
 def exported_step(backbone_dir: str | Path) -> int | None:
     """The UNet step of the last export logged in ``DIR/../train.log`` (a training run's export/)."""
+    info = Path(backbone_dir) / "training.json"  # exports since session 3 record their step
+    if info.is_file():
+        return int(json.loads(info.read_text())["step"])
     log = Path(backbone_dir).resolve().parent / "train.log"
     step = None
     if log.is_file():
@@ -486,9 +489,12 @@ def _gate(value: float, name: str) -> dict:
 
 def run_checks(
     backbone_dir: str | Path, config: CheckConfig = CheckConfig(), cache_dir: str | Path = "runs/reference",
-    log: Log = _nolog,
+    log: Log = _nolog, probe_only: bool = False,
 ) -> dict:
-    """Measure every gate on the backbone at ``backbone_dir``; returns the figures as a dict."""
+    """Measure every gate on the backbone at ``backbone_dir``; returns the figures as a dict.
+
+    ``probe_only``: the hypercolumn probe alone (no reference segmenter, no generation); the
+    other gates are listed as skipped and ``passed`` is False."""
     from datasetdm.backbone.loader import load_backbone
 
     seconds: dict[str, float] = {}
@@ -498,25 +504,35 @@ def run_checks(
     test = render_set("test", TEST_SEED, config.test_images)
     prompts = render_set("test", TEST_SEED, config.samples, skip_empty=True)
 
-    t = time.time()
-    segmenter = reference_segmenter(config.reference, cache_dir, log=log)
-    seg = segmenter_miou(segmenter, test)
-    seconds["reference"] = time.time() - t
-    log(f"reference segmenter mIoU on {len(test)} test images: semantic {seg['semantic']:.4f} "
-        f"(gate >= {GATES['reference_miou']}: {'pass' if seg['semantic'] >= GATES['reference_miou'] else 'FAIL'}), "
-        f"colour {seg['colour']:.4f}")
+    gates: dict[str, dict] = {}
+    figures: dict[str, float] = {}
+    if not probe_only:
+        t = time.time()
+        segmenter = reference_segmenter(config.reference, cache_dir, log=log)
+        seg = segmenter_miou(segmenter, test)
+        seconds["reference"] = time.time() - t
+        log(f"reference segmenter mIoU on {len(test)} test images: semantic {seg['semantic']:.4f} "
+            f"(gate >= {GATES['reference_miou']}: {'pass' if seg['semantic'] >= GATES['reference_miou'] else 'FAIL'}), "
+            f"colour {seg['colour']:.4f}")
 
-    t = time.time()
-    log(f"prompt fidelity: {len(prompts)} samples, DDIM {config.steps} steps, guidance {config.guidance}")
-    fid, _ = prompt_fidelity(
-        backbone, segmenter, prompts, steps=config.steps, guidance=config.guidance,
-        min_pixels=config.min_pixels, seed=config.seed, batch_size=config.batch_size, log=log,
-    )
-    seconds["fidelity"] = time.time() - t
-    for key in ("category_fidelity", "colour_fidelity"):
-        ok = fid[key] >= GATES[key]
-        log(f"{key}: {fid[key]:.4f} (gate >= {GATES[key]}: {'pass' if ok else 'FAIL'}; real images {fid['real_' + key]:.4f})")
-    log(f"pair_fidelity (category with its colour, no gate): {fid['pair_fidelity']:.4f} (real {fid['real_pair_fidelity']:.4f})")
+        t = time.time()
+        log(f"prompt fidelity: {len(prompts)} samples, DDIM {config.steps} steps, guidance {config.guidance}")
+        fid, _ = prompt_fidelity(
+            backbone, segmenter, prompts, steps=config.steps, guidance=config.guidance,
+            min_pixels=config.min_pixels, seed=config.seed, batch_size=config.batch_size, log=log,
+        )
+        seconds["fidelity"] = time.time() - t
+        for key in ("category_fidelity", "colour_fidelity"):
+            ok = fid[key] >= GATES[key]
+            log(f"{key}: {fid[key]:.4f} (gate >= {GATES[key]}: {'pass' if ok else 'FAIL'}; real images {fid['real_' + key]:.4f})")
+        log(f"pair_fidelity (category with its colour, no gate): {fid['pair_fidelity']:.4f} (real {fid['real_pair_fidelity']:.4f})")
+        gates.update({
+            "reference_miou": _gate(seg["semantic"], "reference_miou"),
+            "category_fidelity": _gate(fid["category_fidelity"], "category_fidelity"),
+            "colour_fidelity": _gate(fid["colour_fidelity"], "colour_fidelity"),
+        })
+        figures.update({"reference_miou_semantic": round(seg["semantic"], 4),
+                        "reference_miou_colour": round(seg["colour"], 4), **{k: round(v, 4) for k, v in fid.items()}})
 
     t = time.time()
     probe_train = render_set("train", PROBE_TRAIN_SEED, config.probe_train)
@@ -526,26 +542,18 @@ def run_checks(
     log(f"probe_miou: {probe['probe_miou']:.4f} (gate >= {GATES['probe_miou']}: {'pass' if ok else 'FAIL'}; "
         f"train {probe['probe_train_miou']:.4f}; features alone {probe['probe_features_only_miou']:.4f})")
 
-    gates = {
-        "reference_miou": _gate(seg["semantic"], "reference_miou"),
-        "category_fidelity": _gate(fid["category_fidelity"], "category_fidelity"),
-        "colour_fidelity": _gate(fid["colour_fidelity"], "colour_fidelity"),
-        "probe_miou": _gate(probe["probe_miou"], "probe_miou"),
-    }
+    gates["probe_miou"] = _gate(probe["probe_miou"], "probe_miou")
+    figures.update({k: round(v, 4) for k, v in probe.items() if k.endswith("miou")})
     seconds["total"] = time.time() - t0
     cfg = asdict(config)
     return {
         "backbone": str(backbone_dir),
         "fingerprint": backbone.fingerprint,
         "exported_step": exported_step(backbone_dir),
-        "passed": all(g["passed"] for g in gates.values()),
+        "passed": all(g["passed"] for g in gates.values()) and not probe_only,
         "gates": gates,
-        "figures": {
-            "reference_miou_semantic": round(seg["semantic"], 4),
-            "reference_miou_colour": round(seg["colour"], 4),
-            **{k: round(v, 4) for k, v in fid.items()},
-            **{k: round(v, 4) for k, v in probe.items() if k.endswith("miou")},
-        },
+        "skipped": ["reference_miou", "category_fidelity", "colour_fidelity"] if probe_only else [],
+        "figures": figures,
         "settings": {**{k: v for k, v in cfg.items() if k != "reference"}, "reference": cfg["reference"],
                      "reference_key": config.reference.key(), "probe_prompt": "caption",
                      "probe_inputs": "4 UNet feature levels + per-category prompt cross-attention at 4 levels",
