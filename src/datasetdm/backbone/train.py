@@ -315,6 +315,18 @@ def train(run: str | Path, max_minutes: float | None = None, recipe: Recipe = RE
     return run / "export"
 
 
+def _save_pack(path: Path, unet_state: dict, ema_state: dict, step: int) -> None:
+    """The weights-only resume file ``train_unet`` reads: ``unet.*`` and ``ema.*`` in fp16 + ``step``."""
+    from safetensors.torch import save_file
+
+    # clone: safetensors refuses tensors that share memory (unet and ema may be the same weights)
+    tensors = {f"unet.{k}": v.half().clone() for k, v in unet_state.items()}
+    tensors.update({f"ema.{k}": v.half().clone() for k, v in ema_state.items()})
+    tensors["step"] = torch.tensor(int(step))
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
+
+
 def write_resume_pack(run: str | Path, out: str | Path) -> Path:
     """Carry a run across machines: VAE (fp32) + UNet and EMA weights (fp16) + step, ~65 MB.
 
@@ -322,16 +334,10 @@ def write_resume_pack(run: str | Path, out: str | Path) -> Path:
     world data and caches are recomputed deterministically; the optimizer restarts with a short
     warm-up). Never commit a pack: it is a training checkpoint, not a shipped weight.
     """
-    from safetensors.torch import save_file
-
     run, out = Path(run), Path(out)
     state = torch.load(run / "unet-state.pt", weights_only=False)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {f"unet.{k}": v.half().contiguous() for k, v in state["unet"].items()}
-    tensors.update({f"ema.{k}": v.half().contiguous() for k, v in state["ema"].items()})
-    tensors["step"] = torch.tensor(state["step"])
-    with atomic_path(out / "resume-pack.safetensors") as tmp:
-        save_file(tensors, str(tmp))
+    _save_pack(out / "resume-pack.safetensors", state["unet"], state["ema"], state["step"])
     shutil.copytree(run / "vae", out / "vae", dirs_exist_ok=True)
     shutil.copy(run / "recipe.json", out / "recipe.json")
     shutil.copy(run / "train.log", out / "train.log")
@@ -346,7 +352,7 @@ def seed_run_from_export(export: str | Path, run: str | Path) -> Path:
     optimizer restarts with a short warm-up (see ``train_unet``). World data and the latent cache
     are recomputed deterministically. Then ``train(run)`` continues to ``recipe.unet_steps``.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     export, run = Path(export), Path(run)
     info_path = export / "training.json"
@@ -361,10 +367,7 @@ def seed_run_from_export(export: str | Path, run: str | Path) -> Path:
     info = json.loads(info_path.read_text())
     run.mkdir(parents=True, exist_ok=True)
     weights = load_file(export / "unet" / "diffusion_pytorch_model.safetensors")
-    tensors = {f"unet.{k}": v for k, v in weights.items()}
-    tensors.update({f"ema.{k}": v.clone() for k, v in weights.items()})
-    tensors["step"] = torch.tensor(int(info["step"]))
-    save_file(tensors, str(run / "resume-pack.safetensors"))
+    _save_pack(run / "resume-pack.safetensors", weights, weights, int(info["step"]))
     from diffusers import AutoencoderKL
 
     AutoencoderKL.from_pretrained(export / "vae", torch_dtype=torch.float32).save_pretrained(
