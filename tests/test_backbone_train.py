@@ -96,12 +96,15 @@ def test_export_records_training_and_seeds_a_new_run(tiny_models, tmp_path):
     assert info["step"] == 5 and info["recipe"] == dataclasses.asdict(TINY_RECIPE)
     assert (run / "train.log").read_text().startswith((out / "train.log").read_text())  # up to the export
 
-    longer = dataclasses.replace(TINY_RECIPE, unet_steps=7)
-    info["recipe"] = dataclasses.asdict(longer)  # as if the committed export came from a longer recipe
-    (out / "training.json").write_text(json.dumps(info))
-    seeded = train_mod.seed_run_from_export(out, tmp_path / "seeded")
+    with pytest.raises(DatasetdmError, match="would not train it further"):
+        train_mod.seed_run_from_export(out, tmp_path / "shorter", unet_steps=5)
+    longer = dataclasses.replace(TINY_RECIPE, unet_steps=7)  # extend the schedule past the export
+    seeded = train_mod.seed_run_from_export(out, tmp_path / "seeded", unet_steps=7)
+    assert json.loads((seeded / "recipe.json").read_text()) == dataclasses.asdict(longer)
     with pytest.raises(DatasetdmError, match="not empty"):
         train_mod.seed_run_from_export(out, seeded)
+    with pytest.raises(DatasetdmError, match="another recipe"):
+        train_mod.train(seeded, recipe=TINY_RECIPE)  # resuming needs the same --unet-steps
     exported = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
     train_mod.train(seeded, max_minutes=0.0, recipe=longer)  # one step from the export's weights
     state = torch.load(seeded / "unet-state.pt", weights_only=False)

@@ -16,16 +16,21 @@ def train_command(
     threads: int = typer.Option(2, help="CPU threads for torch."),
     from_export: Path = typer.Option(None, help="Seed a new RUN from an exported backbone (its training.json "
                                      "gives step and recipe), e.g. the committed one, and train it further."),
+    unet_steps: int = typer.Option(None, help="Total UNet steps, overriding the recipe's (to train an export "
+                                   "further; give the same value when resuming that run)."),
 ) -> None:
     """Train VAE then UNet on world images and captions; resumes from RUN if it exists."""
     import torch
 
-    from datasetdm.backbone.train import seed_run_from_export, train
+    from dataclasses import replace
+
+    from datasetdm.backbone.train import RECIPE, seed_run_from_export, train
 
     torch.set_num_threads(threads)
+    recipe = RECIPE if unet_steps is None else replace(RECIPE, unet_steps=unet_steps)
     if from_export is not None:
-        seed_run_from_export(from_export, run)
-    out = train(run, max_minutes=max_minutes)
+        seed_run_from_export(from_export, run, unet_steps=unet_steps)
+    out = train(run, max_minutes=max_minutes, recipe=recipe)
     typer.echo(f"exported: {out}")
 
 

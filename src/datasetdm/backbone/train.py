@@ -229,6 +229,7 @@ def train_unet(run: Path, r: Recipe, max_minutes: float | None = None) -> None:
         unet.load_state_dict({k[5:]: v.float() for k, v in tensors.items() if k.startswith("unet.")})
         ema.load_state_dict({k[4:]: v.float() for k, v in tensors.items() if k.startswith("ema.")})
         step = rewarm_from = int(tensors["step"])
+        g.manual_seed(r.seed + 1 + step)  # fresh batches and noise, not a replay of the first run's
         _log(run, stage="unet", resumed_from_pack_at=step)
     if state_path.exists():
         state = torch.load(state_path, weights_only=False)
@@ -344,13 +345,17 @@ def write_resume_pack(run: str | Path, out: str | Path) -> Path:
     return out
 
 
-def seed_run_from_export(export: str | Path, run: str | Path) -> Path:
+def seed_run_from_export(export: str | Path, run: str | Path, unet_steps: int | None = None) -> Path:
     """Start ``run`` from an exported backbone (e.g. the committed one) to train it further.
 
     The export's ``training.json`` gives the recipe and step; its UNet weights (EMA, fp16) seed
     both the trained UNet and its EMA, its VAE is reused (the VAE stage is skipped), and the
     optimizer restarts with a short warm-up (see ``train_unet``). World data and the latent cache
     are recomputed deterministically. Then ``train(run)`` continues to ``recipe.unet_steps``.
+
+    ``unet_steps`` extends the schedule past the export's: the cosine is stretched to the new end,
+    so training resumes (after the re-warm-up) at the learning rate a run of that length would
+    have had at the export's step.
     """
     from safetensors.torch import load_file
 
@@ -365,6 +370,13 @@ def seed_run_from_export(export: str | Path, run: str | Path) -> Path:
 
         raise DatasetdmError(f"{run}: exists and is not empty; seed a new run folder")
     info = json.loads(info_path.read_text())
+    if unet_steps is not None:
+        if unet_steps <= int(info["step"]):
+            from datasetdm.errors import DatasetdmError
+
+            raise DatasetdmError(f"{info_path}: exported at step {info['step']}; --unet-steps {unet_steps} "
+                                 "would not train it further")
+        info["recipe"]["unet_steps"] = unet_steps
     run.mkdir(parents=True, exist_ok=True)
     weights = load_file(export / "unet" / "diffusion_pytorch_model.safetensors")
     _save_pack(run / "resume-pack.safetensors", weights, weights, int(info["step"]))
