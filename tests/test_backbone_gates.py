@@ -193,3 +193,22 @@ def test_render_sheet_layout():
     assert (a[26 + 192 : 26 + 192 + 15, 8 : 8 + 192] < 128).any()
     with pytest.raises(ValueError):
         render_sheet(images, prompts[:2])
+
+
+def test_packaged_reference_is_loaded_when_not_cached(tmp_path):
+    config = gates.ReferenceConfig(n_train=8, steps=2, base=4, batch_size=4)
+    trained = gates.reference_segmenter(config, tmp_path / "cache")
+    path = gates.package_reference(trained, config, tmp_path / "assets")
+    assert path.name == f"segmenter-{config.key()}.safetensors"
+    logs = []
+    loaded = gates.reference_segmenter(config, tmp_path / "empty", log=logs.append, packaged_dir=tmp_path / "assets")
+    assert logs == [f"reference segmenter: loaded {path}"] and not (tmp_path / "empty").exists()
+    images = gates.render_set("test", 0, 4).images
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        a, b = trained.eval()(x), loaded(x)
+    for head in a:  # fp16 storage: logits agree to fp16 precision
+        torch.testing.assert_close(a[head], b[head], atol=2e-2, rtol=1e-2)
+    # another config is another file: not found in the package, so it is trained
+    other = gates.ReferenceConfig(n_train=8, steps=1, base=4, batch_size=4)
+    assert not gates.packaged_reference_path(other, tmp_path / "assets").exists()

@@ -219,3 +219,13 @@ def test_prompts_command(chat_server, tmp_path, monkeypatch):
     # cached: no model or URL needed any more
     result = CliRunner().invoke(app, ["prompts", "--out", str(out), "--classes", "dog"])
     assert result.exit_code == 0, result.output
+
+
+def test_classes_in_text_knows_plurals_and_word_boundaries():
+    from datasetdm.prompts import classes_in_text
+
+    classes = ["person", "box", "car", "cat"]
+    assert classes_in_text("two people in red shirts and three boxes", classes) == ("person", "box")
+    assert classes_in_text("A Person next to the cars", classes) == ("person", "car")
+    # a class name inside another word is not a mention
+    assert classes_in_text("a scattering of boxcars and a category sign", classes) == ()

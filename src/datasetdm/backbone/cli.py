@@ -77,6 +77,44 @@ def check_command(
         raise typer.Exit(1)
 
 
+@backbone_app.command("reference")
+def reference_command(
+    cache: Path = typer.Option(Path("runs/reference"), help="Where the reference segmenter is cached."),
+    reference_images: int = typer.Option(None, help="Training images (default 20000)."),
+    reference_steps: int = typer.Option(None, help="Training steps (default 6000)."),
+    test_images: int = typer.Option(500, help="Held-out test images it is scored on."),
+    package: bool = typer.Option(False, help="Also write it into the package (assets/reference, fp16) when it "
+                                 "passes its gate, so checks on a fresh clone need not train it."),
+    threads: int = typer.Option(2, help="CPU threads for torch."),
+) -> None:
+    """Train (or load) the gates' reference segmenter and score it on held-out world images.
+    The last stdout line is its figures as JSON; exit status 1 when below its gate."""
+    import json
+
+    import torch
+
+    from datasetdm.backbone import gates
+
+    torch.set_num_threads(threads)
+    ref = {k: v for k, v in dict(n_train=reference_images, steps=reference_steps).items() if v is not None}
+    config = gates.ReferenceConfig(**ref)
+    log = lambda m: typer.echo(m, err=True)  # noqa: E731
+    held_out = gates.render_set("test", gates.TEST_SEED, test_images)
+    model = gates.reference_segmenter(config, cache, log=log, held_out=held_out, eval_every=1000)
+    scores = gates.segmenter_miou(model, held_out)
+    passed = scores["semantic"] >= gates.GATES["reference_miou"]
+    result = {"reference_miou_semantic": round(scores["semantic"], 4), "reference_miou_colour": round(scores["colour"], 4),
+              "gate": gates.GATES["reference_miou"], "passed": passed, "test_images": test_images,
+              "reference": gates.asdict(config), "reference_key": config.key()}
+    if package and passed:
+        result["packaged"] = str(gates.package_reference(model, config))
+    elif package:
+        log("not packaged: below its gate")
+    typer.echo(json.dumps(result))
+    if not passed:
+        raise typer.Exit(1)
+
+
 @backbone_app.command("sheet")
 def sheet_command(
     backbone: Path = typer.Option(..., help="Backbone folder (diffusers layout)."),

@@ -160,24 +160,55 @@ def _atomic_torch_save(obj, path: Path) -> None:
         torch.save(obj, tmp)
 
 
+# The default config's segmenter ships with the package (fp16, ~4 MB): it is a measuring
+# instrument, not a product weight, and training it costs ~20 min of 2 cores every fresh machine.
+PACKAGED_REFERENCE_DIR = Path(__file__).resolve().parent.parent / "assets" / "reference"
+
+
+def packaged_reference_path(config: ReferenceConfig, folder: str | Path | None = None) -> Path:
+    return Path(folder or PACKAGED_REFERENCE_DIR) / f"segmenter-{config.key()}.safetensors"
+
+
+def package_reference(model, config: ReferenceConfig, folder: str | Path | None = None) -> Path:
+    """Write ``model`` as the packaged reference for ``config`` (fp16 safetensors + its config)."""
+    from safetensors.torch import save_file
+
+    from datasetdm.io import atomic_path
+
+    path = packaged_reference_path(config, folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, str(tmp),
+                  metadata={"config": json.dumps(asdict(config), sort_keys=True)})
+    return path
+
+
 def reference_segmenter(
     config: ReferenceConfig = ReferenceConfig(),
     cache_dir: str | Path = "runs/reference",
     log: Log = _nolog,
     held_out: WorldSet | None = None,
     eval_every: int = 0,
+    packaged_dir: str | Path | None = None,
 ):
-    """The reference segmenter for ``config``: loaded from ``cache_dir`` or trained and cached.
+    """The reference segmenter for ``config``: loaded from ``cache_dir``, else from the packaged
+    copy (``package_reference``), else trained and cached in ``cache_dir``.
 
     ``held_out`` with ``eval_every`` logs its semantic mIoU during training (a learning curve).
     """
     from datasetdm.evaluation.segmenter import SegmenterTrainConfig, UNetSegmenter, train_segmenter
 
     path = Path(cache_dir) / f"segmenter-{config.key()}.pt"
-    if path.exists():
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    packaged = packaged_reference_path(config, packaged_dir)
+    if path.exists() or packaged.exists():
         model = UNetSegmenter(NUM_CLASSES, base=config.base, depth=config.depth)
-        model.load_state_dict(state["state_dict"])
+        if path.exists():
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
+        else:
+            from safetensors.torch import load_file
+
+            model.load_state_dict({k: v.float() for k, v in load_file(packaged).items()})
+            path = packaged
         log(f"reference segmenter: loaded {path}")
         return model.eval()
 
@@ -489,7 +520,7 @@ def _gate(value: float, name: str) -> dict:
 
 def run_checks(
     backbone_dir: str | Path, config: CheckConfig = CheckConfig(), cache_dir: str | Path = "runs/reference",
-    log: Log = _nolog, probe_only: bool = False,
+    log: Log = _nolog, probe_only: bool = False, packaged_dir: str | Path | None = None,
 ) -> dict:
     """Measure every gate on the backbone at ``backbone_dir``; returns the figures as a dict.
 
@@ -508,7 +539,7 @@ def run_checks(
     figures: dict[str, float] = {}
     if not probe_only:
         t = time.time()
-        segmenter = reference_segmenter(config.reference, cache_dir, log=log)
+        segmenter = reference_segmenter(config.reference, cache_dir, log=log, packaged_dir=packaged_dir)
         seg = segmenter_miou(segmenter, test)
         seconds["reference"] = time.time() - t
         log(f"reference segmenter mIoU on {len(test)} test images: semantic {seg['semantic']:.4f} "

@@ -1,0 +1,139 @@
+"""Which labeler is right more often? DatasetDM's P-Decoder against Dataset Diffusion's attention.
+
+Both label the *same* generated images: each batch is generated once with the attention
+labeler's ``generate_fn`` (class names appended to the caption, class-prompt side branch,
+self-attention captured) and every hypercolumn the decoder reads is captured in the same pass,
+so the two labelers differ only in how they turn one set of captured maps into a mask.
+
+Truth on generated images is unknown, so both are scored against the gates' reference segmenter
+(a pixel U-Net trained on 20k world images with ground truth, ``backbone/gates.py``), which
+never sees either labeler's output:
+
+- ``agreement_miou``: mIoU of the labeler's semantic map against the reference's prediction,
+  pixels the labeler marks uncertain (255) left out;
+- ``coverage``: fraction of pixels the labeler does label (not 255);
+- ``annotate_ms_per_sample``: time of the labelling step alone (generation is shared; see
+  ``bench/generation.py`` for the whole cost and peak memory of each mode).
+
+The reference's own mIoU on real held-out world images is printed as its credibility.
+
+    python bench/labelers.py [--backbone DIR] [--decoder CKPT] [--n 100] [--steps 25]
+
+Without ``--decoder``, a semantic decoder is trained on the 100 few-shot world images (as the
+demo does). The last line is one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--backbone", default=None, help="Backbone folder (default: the embedded one).")
+    ap.add_argument("--decoder", default=None, help="Semantic decoder checkpoint (default: train one).")
+    ap.add_argument("--n", type=int, default=100, help="Generated images.")
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--guidance", type=float, default=4.0)
+    ap.add_argument("--batch", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--iterations", type=int, default=600, help="Decoder iterations when training one.")
+    ap.add_argument("--reference-cache", default="runs/reference")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--save", default=None, help="Also save images and both label sets to this .npz.")
+    args = ap.parse_args()
+
+    import numpy as np
+    import torch
+
+    from datasetdm.backbone import gates
+    from datasetdm.backbone.loader import embedded_backbone_path, load_backbone
+    from datasetdm.decoder import load_decoder
+    from datasetdm.generation import decoder_annotator
+    from datasetdm.io import sample_seed
+    from datasetdm.labelers.attention import AttentionLabeler
+    from datasetdm.prompts import Prompt
+    from datasetdm.world.render import CATEGORIES, render_scene
+
+    torch.set_num_threads(args.threads)
+    source = args.backbone or str(embedded_backbone_path())
+    work = Path(tempfile.mkdtemp(prefix="bench-labelers-"))
+    decoder_path = args.decoder
+    if decoder_path is None:
+        from datasetdm.demo import render_world, train_decoders
+
+        log("training a semantic decoder on the 100 few-shot world images")
+        train_dir = render_world(work / "train", "train", 0, 100)
+        decoder_path = train_decoders(train_dir, work / "decoders", ["semantic"], source, args.iterations,
+                                      show_progress=False)["semantic"]
+    bb = load_backbone(source)
+    decoder = load_decoder(decoder_path, task="semantic")
+    decoder.check_backbone(bb)
+    labelers = {
+        "decoder": decoder_annotator(decoder, bb.tokenizer),
+        "attention": AttentionLabeler(bb, list(CATEGORIES)).annotator,
+    }
+    generate = AttentionLabeler(bb, list(CATEGORIES)).generate_fn(args.steps, args.guidance)
+    reference = gates.reference_segmenter(gates.ReferenceConfig(), args.reference_cache, log=log)
+
+    texts = [render_scene("val", args.seed, i).caption for i in range(args.n)]
+    names = [c.name for c in CATEGORIES]
+    from datasetdm.prompts import classes_in_text
+
+    images, labels = [], {k: [] for k in labelers}
+    seconds = {k: 0.0 for k in labelers}
+    t_gen = 0.0
+    for start in range(0, args.n, args.batch):
+        batch = texts[start : start + args.batch]
+        seeds = [sample_seed(args.seed, start + j, "bench-labelers") for j in range(len(batch))]
+        t0 = time.perf_counter()
+        out, hc = generate(batch, seeds)
+        t_gen += time.perf_counter() - t0
+        out = np.asarray(out)
+        prompts = [Prompt(t, classes_in_text(t, names)) for t in batch]
+        for name, annotate in labelers.items():
+            t0 = time.perf_counter()
+            labelled = annotate(out, hc, prompts)
+            seconds[name] += time.perf_counter() - t0
+            labels[name].extend(s.semantic for s in labelled)
+        images.append(out)
+        log(f"  {start + len(batch)}/{args.n} generated and labelled")
+    images = np.concatenate(images)
+    labels = {k: np.stack(v) for k, v in labels.items()}
+    ref = gates.predict(reference, images)["semantic"]
+    if ref.shape[1:] != images.shape[1:3]:
+        raise SystemExit(f"reference predicts {ref.shape[1:]} for {images.shape[1:3]} images")
+
+    num_classes = gates.NUM_CLASSES["semantic"]
+    real = gates.render_set("test", gates.TEST_SEED, 200)
+    result = {
+        "backbone": source, "n": args.n, "steps": args.steps, "guidance": args.guidance,
+        "reference_real_miou": round(gates.segmenter_miou(reference, real)["semantic"], 4),
+        "generate_s_per_sample": round(t_gen / args.n, 4),
+    }
+    for name, lab in labels.items():
+        result[f"{name}_agreement_miou"] = round(gates.miou(ref, lab, num_classes), 4)
+        result[f"{name}_coverage"] = round(float((lab != 255).mean()), 4)
+        result[f"{name}_annotate_ms_per_sample"] = round(1000 * seconds[name] / args.n, 2)
+    # the two labelers against each other, where both label
+    both = np.where(labels["attention"] == 255, 255, labels["decoder"])
+    result["decoder_vs_attention_miou"] = round(gates.miou(labels["attention"], both, num_classes), 4)
+    if args.save:
+        np.savez_compressed(args.save, images=images, reference=ref, **labels)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
