@@ -169,8 +169,10 @@ def packaged_reference_path(config: ReferenceConfig, folder: str | Path | None =
     return Path(folder or PACKAGED_REFERENCE_DIR) / f"segmenter-{config.key()}.safetensors"
 
 
-def package_reference(model, config: ReferenceConfig, folder: str | Path | None = None) -> Path:
-    """Write ``model`` as the packaged reference for ``config`` (fp16 safetensors + its config)."""
+def package_reference(model, config: ReferenceConfig, folder: str | Path | None = None,
+                      scores: dict | None = None) -> Path:
+    """Write ``model`` as the packaged reference for ``config`` (fp16 safetensors; its config and
+    ``scores`` in the metadata)."""
     from safetensors.torch import save_file
 
     from datasetdm.io import atomic_path
@@ -179,7 +181,8 @@ def package_reference(model, config: ReferenceConfig, folder: str | Path | None 
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, str(tmp),
-                  metadata={"config": json.dumps(asdict(config), sort_keys=True)})
+                  metadata={"config": json.dumps(asdict(config), sort_keys=True),
+                            "scores": json.dumps(scores or {}, sort_keys=True)})
     return path
 
 
