@@ -212,3 +212,21 @@ def test_packaged_reference_is_loaded_when_not_cached(tmp_path):
     # another config is another file: not found in the package, so it is trained
     other = gates.ReferenceConfig(n_train=8, steps=1, base=4, batch_size=4)
     assert not gates.packaged_reference_path(other, tmp_path / "assets").exists()
+
+
+def test_reference_command_scores_and_packages(tmp_path, monkeypatch):
+    from datasetdm.cli import app
+
+    monkeypatch.setattr(gates, "PACKAGED_REFERENCE_DIR", tmp_path / "assets")
+    args = ["backbone", "reference", "--cache", str(tmp_path / "ref"), "--reference-images", "8",
+            "--reference-steps", "1", "--test-images", "4", "--package", "--threads", "1"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 1, res.output  # one training step is far below the 0.95 bar
+    last = json.loads(res.stdout.strip().splitlines()[-1])
+    assert last["passed"] is False and 0.0 <= last["reference_miou_semantic"] < gates.GATES["reference_miou"]
+    packaged = tmp_path / "assets" / f"segmenter-{last['reference_key']}.safetensors"
+    assert last["packaged"] == str(packaged) and packaged.exists()
+    from safetensors import safe_open
+
+    with safe_open(str(packaged), "pt") as f:
+        assert json.loads(f.metadata()["scores"])["reference_miou_semantic"] == last["reference_miou_semantic"]

@@ -54,6 +54,26 @@ def test_three_segmenters_are_trained_and_scored(tmp_path):
     assert "real + synthetic" in table and "24" in table.splitlines()[-1]
 
 
+def test_cached_models_are_reused_across_synthetic_sets(tmp_path, monkeypatch):
+    from datasetdm.evaluation import downstream
+
+    real = _world_folder(tmp_path / "real", "train", 0, 4)
+    syn_a = _world_folder(tmp_path / "a", "val", 0, 4)
+    syn_b = _world_folder(tmp_path / "b", "val", 1, 4)
+    x, y, cats = world_test_set(seed=5, n=3)
+    config = DownstreamConfig(steps=3, batch_size=4)
+    first = run_downstream(real, syn_a, x, y, cats, config, cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("segmenter-*.json"))) == 3
+    trained = []
+    original = downstream._train
+    monkeypatch.setattr(downstream, "_train", lambda *a, **k: trained.append(len(a[0])) or original(*a, **k))
+    again = run_downstream(real, syn_a, x, y, cats, config, cache_dir=tmp_path / "cache")
+    assert trained == [] and again == first  # resumed entirely from the cache, same figures and types
+    other = run_downstream(real, syn_b, x, y, cats, config, cache_dir=tmp_path / "cache")
+    assert trained == [4, 4 + 4]  # the real-only model came from the cache; synthetic and joint trained
+    assert other["real_miou"] == first["real_miou"] and other["per_class"]["real"] == first["per_class"]["real"]
+
+
 def test_bad_inputs_name_the_folder(tmp_path):
     real = _world_folder(tmp_path / "real", "train", 0, 2)
     with LabelledFolderWriter(tmp_path / "small", list(CATEGORIES)) as w:

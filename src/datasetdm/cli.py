@@ -78,13 +78,15 @@ def downstream(
     labeler: str = typer.Option("decoder", help="How the generated synthetic data is labelled: decoder or attention."),
     backbone: Optional[str] = typer.Option(None, help="Diffusers model folder (default: the embedded backbone)."),
     steps: int = typer.Option(2000, min=1, help="Segmenter training steps (same for all three)."),
+    cache: Optional[Path] = typer.Option(None, help="Folder of finished models' figures (default OUT/cache): "
+                                         "a rerun resumes; share it between runs to train the real-only model once."),
 ) -> None:
     """Train an ordinary segmenter on real, synthetic and both; score each on world test scenes (Table 4)."""
     from datasetdm.evaluation.downstream import DownstreamConfig, build_and_run
 
     result = build_and_run(out, test_seed=test_seed, n_test=n_test, real=real, synthetic=synthetic,
                            n_synthetic=n_synthetic, labeler=labeler, backbone=backbone,
-                           config=DownstreamConfig(steps=steps))
+                           config=DownstreamConfig(steps=steps), cache_dir=cache)
     typer.echo(result.pop("table"))
     typer.echo(json.dumps(result))
 

@@ -10,6 +10,8 @@ have are ignored (255) in training.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -20,6 +22,7 @@ from datasetdm.evaluation.metrics import SemanticIoU
 from datasetdm.evaluation.segmenter import SegmenterTrainConfig, predict_segmenter, train_segmenter
 from datasetdm.formats.labelled_folder import LabelledFolder, read_labelled_folder
 from datasetdm.formats.sample import IGNORE_INDEX, Category
+from datasetdm.io import write_json_atomic
 
 
 @dataclass
@@ -65,6 +68,15 @@ def evaluate_segmenter(model, images: np.ndarray, masks: np.ndarray, category_id
     return metric.compute()
 
 
+def _result_key(x, y, test_images, test_masks, ids, config: DownstreamConfig) -> str:
+    digest = hashlib.sha256()
+    for array in (x, y, test_images, test_masks):
+        digest.update(str(array.shape).encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    digest.update(json.dumps({"ids": list(ids), "config": asdict(config), "version": 1}, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
 def run_downstream(
     real: str | Path,
     synthetic: str | Path,
@@ -73,8 +85,15 @@ def run_downstream(
     categories: list[Category],
     config: DownstreamConfig | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    cache_dir: str | Path | None = None,
 ) -> dict:
-    """Train (a) real, (b) synthetic, (c) joint; return their test mIoU and per-class IoU."""
+    """Train (a) real, (b) synthetic, (c) joint; return their test mIoU and per-class IoU.
+
+    With ``cache_dir``, each model's test figures are stored under a hash of everything that
+    decides them (its training images and labels, the test set, the recipe), so an interrupted
+    run resumes after the last finished model, and the real-only model is trained once for any
+    number of synthetic datasets scored on the same test set.
+    """
     config = config or DownstreamConfig()
     num_classes = max(c.id for c in categories) + 1
     ids = [c.id for c in categories]
@@ -95,10 +114,19 @@ def run_downstream(
         "synthetic": (syn_x, syn_y, len(syn_x)),
         "joint": (joint_x, joint_y, len(real_x) + len(syn_x)),
     }.items():
+        cached = Path(cache_dir) / f"segmenter-{_result_key(x, y, test_images, test_masks, ids, config)}.json" \
+            if cache_dir is not None else None
+        if cached is not None and cached.exists():
+            stored = json.loads(cached.read_text())
+            results[name] = {**stored, "iou": {int(k): v for k, v in stored["iou"].items()}}  # JSON keys are text
+            continue
         report = (lambda step, loss, name=name: progress(name, step + 1, config.steps)) if progress else None
         model = _train(x, y, num_classes, config, progress=report)
         metrics = evaluate_segmenter(model, test_images, test_masks, ids)
         results[name] = {"images": int(n), **metrics}
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(cached, results[name])
     return {
         "real_miou": results["real"]["miou"],
         "synthetic_miou": results["synthetic"]["miou"],
@@ -155,7 +183,7 @@ def build_attention_synthetic(out: Path, prompts: Path, backbone: str, n: int, s
 def build_and_run(out: str | Path, test_seed: int, n_test: int = 500, real: Path | None = None,
                   synthetic: Path | None = None, n_synthetic: int = 1000, labeler: str = "decoder",
                   backbone: str | None = None, config: DownstreamConfig | None = None,
-                  decoder_iterations: int = 1500, seed: int = 0) -> dict:
+                  decoder_iterations: int = 1500, seed: int = 0, cache_dir: Path | None = None) -> dict:
     """The `datasetdm downstream` command: build what is not given, run, write ``downstream.json``."""
     import json
 
@@ -194,7 +222,8 @@ def build_and_run(out: str | Path, test_seed: int, n_test: int = 500, real: Path
                 tasks[name] = bar.add_task(f"segmenter on {name}", total=total)
             bar.update(tasks[name], completed=step)
 
-        result = run_downstream(real, synthetic, test_images, test_masks, categories, config, progress=report)
+        result = run_downstream(real, synthetic, test_images, test_masks, categories, config, progress=report,
+                                cache_dir=cache_dir if cache_dir is not None else out / "cache")
     result.update({"test_seed": test_seed, "labeler": labeler, "real": str(real), "synthetic": str(synthetic)})
     write_json_atomic(out / "downstream.json", result)
     headline = {k: round(result[k], 4) for k in ("real_miou", "synthetic_miou", "joint_miou")}
