@@ -64,7 +64,7 @@ def main() -> None:
     from datasetdm.generation import decoder_annotator
     from datasetdm.io import sample_seed
     from datasetdm.labelers.attention import AttentionLabeler
-    from datasetdm.prompts import Prompt
+    from datasetdm.prompts import Prompt, classes_in_text
     from datasetdm.world.render import CATEGORIES, render_scene
 
     torch.set_num_threads(args.threads)
@@ -81,17 +81,13 @@ def main() -> None:
     bb = load_backbone(source)
     decoder = load_decoder(decoder_path, task="semantic")
     decoder.check_backbone(bb)
-    labelers = {
-        "decoder": decoder_annotator(decoder, bb.tokenizer),
-        "attention": AttentionLabeler(bb, list(CATEGORIES)).annotator,
-    }
-    generate = AttentionLabeler(bb, list(CATEGORIES)).generate_fn(args.steps, args.guidance)
+    attention = AttentionLabeler(bb, list(CATEGORIES))
+    labelers = {"decoder": decoder_annotator(decoder, bb.tokenizer), "attention": attention.annotator}
+    generate = attention.generate_fn(args.steps, args.guidance)
     reference = gates.reference_segmenter(gates.ReferenceConfig(), args.reference_cache, log=log)
 
     texts = [render_scene("val", args.seed, i).caption for i in range(args.n)]
     names = [c.name for c in CATEGORIES]
-    from datasetdm.prompts import classes_in_text
-
     images, labels = [], {k: [] for k in labelers}
     seconds = {k: 0.0 for k in labelers}
     t_gen = 0.0

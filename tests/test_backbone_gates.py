@@ -209,9 +209,12 @@ def test_packaged_reference_is_loaded_when_not_cached(tmp_path):
         a, b = trained.eval()(x), loaded(x)
     for head in a:  # fp16 storage: logits agree to fp16 precision
         torch.testing.assert_close(a[head], b[head], atol=2e-2, rtol=1e-2)
-    # another config is another file: not found in the package, so it is trained
+    # another config is another file: not in the package, so it is trained (and cached), not loaded
     other = gates.ReferenceConfig(n_train=8, steps=1, base=4, batch_size=4)
-    assert not gates.packaged_reference_path(other, tmp_path / "assets").exists()
+    logs = []
+    gates.reference_segmenter(other, tmp_path / "empty", log=logs.append, packaged_dir=tmp_path / "assets")
+    assert not any("loaded" in m for m in logs) and any("trained" in m for m in logs)
+    assert (tmp_path / "empty" / f"segmenter-{other.key()}.pt").exists()
 
 
 def test_reference_command_scores_and_packages(tmp_path, monkeypatch):

@@ -523,7 +523,7 @@ def _gate(value: float, name: str) -> dict:
 
 def run_checks(
     backbone_dir: str | Path, config: CheckConfig = CheckConfig(), cache_dir: str | Path = "runs/reference",
-    log: Log = _nolog, probe_only: bool = False, packaged_dir: str | Path | None = None,
+    log: Log = _nolog, probe_only: bool = False,
 ) -> dict:
     """Measure every gate on the backbone at ``backbone_dir``; returns the figures as a dict.
 
@@ -542,7 +542,7 @@ def run_checks(
     figures: dict[str, float] = {}
     if not probe_only:
         t = time.time()
-        segmenter = reference_segmenter(config.reference, cache_dir, log=log, packaged_dir=packaged_dir)
+        segmenter = reference_segmenter(config.reference, cache_dir, log=log)
         seg = segmenter_miou(segmenter, test)
         seconds["reference"] = time.time() - t
         log(f"reference segmenter mIoU on {len(test)} test images: semantic {seg['semantic']:.4f} "

@@ -68,12 +68,12 @@ def evaluate_segmenter(model, images: np.ndarray, masks: np.ndarray, category_id
     return metric.compute()
 
 
-def _result_key(x, y, test_images, test_masks, ids, config: DownstreamConfig) -> str:
+def _digest(*arrays: np.ndarray, extra: dict | None = None) -> str:
     digest = hashlib.sha256()
-    for array in (x, y, test_images, test_masks):
+    for array in arrays:
         digest.update(str(array.shape).encode())
         digest.update(np.ascontiguousarray(array).tobytes())
-    digest.update(json.dumps({"ids": list(ids), "config": asdict(config), "version": 1}, sort_keys=True).encode())
+    digest.update(json.dumps(extra or {}, sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
 
@@ -108,13 +108,15 @@ def run_downstream(
     repeat = max(1, round(len(syn_x) / len(real_x)))
     joint_x = np.concatenate([np.tile(real_x, (repeat, 1, 1, 1)), syn_x])
     joint_y = np.concatenate([np.tile(real_y, (repeat, 1, 1)), syn_y])
+    # what, besides its training data, decides a model's figures: test set, classes, recipe
+    scored_on = _digest(test_images, test_masks, extra={"ids": ids, "config": asdict(config), "version": 1})
     results = {}
     for name, (x, y, n) in {
         "real": (real_x, real_y, len(real_x)),
         "synthetic": (syn_x, syn_y, len(syn_x)),
         "joint": (joint_x, joint_y, len(real_x) + len(syn_x)),
     }.items():
-        cached = Path(cache_dir) / f"segmenter-{_result_key(x, y, test_images, test_masks, ids, config)}.json" \
+        cached = Path(cache_dir) / f"segmenter-{_digest(x, y, extra={'scored_on': scored_on})}.json" \
             if cache_dir is not None else None
         if cached is not None and cached.exists():
             stored = json.loads(cached.read_text())
