@@ -73,6 +73,21 @@ def test_fidelity_counts_missing_categories_and_colours():
         gates.fidelity(data.semantic[:3], data.colour[:3], data)
 
 
+def test_category_recall_is_per_prompted_category():
+    data = gates.render_set("test", 0, 20, skip_empty=True)
+    names = {c.id: c.name for c in gates.CATEGORIES}
+    prompted = {c for cats in data.categories for c in cats}
+    assert gates.category_recall(data.semantic, data, min_pixels=4) == {names[c]: 1.0 for c in sorted(prompted)}
+    c = data.categories[0][0]
+    sem = data.semantic.copy()
+    sem[sem == c] = 0  # that category is found nowhere; the others everywhere they are prompted
+    recall = gates.category_recall(sem, data, min_pixels=4)
+    assert recall[names[c]] == 0.0
+    assert all(v == 1.0 for name, v in recall.items() if name != names[c])
+    with pytest.raises(ValueError):
+        gates.category_recall(data.semantic[:3], data)
+
+
 def test_probe_is_a_1x1_conv_on_the_upsampled_hypercolumn():
     torch.manual_seed(0)
     feats = [torch.randn(3, c, s, s) for c, s in ((5, 16), (6, 8), (7, 4), (8, 2))]
@@ -146,6 +161,11 @@ def test_run_checks_on_a_tiny_backbone(tiny_backbone_64, tmp_path):
     # the tiny UNet's four levels + 9 category-attention channels per level
     assert result["settings"]["probe_channels"] == 8 + 16 + 16 + 32 + 4 * 9
     assert 0.0 <= result["figures"]["probe_features_only_miou"] <= 1.0
+    # per-category recall: every prompted category, generated and real
+    recall = result["per_category"]
+    assert set(recall) == {"category_recall", "real_category_recall"}
+    assert recall["category_recall"] and set(recall["category_recall"]) == set(recall["real_category_recall"])
+    assert all(0.0 <= v <= 1.0 for v in recall["category_recall"].values())
     json.dumps(result)
     cached = list((tmp_path / "ref").glob("segmenter-*.pt"))
     assert [p.name for p in cached] == [f"segmenter-{TINY.reference.key()}.pt"]
@@ -158,6 +178,7 @@ def test_run_checks_on_a_tiny_backbone(tiny_backbone_64, tmp_path):
     probe = gates.run_checks(tiny_backbone_64, TINY, cache_dir=tmp_path / "none", probe_only=True)
     assert set(probe["gates"]) == {"probe_miou"} and probe["passed"] is False
     assert probe["skipped"] == ["reference_miou", "category_fidelity", "colour_fidelity"]
+    assert probe["per_category"] == {}
     assert probe["figures"]["probe_miou"] == result["figures"]["probe_miou"]
     assert not (tmp_path / "none").exists()
 

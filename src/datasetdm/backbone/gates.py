@@ -294,6 +294,19 @@ def fidelity(semantic: np.ndarray, colour: np.ndarray, data: WorldSet, min_pixel
     return {"category_fidelity": cat_ok / n, "colour_fidelity": col_ok / n, "pair_fidelity": pair_ok / n}
 
 
+def category_recall(semantic: np.ndarray, data: WorldSet, min_pixels: int = 4) -> dict[str, float]:
+    """Per category name: of the samples whose prompt names it, the fraction where it is found
+    (what holds ``category_fidelity`` back; categories never prompted are left out)."""
+    if len(semantic) != len(data):
+        raise ValueError(f"category_recall: {len(semantic)} predictions for {len(data)} prompts")
+    found: dict[int, list[bool]] = {}
+    for sem, cats in zip(semantic, data.categories):
+        for c in cats:
+            found.setdefault(c, []).append(int((sem == c).sum()) >= min_pixels)
+    names = {c.id: c.name for c in CATEGORIES}
+    return {names[c]: round(float(np.mean(found[c])), 4) for c in sorted(found)}
+
+
 def use_ddim(backbone) -> None:
     """Sample with DDIM whatever scheduler the folder names (same noise schedule and config)."""
     from diffusers import DDIMScheduler
@@ -333,10 +346,12 @@ def prompt_fidelity(
     seeds = [sample_seed(seed, i, "backbone-gates") for i in prompts_set.indices]
     images = generate_images(backbone, prompts_set.captions, seeds, steps, guidance, batch_size, log)
     pred = predict(segmenter, images)
-    figures = fidelity(pred["semantic"], pred["colour"], prompts_set, min_pixels)
+    figures: dict = fidelity(pred["semantic"], pred["colour"], prompts_set, min_pixels)
     real = predict(segmenter, prompts_set.images)
     ceiling = fidelity(real["semantic"], real["colour"], prompts_set, min_pixels)
     figures.update({f"real_{k}": v for k, v in ceiling.items()})
+    figures["category_recall"] = category_recall(pred["semantic"], prompts_set, min_pixels)
+    figures["real_category_recall"] = category_recall(real["semantic"], prompts_set, min_pixels)
     return figures, images
 
 
@@ -540,6 +555,7 @@ def run_checks(
 
     gates: dict[str, dict] = {}
     figures: dict[str, float] = {}
+    recall: dict[str, dict[str, float]] = {}  # per category name, generated and real (not gated)
     if not probe_only:
         t = time.time()
         segmenter = reference_segmenter(config.reference, cache_dir, log=log)
@@ -565,6 +581,10 @@ def run_checks(
             "category_fidelity": _gate(fid["category_fidelity"], "category_fidelity"),
             "colour_fidelity": _gate(fid["colour_fidelity"], "colour_fidelity"),
         })
+        recall = {k: fid.pop(k) for k in ("category_recall", "real_category_recall")}
+        log("category recall (generated / real): " + ", ".join(
+            f"{name} {v:.2f}/{recall['real_category_recall'].get(name, float('nan')):.2f}"
+            for name, v in recall["category_recall"].items()))
         figures.update({"reference_miou_semantic": round(seg["semantic"], 4),
                         "reference_miou_colour": round(seg["colour"], 4), **{k: round(v, 4) for k, v in fid.items()}})
 
@@ -588,6 +608,7 @@ def run_checks(
         "gates": gates,
         "skipped": ["reference_miou", "category_fidelity", "colour_fidelity"] if probe_only else [],
         "figures": figures,
+        "per_category": recall,
         "settings": {**{k: v for k, v in cfg.items() if k != "reference"}, "reference": cfg["reference"],
                      "reference_key": config.reference.key(), "probe_prompt": "caption",
                      "probe_inputs": "4 UNet feature levels + per-category prompt cross-attention at 4 levels",
