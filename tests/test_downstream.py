@@ -86,3 +86,27 @@ def test_bad_inputs_name_the_folder(tmp_path):
         w.add(LabelledSample(id="a", image=s.image, depth=s.depth))
     with pytest.raises(DatasetdmError, match="no semantic masks"):
         load_semantic(read_labelled_folder(tmp_path / "depth-only"), list(CATEGORIES), "synthetic")
+
+
+def test_segmenter_trains_under_bf16_autocast():
+    import torch
+
+    from datasetdm.evaluation.segmenter import SegmenterTrainConfig, predict_segmenter, train_segmenter
+
+    scenes = [render_scene("train", 0, i) for i in range(8)]
+    x = np.stack([np.asarray(s.image) for s in scenes])
+    y = np.stack([np.asarray(s.semantic) for s in scenes])
+    models, losses = {}, {}
+    for bf16 in (False, True):
+        losses[bf16] = []
+        cfg = SegmenterTrainConfig(steps=80, batch_size=8, lr=1e-2, bf16=bf16)
+        models[bf16] = train_segmenter(x, {"semantic": y}, {"semantic": 10}, cfg, base=8, depth=3,
+                                       progress=lambda step, loss, out=losses[bf16]: out.append(loss))
+    for bf16, model in models.items():
+        # both learn: the loss falls and most training pixels come out right (weights stay fp32)
+        assert np.mean(losses[bf16][-5:]) < 0.5 * np.mean(losses[bf16][:5])
+        assert (predict_segmenter(model, x)["semantic"] == y).mean() > 0.8
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    # the same seed and batches, but the bf16 forward rounds differently: the runs part ways
+    a, b = (dict(models[k].named_parameters()) for k in (False, True))
+    assert any(not torch.equal(a[n], b[n]) for n in a)

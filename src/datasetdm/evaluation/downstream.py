@@ -31,6 +31,7 @@ class DownstreamConfig:
     batch_size: int = 32
     lr: float = 3e-3
     seed: int = 0
+    bf16: bool = False  # bf16 autocast for the segmenter's forward (see SegmenterTrainConfig.bf16)
 
 
 def load_semantic(folder: LabelledFolder, reference: list[Category], what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -56,7 +57,8 @@ def load_semantic(folder: LabelledFolder, reference: list[Category], what: str) 
 
 
 def _train(images, masks, num_classes: int, config: DownstreamConfig, progress=None):
-    cfg = SegmenterTrainConfig(steps=config.steps, batch_size=config.batch_size, lr=config.lr, seed=config.seed)
+    cfg = SegmenterTrainConfig(steps=config.steps, batch_size=config.batch_size, lr=config.lr, seed=config.seed,
+                               bf16=config.bf16)
     return train_segmenter(images, {"semantic": masks}, {"semantic": num_classes}, cfg, progress=progress)
 
 

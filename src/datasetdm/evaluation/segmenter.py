@@ -63,6 +63,10 @@ class SegmenterTrainConfig:
     weight_decay: float = 1e-4
     seed: int = 0
     flip: bool = True
+    # bf16 autocast for the forward pass (weights, optimizer and loss stay fp32): ~1.7x faster
+    # per step on CPUs with AVX512-BF16 (bench/segmenter_bf16.py); off by default so that
+    # existing recipes (the gates' reference segmenter) keep training exactly as they did
+    bf16: bool = False
 
 
 def _to_tensor_images(images: np.ndarray) -> torch.Tensor:
@@ -108,8 +112,9 @@ def train_segmenter(
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
             for k in ys:
                 ys[k][flip] = ys[k][flip].flip(-1)
-        out = model(x)
-        loss = sum(F.cross_entropy(out[k], ys[k], ignore_index=IGNORE_INDEX) for k in ys)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+            out = model(x)
+        loss = sum(F.cross_entropy(out[k].float(), ys[k], ignore_index=IGNORE_INDEX) for k in ys)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
