@@ -29,7 +29,8 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from datasetdm.evaluation.downstream import DownstreamConfig, _train, evaluate_segmenter
+    from datasetdm.evaluation.downstream import DownstreamConfig, evaluate_segmenter
+    from datasetdm.evaluation.segmenter import SegmenterTrainConfig, train_segmenter
     from datasetdm.world.render import CATEGORIES, render_scene
 
     torch.set_num_threads(args.threads)
@@ -44,7 +45,9 @@ def main() -> None:
     num_classes = max(ids) + 1
     figures = {}
     for name, bf16 in (("fp32", False), ("bf16", True)):
-        config = DownstreamConfig(steps=args.steps, bf16=bf16)
+        recipe = DownstreamConfig(steps=args.steps)
+        config = SegmenterTrainConfig(steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr,
+                                      seed=recipe.seed, bf16=bf16)
         times: list[float] = []
         last = [time.perf_counter()]
 
@@ -53,7 +56,7 @@ def main() -> None:
             times.append(now - last[0])
             last[0] = now
 
-        model = _train(train_x, train_y, num_classes, config, progress=progress)
+        model = train_segmenter(train_x, {"semantic": train_y}, {"semantic": num_classes}, config, progress=progress)
         miou = evaluate_segmenter(model, test_x, test_y, ids)["miou"]
         per_step = float(np.median(times[5:] or times))
         figures[name] = {"s_per_step": round(per_step, 4), "miou": round(float(miou), 4)}
