@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -116,3 +117,27 @@ def test_export_records_training_and_seeds_a_new_run(tiny_models, tmp_path):
     lines = _log_lines(seeded)
     assert any(x.get("resumed_from_pack_at") == 5 for x in lines)
     assert [x["exported_step"] for x in lines if "exported_step" in x][-1] == 7
+
+
+def test_render_data_is_the_same_with_worker_processes(tmp_path):
+    recipe = train_mod.Recipe(n_images=1100)  # three chunks of 500, the last one short
+    for workers in (1, 2):
+        (tmp_path / str(workers)).mkdir()
+        train_mod.render_data(tmp_path / str(workers), recipe, workers=workers)
+    one, two = (np.load(tmp_path / str(w) / "data.npz") for w in (1, 2))
+    assert one["images"].shape == (1100, embedded.IMAGE_SIZE, embedded.IMAGE_SIZE, 3)
+    assert one["images"][:5].std() > 10  # rendered scenes, not the zero-filled buffer
+    np.testing.assert_array_equal(one["images"], two["images"])
+    assert list(one["captions"]) == list(two["captions"])
+    assert len(set(one["captions"][:100])) > 50
+
+
+def test_train_command_refuses_a_missing_gpu(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from datasetdm.cli import app
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = CliRunner().invoke(app, ["backbone", "train", "--run", str(tmp_path / "run"), "--device", "cuda"])
+    assert isinstance(result.exception, DatasetdmError)  # `main` prints it and exits 2
+    assert "--device cuda" in str(result.exception) and not (tmp_path / "run").exists()

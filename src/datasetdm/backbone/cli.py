@@ -13,24 +13,34 @@ backbone_app = typer.Typer(help="Train and check the embedded backbone.", no_arg
 def train_command(
     run: Path = typer.Option(Path("runs/backbone"), help="Run folder: data, checkpoints, log, export/."),
     max_minutes: float = typer.Option(None, help="Stop the UNet stage after this long (resume later)."),
-    threads: int = typer.Option(2, help="CPU threads for torch."),
+    threads: int = typer.Option(2, help="CPU threads for torch; also the processes that render the world."),
     from_export: Path = typer.Option(None, help="Seed a new RUN from an exported backbone (its training.json "
                                      "gives step and recipe), e.g. the committed one, and train it further."),
     unet_steps: int = typer.Option(None, help="Total UNet steps, overriding the recipe's (to train an export "
                                    "further; give the same value when resuming that run)."),
+    unet_batch: int = typer.Option(None, help="UNet batch size, overriding the recipe's (with --from-export)."),
+    device: str = typer.Option("cpu", help="Where the encoders and the UNet stage run: cpu or cuda."),
 ) -> None:
     """Train VAE then UNet on world images and captions; resumes from RUN if it exists."""
+    import json
+
     import torch
 
     from dataclasses import replace
 
-    from datasetdm.backbone.train import RECIPE, seed_run_from_export, train
+    from datasetdm.backbone.train import RECIPE, Recipe, seed_run_from_export, train
+    from datasetdm.errors import DatasetdmError
 
+    if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
+        raise DatasetdmError(f"--device {device}: not available here (torch sees no CUDA GPU)")
     torch.set_num_threads(threads)
-    recipe = RECIPE if unet_steps is None else replace(RECIPE, unet_steps=unet_steps)
     if from_export is not None:
-        seed_run_from_export(from_export, run, unet_steps=unet_steps)
-    out = train(run, max_minutes=max_minutes, recipe=recipe)
+        seed_run_from_export(from_export, run, unet_steps=unet_steps, unet_batch=unet_batch)
+    # a seeded or started run keeps its own recipe; options only change what they name
+    recipe_path = run / "recipe.json"
+    recipe = Recipe(**json.loads(recipe_path.read_text())) if recipe_path.exists() else RECIPE
+    overrides = {k: v for k, v in {"unet_steps": unet_steps, "unet_batch": unet_batch}.items() if v is not None}
+    out = train(run, max_minutes=max_minutes, recipe=replace(recipe, **overrides), device=device, workers=threads)
     typer.echo(f"exported: {out}")
 
 

@@ -17,6 +17,7 @@ killed run resumes where it stopped (``datasetdm backbone train --run runs/backb
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -77,21 +78,34 @@ def _lr(step: int, r: Recipe, total: int, base: float) -> float:
 
 
 # ---------------------------------------------------------------- stage 1: world images + captions
-def render_data(run: Path, r: Recipe) -> None:
+def render_data(run: Path, r: Recipe, workers: int = 1) -> None:
+    """Scene i depends only on (world_seed, i), so any number of worker processes gives the same file."""
     path = run / "data.npz"
     if path.exists():
         return
-    from datasetdm.world.render import render_scene
+    from datasetdm.world.render import render_images_and_captions
 
     images = np.zeros((r.n_images, embedded.IMAGE_SIZE, embedded.IMAGE_SIZE, 3), np.uint8)
-    captions = []
+    captions: list[str] = []
+    starts = list(range(0, r.n_images, 500))
+    stops = [min(start + 500, r.n_images) for start in starts]
+    args = (["train"] * len(starts), [r.world_seed] * len(starts), starts, stops)
     t0 = time.time()
-    for i in range(r.n_images):
-        s = render_scene("train", r.world_seed, i)
-        images[i] = s.image
-        captions.append(s.caption)
-        if (i + 1) % 5000 == 0:
-            _log(run, stage="data", rendered=i + 1, seconds=round(time.time() - t0, 1))
+    with contextlib.ExitStack() as stack:
+        if workers > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # spawn: forking a process that has started torch's thread pools can hang
+            pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")))
+            results = pool.map(render_images_and_captions, *args)
+        else:
+            results = map(render_images_and_captions, *args)
+        for start, stop, (chunk_images, chunk_captions) in zip(starts, stops, results):
+            images[start:stop] = chunk_images
+            captions.extend(chunk_captions)
+            if stop % 5000 == 0 or stop == r.n_images:
+                _log(run, stage="data", rendered=stop, seconds=round(time.time() - t0, 1))
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, images=images, captions=np.array(captions))
@@ -144,32 +158,33 @@ def train_vae(run: Path, r: Recipe) -> None:
 
 # ---------------------------------------------------------------- stage 3: latents and text states
 @torch.no_grad()
-def cache_inputs(run: Path, r: Recipe) -> None:
+def cache_inputs(run: Path, r: Recipe, device: str = "cpu") -> None:
     if (run / "latents.npy").exists() and (run / "text.npy").exists():
         return
     from diffusers import AutoencoderKL
 
     images, captions = _load_images(run)
-    vae = AutoencoderKL.from_pretrained(run / "vae").eval()
+    vae = AutoencoderKL.from_pretrained(run / "vae").eval().to(device)
     means = []
     for i in range(0, len(images), 256):
-        means.append(vae.encode(_to_unit(images[i : i + 256])).latent_dist.mode())
+        means.append(vae.encode(_to_unit(images[i : i + 256]).to(device)).latent_dist.mode().cpu())
     latents = torch.cat(means)
     scale = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scale)
-    vae.save_pretrained(run / "vae", safe_serialization=True)
+    vae.cpu().save_pretrained(run / "vae", safe_serialization=True)
     _log(run, stage="cache", latent_std=round(float(latents.std()), 4), scaling_factor=round(scale, 4))
 
     tokenizer, encoder = embedded.load_text_encoder()
+    encoder.to(device)
     text = np.lib.format.open_memmap(
         run / "text.tmp.npy", mode="w+", dtype=np.float16, shape=(len(captions), embedded.MAX_TOKENS, embedded.TEXT_DIM)
     )
     for i in range(0, len(captions), 256):
-        text[i : i + 256] = embedded.encode_captions(tokenizer, encoder, captions[i : i + 256]).numpy()
+        text[i : i + 256] = embedded.encode_captions(tokenizer, encoder, captions[i : i + 256]).cpu().numpy()
     text.flush()
     del text
     (run / "text.tmp.npy").rename(run / "text.npy")
-    np.save(run / "empty_text.npy", embedded.encode_captions(tokenizer, encoder, [""]).numpy().astype(np.float16))
+    np.save(run / "empty_text.npy", embedded.encode_captions(tokenizer, encoder, [""]).cpu().numpy().astype(np.float16))
     with atomic_path(run / "latents.npy") as tmp:
         with open(tmp, "wb") as f:
             np.save(f, (latents * scale).numpy().astype(np.float32))
@@ -177,7 +192,7 @@ def cache_inputs(run: Path, r: Recipe) -> None:
 
 # ---------------------------------------------------------------- stage 4: UNet
 def _min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    alpha_bar = scheduler.alphas_cumprod[timesteps]
+    alpha_bar = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
     snr = alpha_bar / (1 - alpha_bar)
     return torch.clamp(snr, max=gamma) / (snr + 1)  # v-prediction form (Hang et al. 2023)
 
@@ -188,12 +203,16 @@ def _export(run: Path, ema, vae, step: int, r: Recipe) -> None:
     (``seed_run_from_export``)."""
     import platform
 
+    device = next(ema.parameters()).device
+    machine = f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus".strip()
+    if device.type == "cuda":
+        machine += f", {torch.cuda.get_device_name(device)}"
     tmp = run / "export.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     embedded.save_embedded(tmp, ema, vae)
     write_json_atomic(tmp / "training.json", {
         "step": step, "recipe": asdict(r), "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus".strip(),
+        "machine": machine, "device": device.type,
     })
     shutil.copy(run / "train.log", tmp / "train.log")
     old = run / "export.old"
@@ -204,23 +223,27 @@ def _export(run: Path, ema, vae, step: int, r: Recipe) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def train_unet(run: Path, r: Recipe, max_minutes: float | None = None) -> None:
+def train_unet(run: Path, r: Recipe, max_minutes: float | None = None, device: str = "cpu") -> None:
     from diffusers import AutoencoderKL
 
-    latents = torch.from_numpy(np.load(run / "latents.npy"))
-    text = np.load(run / "text.npy", mmap_mode="r")
-    empty = torch.from_numpy(np.load(run / "empty_text.npy")).float()
+    dev = torch.device(device)
+    latents = torch.from_numpy(np.load(run / "latents.npy")).to(dev)
+    if dev.type == "cuda":  # 1.8 GB of fp16 text states: gather rows on the GPU, not from disk
+        text = torch.from_numpy(np.load(run / "text.npy")).to(dev)
+    else:
+        text = np.load(run / "text.npy", mmap_mode="r")
+    empty = torch.from_numpy(np.load(run / "empty_text.npy")).float().to(dev)
     vae = AutoencoderKL.from_pretrained(run / "vae").eval()
     scheduler = embedded.build_train_scheduler()
 
     unet = embedded.build_unet()
     ema = copy.deepcopy(unet).requires_grad_(False)
-    opt = torch.optim.AdamW(unet.parameters(), lr=r.unet_lr, weight_decay=r.weight_decay)
-    g = torch.Generator().manual_seed(r.seed + 1)
+    g = torch.Generator().manual_seed(r.seed + 1)  # on the CPU: same batches and noise on any device
     step = 0
     rewarm_from = None
     state_path = run / "unet-state.pt"
     pack = run / "resume-pack.safetensors"
+    state = None
     if not state_path.exists() and pack.exists():
         # weights only (fp16, see `write_resume_pack`): fresh optimizer, short re-warm-up
         from safetensors.torch import load_file
@@ -232,26 +255,39 @@ def train_unet(run: Path, r: Recipe, max_minutes: float | None = None) -> None:
         g.manual_seed(r.seed + 1 + step)  # fresh batches and noise, not a replay of the first run's
         _log(run, stage="unet", resumed_from_pack_at=step)
     if state_path.exists():
-        state = torch.load(state_path, weights_only=False)
+        state = torch.load(state_path, weights_only=False, map_location="cpu")
         unet.load_state_dict(state["unet"])
         ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
         g.set_state(state["generator"])
         step = state["step"]
+        rewarm_from = state.get("rewarm_from")  # a seeded run killed during its re-warm-up goes on with it
+    unet.to(dev)
+    ema.to(dev)
+    opt = torch.optim.AdamW(unet.parameters(), lr=r.unet_lr, weight_decay=r.weight_decay)
+    if state is not None:
+        opt.load_state_dict(state["opt"])  # after .to(dev): the moments follow the parameters
         _log(run, stage="unet", resumed_at=step)
+        del state
 
     def save_state() -> None:
         with atomic_path(state_path) as tmp:
             torch.save(
                 {"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                 "generator": g.get_state(), "step": step, "recipe": asdict(r)},
+                 "generator": g.get_state(), "step": step, "rewarm_from": rewarm_from, "recipe": asdict(r)},
                 tmp,
             )
 
+    def text_rows(idx: torch.Tensor) -> torch.Tensor:
+        if isinstance(text, torch.Tensor):
+            return text[idx.to(dev)].float()
+        rows = torch.from_numpy(np.ascontiguousarray(text[np.sort(idx.numpy())])).float()
+        return rows[torch.argsort(torch.argsort(idx))]  # back to idx order (mmap reads want sorted rows)
+
     t_start = t_session = time.time()
     last_ckpt = time.time()
-    losses = []
+    losses: list[torch.Tensor] = []
     unet.train()
+    ema_params, unet_params = list(ema.parameters()), list(unet.parameters())
     while step < r.unet_steps:
         lr = _lr(step, r, r.unet_steps, r.unet_lr)
         if rewarm_from is not None and step - rewarm_from < r.warmup:
@@ -259,31 +295,29 @@ def train_unet(run: Path, r: Recipe, max_minutes: float | None = None) -> None:
         for group in opt.param_groups:
             group["lr"] = lr
         idx = torch.randint(0, len(latents), (r.unet_batch,), generator=g)
-        x0 = latents[idx]
-        cond = torch.from_numpy(np.ascontiguousarray(text[np.sort(idx.numpy())])).float()
-        cond = cond[torch.argsort(torch.argsort(idx))]  # back to idx order (mmap reads want sorted rows)
+        x0 = latents[idx.to(dev)]
+        cond = text_rows(idx)
         drop = torch.rand(r.unet_batch, generator=g) < r.caption_dropout
-        cond[drop] = empty
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (r.unet_batch,), generator=g)
+        cond[drop.to(dev)] = empty
+        noise = torch.randn(x0.shape, generator=g).to(dev)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (r.unet_batch,), generator=g).to(dev)
         noisy = scheduler.add_noise(x0, noise, t)
         target = scheduler.get_velocity(x0, noise, t)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=r.unet_bf16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=r.unet_bf16):
             pred = unet(noisy, t, cond).sample.float()
         per_sample = (pred - target).pow(2).mean(dim=(1, 2, 3))
         loss = (per_sample * _min_snr_weights(scheduler, t, r.min_snr_gamma)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(unet_params, 1.0)
         opt.step()
         decay = min(r.ema_decay, (1 + step) / (10 + step))  # short warm-up so early exports are usable
         with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - decay)
+            torch._foreach_lerp_(ema_params, unet_params, 1 - decay)
         step += 1
-        losses.append(loss.item())
+        losses.append(loss.detach())  # no .item() per step: on a GPU that would wait for every step
         if step % 50 == 0:
-            _log(run, stage="unet", step=step, loss=round(float(np.mean(losses)), 5),
+            _log(run, stage="unet", step=step, loss=round(torch.stack(losses).mean().item(), 5),
                  lr=round(opt.param_groups[0]["lr"], 7), s_per_step=round((time.time() - t_start) / len(losses), 3))
             losses, t_start = [], time.time()
         if step % r.export_every == 0 or step == r.unet_steps:
@@ -299,7 +333,11 @@ def train_unet(run: Path, r: Recipe, max_minutes: float | None = None) -> None:
             break
 
 
-def train(run: str | Path, max_minutes: float | None = None, recipe: Recipe = RECIPE) -> Path:
+def train(run: str | Path, max_minutes: float | None = None, recipe: Recipe = RECIPE, device: str = "cpu",
+          workers: int = 1) -> Path:
+    """Run (or resume) every stage in ``run``. ``device`` runs the VAE encoding, text encoding and
+    UNet stage there (e.g. "cuda"; the VAE stage stays on the CPU); ``workers`` processes render
+    the world images."""
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
     recipe_path = run / "recipe.json"
@@ -309,10 +347,10 @@ def train(run: str | Path, max_minutes: float | None = None, recipe: Recipe = RE
         raise DatasetdmError(f"{recipe_path}: this run was started with another recipe; use a new --run folder")
     write_json_atomic(recipe_path, asdict(recipe))
     torch.manual_seed(recipe.seed)
-    render_data(run, recipe)
+    render_data(run, recipe, workers)
     train_vae(run, recipe)
-    cache_inputs(run, recipe)
-    train_unet(run, recipe, max_minutes)
+    cache_inputs(run, recipe, device)
+    train_unet(run, recipe, max_minutes, device)
     return run / "export"
 
 
@@ -345,7 +383,8 @@ def write_resume_pack(run: str | Path, out: str | Path) -> Path:
     return out
 
 
-def seed_run_from_export(export: str | Path, run: str | Path, unet_steps: int | None = None) -> Path:
+def seed_run_from_export(export: str | Path, run: str | Path, unet_steps: int | None = None,
+                         unet_batch: int | None = None) -> Path:
     """Start ``run`` from an exported backbone (e.g. the committed one) to train it further.
 
     The export's ``training.json`` gives the recipe and step; its UNet weights (EMA, fp16) seed
@@ -377,6 +416,8 @@ def seed_run_from_export(export: str | Path, run: str | Path, unet_steps: int | 
             raise DatasetdmError(f"{info_path}: exported at step {info['step']}; --unet-steps {unet_steps} "
                                  "would not train it further")
         info["recipe"]["unet_steps"] = unet_steps
+    if unet_batch is not None:  # e.g. a GPU takes a larger batch for the same step time
+        info["recipe"]["unet_batch"] = unet_batch
     run.mkdir(parents=True, exist_ok=True)
     weights = load_file(export / "unet" / "diffusion_pytorch_model.safetensors")
     _save_pack(run / "resume-pack.safetensors", weights, weights, int(info["step"]))

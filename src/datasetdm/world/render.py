@@ -169,6 +169,12 @@ def render_scene(split: str, seed: int, index: int) -> LabelledSample:
 # ---------------------------------------------------------------------------- scene layout
 
 
+def render_images_and_captions(split: str, seed: int, start: int, stop: int) -> tuple[np.ndarray, list[str]]:
+    """Images (N, H, W, 3) uint8 and captions of scenes ``start..stop-1``: what the backbone trains on."""
+    scenes = [render_scene(split, seed, i) for i in range(start, stop)]
+    return np.stack([s.image for s in scenes]), [s.caption for s in scenes]
+
+
 def _sample_objects(rng: np.random.Generator, horizon: float, setting: str) -> list[_Object]:
     n = int(rng.choice([1, 2, 3, 4, 5, 6], p=[0.2, 0.25, 0.22, 0.15, 0.1, 0.08]))
     ground_colour = SETTINGS[setting]["ground"]

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Continue the embedded backbone on a lent GPU machine (the workplace's `device` tool) in one call.
+#
+# Here, first:   .venv/bin/python scripts/device/pack.py           (writes .devpack/, ~28 MiB)
+# Device call:   carry [".devpack"], timeout_s 590, command:  BUDGET_S=400 CALL_S=570 bash scripts/device/train_backbone_gpu.sh
+# Back here:     cat <files_at>/export.tar.part-* | tar xf - -C runs/gpu   -> runs/gpu/export
+#
+# The UNet stage gets BUDGET_S seconds: the step time is measured first and --unet-steps is set
+# from it, so the cosine schedule ends inside the call. Everything else is `datasetdm backbone
+# train` itself (--device cuda): world rendering on every core, encoders and UNet on the GPU.
+set -euo pipefail
+: "${OUT:?OUT must name the folder whose files come back}"
+BUDGET_S=${BUDGET_S:-400}
+CALL_S=${CALL_S:-570}   # the call's own limit (the tool's timeout_s) less a little: outputs must be copied by then
+BATCH=${BATCH:-256}
+FROM=${FROM:-src/datasetdm/assets/embedded}
+RUN=${RUN:-/tmp/run}
+start=$(date +%s)
+exec > >(tee "$OUT/device.log") 2>&1
+
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .devpack/wheels/*.whl
+python3 scripts/device/unpack_minilm.py .devpack/minilm /tmp/site
+export PYTHONPATH="/tmp/site:$PWD/src" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
+
+step_s=$(python3 scripts/device/time_step.py --batch "$BATCH")
+from_step=$(python3 -c "import json; print(json.load(open('$FROM/training.json'))['step'])")
+steps=$(python3 -c "print($from_step + int($BUDGET_S / ($step_s * 1.1)) // 500 * 500)")
+echo "unet step ${step_s}s at batch $BATCH -> train from $from_step to $steps ($(( $(date +%s) - start ))s so far)"
+
+# timeout: a slower stage must not eat the call; the last export (every 1000 steps) still comes back
+timeout $((CALL_S - ($(date +%s) - start) - 20)) python3 -m datasetdm.cli backbone train --run "$RUN" --from-export "$FROM" \
+  --unet-steps "$steps" --unet-batch "$BATCH" --device cuda --threads "$(nproc)" || echo "train exited with $?"
+
+cp "$RUN/train.log" "$OUT/train.log"
+tar cf - -C "$RUN" export | split -b 15m - "$OUT/export.tar.part-"
+echo "done in $(( $(date +%s) - start ))s"
