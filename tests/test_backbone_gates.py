@@ -236,6 +236,11 @@ def test_packaged_reference_is_loaded_when_not_cached(tmp_path):
     gates.reference_segmenter(other, tmp_path / "empty", log=logs.append, packaged_dir=tmp_path / "assets")
     assert not any("loaded" in m for m in logs) and any("trained" in m for m in logs)
     assert (tmp_path / "empty" / f"segmenter-{other.key()}.pt").exists()
+    # retrain: trained again although both a cached and a packaged copy exist
+    logs = []
+    gates.reference_segmenter(config, tmp_path / "cache", log=logs.append, packaged_dir=tmp_path / "assets",
+                              retrain=True)
+    assert not any("loaded" in m for m in logs) and any("trained" in m for m in logs)
 
 
 def test_reference_command_scores_and_packages(tmp_path, monkeypatch):
