@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Continue the embedded backbone on a lent GPU machine (the workplace's `device` tool) in one call.
 #
-# Here, first:   .venv/bin/python scripts/device/pack.py           (writes .devpack/, ~28 MiB)
-# Device call:   carry [".devpack"], timeout_s 590, command:  BUDGET_S=400 CALL_S=570 bash scripts/device/train_backbone_gpu.sh
+# Here, first:   .venv/bin/python scripts/device/pack.py --parts   (.devpack/1/, .devpack/2/, ...: ~28 MiB)
+# Device calls:  carry [".devpack/1"], command `true`; at once (the machine stays warm ~30 s) carry
+#                [".devpack/2"] ... and in the last one, timeout_s 590, command:
+#                BUDGET_S=400 CALL_S=570 bash scripts/device/train_backbone_gpu.sh
+#                (session 6 ran it in one call with an unsplit .devpack/, when the tree was 36 MiB)
 # Back here:     cat <files_at>/export.tar.part-* | tar xf - -C runs/gpu   -> runs/gpu/export
 #
 # The UNet stage gets BUDGET_S seconds: the step time is measured first and --unet-steps is set
@@ -18,6 +21,9 @@ RUN=${RUN:-/tmp/run}
 start=$(date +%s)
 exec > >(tee "$OUT/device.log") 2>&1
 
+if [ ! -d .devpack/minilm ]; then  # carried in parts, one call each
+  cat .devpack/*/devpack.tar.part-* | tar xf - -C .devpack
+fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .devpack/wheels/*.whl
 python3 scripts/device/unpack_minilm.py .devpack/minilm /tmp/site
 export PYTHONPATH="/tmp/site:$PWD/src" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
