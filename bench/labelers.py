@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("--reference-cache", default="runs/reference")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--save", default=None, help="Also save images and both label sets to this .npz.")
+    ap.add_argument("--png", default=None, help="Also draw the first 8 images with the reference's and both "
+                    "labelers' maps (VOC palette, 255 = white) to this PNG, e.g. docs/labelers.png.")
     args = ap.parse_args()
 
     import numpy as np
@@ -128,7 +130,30 @@ def main() -> None:
     result["decoder_vs_attention_miou"] = round(gates.miou(labels["attention"], both, num_classes), 4)
     if args.save:
         np.savez_compressed(args.save, images=images, reference=ref, **labels)
+    if args.png:
+        draw_rows(args.png, images[:8], {"reference": ref[:8], **{k: v[:8] for k, v in labels.items()}})
     print(json.dumps(result), flush=True)
+
+
+def draw_rows(path: str, images, maps: dict, scale: int = 3) -> None:
+    """One row per kind (generated images, then each label map), one column per image."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from datasetdm.formats.png import voc_palette
+
+    palette = np.array(voc_palette(), np.uint8).reshape(256, 3).copy()
+    palette[255] = 255
+    rows = [("generated", images)] + [(name, palette[m]) for name, m in maps.items()]
+    h, w = images.shape[1] * scale, images.shape[2] * scale
+    label_w = 90
+    sheet = Image.new("RGB", (label_w + w * len(images), h * len(rows)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (name, tiles) in enumerate(rows):
+        draw.text((4, r * h + h // 2 - 6), name, fill="black")
+        for c, tile in enumerate(tiles):
+            sheet.paste(Image.fromarray(tile).resize((w, h), Image.NEAREST), (label_w + c * w, r * h))
+    sheet.save(path)
 
 
 if __name__ == "__main__":
