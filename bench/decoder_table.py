@@ -12,6 +12,7 @@ OUT/features and shared by every task.
 
     python bench/decoder_table.py --out runs/decoder-table           # ~65 min on 2 cores
     python bench/decoder_table.py --out /tmp/t --tiny                # plumbing, tiny random model
+    python3 bench/decoder_table.py --out /tmp/t --device cuda        # on a lent GPU machine
 
 The last printed line is JSON: every run's headline figures and whether each target holds.
 """
@@ -38,7 +39,7 @@ SIZES = (20, 50, 100, 400)
 
 
 def run_one(name: str, out: Path, train_dir: Path, test_dir: Path, task: str, features: str, n_images: int,
-            backbone: str | None, iterations: int, held_out: list[str]) -> dict:
+            backbone: str | None, iterations: int, held_out: list[str], device: str = "cpu") -> dict:
     from datasetdm.evaluation.evaluate import evaluate_decoder
     from datasetdm.io import write_json_atomic
     from datasetdm.training import TrainOptions, train_decoder
@@ -50,9 +51,10 @@ def run_one(name: str, out: Path, train_dir: Path, test_dir: Path, task: str, fe
     if not (ckpt / "config.json").exists():
         opts = TrainOptions(task=task, n_images=n_images, features=features, iterations=iterations,
                             held_out=held_out if task == "open-vocab" else [],
-                            cache_dir=str(out / "features") if features == "hypercolumns" else None)
+                            cache_dir=str(out / "features") if features == "hypercolumns" else None,
+                            device=device)
         train_decoder(train_dir, ckpt, opts, backbone_source=backbone, show_progress=False)
-    figures = evaluate_decoder(ckpt, test_dir, backbone_source=backbone)
+    figures = evaluate_decoder(ckpt, test_dir, backbone_source=backbone, device=device)
     keep = {k: v for k, v in figures.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     keep["n_test"] = keep.pop("n_images", None)
     result = {**keep, "task": task, "features": features, "n_images": n_images}
@@ -71,6 +73,7 @@ def main() -> None:
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)), help="Semantic: labelled-image counts.")
     ap.add_argument("--tiny", action="store_true", help="Tiny random backbone, 8 test images, 20 iterations.")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="Backbone and decoders there, e.g. cuda (minutes on a GPU).")
     args = ap.parse_args()
 
     import torch
@@ -104,13 +107,14 @@ def main() -> None:
         for features in ("hypercolumns", "raw-pixels"):
             name = f"{task}-{features}-{n_main}"
             print(f"{name} ...", flush=True)
-            results[name] = run_one(name, out, train_dir, test_dir, task, features, n_main, backbone, iterations, held_out)
+            results[name] = run_one(name, out, train_dir, test_dir, task, features, n_main, backbone, iterations, held_out,
+                                    args.device)
     if "semantic" in tasks:
         for n in sizes:
             name = f"semantic-hypercolumns-{n}"
             print(f"{name} ...", flush=True)
             results[name] = run_one(name, out, train_dir, test_dir, "semantic", "hypercolumns", n, backbone,
-                                    iterations, held_out)
+                                    iterations, held_out, args.device)
 
     shown = {m for t in TARGETS.values() for m, _, _ in t} | {"rmse", "delta1", "keypoint_ap50"}
     print(f"\n{'run':<32}{'figures'}")

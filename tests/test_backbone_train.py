@@ -141,3 +141,23 @@ def test_train_command_refuses_a_missing_gpu(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["backbone", "train", "--run", str(tmp_path / "run"), "--device", "cuda"])
     assert isinstance(result.exception, DatasetdmError)  # `main` prints it and exits 2
     assert "--device cuda" in str(result.exception) and not (tmp_path / "run").exists()
+
+
+def test_train_command_seeds_with_a_larger_batch_and_resumes_from_the_runs_recipe(tiny_models, tmp_path):
+    from typer.testing import CliRunner
+
+    from datasetdm.cli import app
+
+    out = train_mod.train(tmp_path / "run", recipe=TINY_RECIPE)
+    seeded = tmp_path / "seeded"
+    args = ["backbone", "train", "--run", str(seeded), "--threads", "1"]
+    res = CliRunner().invoke(app, args + ["--from-export", str(out), "--unet-steps", "7", "--unet-batch", "3",
+                                          "--max-minutes", "0"])
+    assert res.exit_code == 0, res.output
+    recipe = json.loads((seeded / "recipe.json").read_text())
+    assert (recipe["unet_batch"], recipe["unet_steps"], recipe["n_images"]) == (3, 7, TINY_RECIPE.n_images)
+    assert torch.load(seeded / "unet-state.pt", weights_only=False)["step"] == 6
+    # no options: the run's own recipe.json (not the shipped RECIPE) says how to go on
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert [x["exported_step"] for x in _log_lines(seeded) if "exported_step" in x][-1] == 7
