@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Continue the embedded backbone on a lent GPU machine (the workplace's `device` tool) in one call.
+# Continue the embedded backbone on a lent GPU machine (the workplace's `device` tool).
 #
 # Here, first:   .venv/bin/python scripts/device/pack.py --parts   (.devpack/1/, .devpack/2/, ...: ~28 MiB)
 # Device calls:  carry [".devpack/1"], command `true`; at once (the machine stays warm ~30 s) carry

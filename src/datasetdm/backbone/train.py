@@ -17,7 +17,6 @@ killed run resumes where it stopped (``datasetdm backbone train --run runs/backb
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
@@ -83,29 +82,19 @@ def render_data(run: Path, r: Recipe, workers: int = 1) -> None:
     path = run / "data.npz"
     if path.exists():
         return
-    from datasetdm.world.render import render_images_and_captions
+    from functools import partial
+
+    from datasetdm.world.render import map_scene_chunks, render_images_and_captions
 
     images = np.zeros((r.n_images, embedded.IMAGE_SIZE, embedded.IMAGE_SIZE, 3), np.uint8)
     captions: list[str] = []
-    starts = list(range(0, r.n_images, 500))
-    stops = [min(start + 500, r.n_images) for start in starts]
-    args = (["train"] * len(starts), [r.world_seed] * len(starts), starts, stops)
     t0 = time.time()
-    with contextlib.ExitStack() as stack:
-        if workers > 1:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            # spawn: forking a process that has started torch's thread pools can hang
-            pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")))
-            results = pool.map(render_images_and_captions, *args)
-        else:
-            results = map(render_images_and_captions, *args)
-        for start, stop, (chunk_images, chunk_captions) in zip(starts, stops, results):
-            images[start:stop] = chunk_images
-            captions.extend(chunk_captions)
-            if stop % 5000 == 0 or stop == r.n_images:
-                _log(run, stage="data", rendered=stop, seconds=round(time.time() - t0, 1))
+    chunks = map_scene_chunks(partial(render_images_and_captions, "train", r.world_seed), r.n_images, workers)
+    for start, stop, (chunk_images, chunk_captions) in chunks:
+        images[start:stop] = chunk_images
+        captions.extend(chunk_captions)
+        if stop % 5000 == 0 or stop == r.n_images:
+            _log(run, stage="data", rendered=stop, seconds=round(time.time() - t0, 1))
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, images=images, captions=np.array(captions))

@@ -169,6 +169,26 @@ def render_scene(split: str, seed: int, index: int) -> LabelledSample:
 # ---------------------------------------------------------------------------- scene layout
 
 
+def map_scene_chunks(fn, n: int, workers: int = 1, chunk: int = 500):
+    """Yield ``(start, stop, fn(start, stop))`` over scenes 0..n-1 in chunks, in order.
+
+    ``fn`` must be picklable (a module-level function or a ``functools.partial`` of one): with
+    ``workers`` > 1 the chunks run in that many spawned processes. Scene i depends only on
+    (split, seed, i), so the results are the same for any number of workers.
+    """
+    starts = list(range(0, n, chunk))
+    stops = [min(start + chunk, n) for start in starts]
+    if workers <= 1:
+        yield from ((a, b, fn(a, b)) for a, b in zip(starts, stops))
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn: forking a process that has started torch's thread pools can hang
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield from zip(starts, stops, pool.map(fn, starts, stops))
+
+
 def render_images_and_captions(split: str, seed: int, start: int, stop: int) -> tuple[np.ndarray, list[str]]:
     """Images (N, H, W, 3) uint8 and captions of scenes ``start..stop-1``: what the backbone trains on."""
     scenes = [render_scene(split, seed, i) for i in range(start, stop)]
