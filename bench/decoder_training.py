@@ -63,7 +63,7 @@ class Validator:
         parts = []
         for b in range(0, len(self.views), batch):
             chunk = self.views[b : b + batch]
-            prompts = [prompt_for(v, cfg.categories) for v in chunk]
+            prompts = [prompt_for(v, cfg.categories, mode=cfg.prompt) for v in chunk]
             seeds = [sample_seed(0, b + j, "val-noise") for j in range(len(chunk))]
             parts.append(prep.source.extract([v.image for v in chunk], prompts, seeds))
         self.inp = DecoderInput.stack(parts)
@@ -154,7 +154,7 @@ def bench(args, tmp: Path) -> dict:
     prep = prepare(data, opts, backbone)  # loads the backbone and builds the cache (untimed: warm-up)
     cfg, source, views = prep.decoder.cfg, prep.source, prep.views
     t = time.perf_counter()
-    cached_inputs(views, source, cfg.categories, set(), opts, None)  # the cache again, timed, backbone warm
+    cached_inputs(views, source, cfg.categories, set(), opts, None, prompt_mode=cfg.prompt)  # again, timed, backbone warm
     cache_seconds = time.perf_counter() - t
     validator = Validator(val, prep, args.n_val)
     print(f"cache: {len(views)} views in {cache_seconds:.1f}s", flush=True)

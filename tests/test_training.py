@@ -253,3 +253,37 @@ def test_recorded_backbone_reloads(tiny_clip, tiny_clip_path, monkeypatch):
     relative = copy.copy(tiny_clip)
     relative.source = tiny_clip_path.name  # as typed on the command line
     assert FeatureSource("hypercolumns", [], relative).description["source"] == str(tiny_clip_path.resolve())
+
+
+def test_prompt_modes(world, tiny_clip_path, tmp_path):
+    """auto reads each image's caption when all have one; template names the classes present;
+    held-out classes (open-vocab) force the template; --prompt caption without captions is refused."""
+    from datasetdm.errors import DatasetdmError
+    from datasetdm.training import TrainOptions, prepare, resolve_prompt_mode
+
+    train = world[0]
+    folder = read_labelled_folder(train)
+    opts = dict(iterations=1, views=1, batch_size=2, dim=16, num_queries=4, n_images=3)
+    auto = prepare(train, TrainOptions(task="semantic", **opts), str(tiny_clip_path))
+    assert auto.decoder.cfg.prompt == "caption"
+    assert auto.prompts == [folder[i].caption for i in range(3)] and all(auto.prompts)
+    tmpl = prepare(train, TrainOptions(task="semantic", prompt="template", **opts), str(tiny_clip_path))
+    assert tmpl.decoder.cfg.prompt == "template"
+    assert all(p.startswith("a photo of a ") for p in tmpl.prompts) and tmpl.prompts != auto.prompts
+    # different prompts → different cross-attention maps, hence a different cache
+    assert not torch.equal(auto.trainer.inp.class_attention[0], tmpl.trainer.inp.class_attention[0])
+    ov = prepare(train, TrainOptions(task="open-vocab", held_out=["ball"], **opts), str(tiny_clip_path))
+    assert ov.decoder.cfg.prompt == "template" and not any("ball" in p for p in ov.prompts)
+
+    bare = tmp_path / "bare"
+    with LabelledFolderWriter(bare, list(CATEGORIES)) as w:
+        for i in range(3):
+            s = render_scene("train", 0, i)
+            s.caption = None
+            w.add(s)
+    samples = [read_labelled_folder(bare)[i] for i in range(3)]
+    assert resolve_prompt_mode("auto", samples, set(), bare) == "template"
+    with pytest.raises(DatasetdmError, match=r"bare.*--prompt caption.*no caption"):
+        resolve_prompt_mode("caption", samples, set(), bare)
+    with pytest.raises(DatasetdmError, match="--prompt must be one of"):
+        resolve_prompt_mode("captions", samples, set(), bare)

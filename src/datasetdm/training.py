@@ -6,9 +6,12 @@ hypercolumns are computed ONCE (paper §3.3: VAE encode, noise to t = 1, one UNe
 in memory, and on disk under ``{out}.work/`` so a resumed run skips the UNet too. Training then
 samples batches from the cache only.
 
-Prompts (paper §3.3): "a photo of a {cls}, {cls}…" with the classes present in the view, the same
-template generation uses (where the prompt names the classes it asks for). The decoder reads
-per-class attention maps (see ``decoder/inputs.py``).
+Prompts: each image's own caption when every training image has one (``prompt="auto"``), else the
+paper's template (§3.3) "a photo of a {cls}, {cls}…" naming the classes present in the view. The
+caption is what a generated image's prompt looks like (generation prompts describe scenes, with
+attributes and counts), so the decoder meets at generation time the kind of text it was trained
+with; on the embedded world it also scores higher on held-out scenes (bench/decoder_ablation.py).
+The decoder reads per-class attention maps (see ``decoder/inputs.py``).
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ EMBEDDED = "embedded"  # the loader's printable source of the embedded backbone
 class TrainOptions:
     task: str = "semantic"
     n_images: int = 100
-    views: int = 4  # per image: the original + (views − 1) augmented
+    views: int = 16  # per image: the original + (views − 1) augmented (views are cheap: one UNet pass each)
     scale: tuple[float, float] = (1.0, 1.5)  # zoom range of augmented views (then crop back)
     iterations: int = 1500
     batch_size: int = 8
@@ -71,6 +74,7 @@ class TrainOptions:
     # hypercolumn pass (the cache key does not depend on the task). None: {out}.work/, removed after.
     cache_dir: str | None = None
     device: str = "cpu"  # backbone and decoder; the feature cache stays in CPU memory
+    prompt: str = "auto"  # "caption", "template", or "auto": captions when every image has one
 
 
 # ------------------------------------------------------------------------------------- samples
@@ -104,7 +108,32 @@ def present_category_ids(sample: LabelledSample) -> list[int]:
     return sorted(ids)
 
 
-def prompt_for(sample: LabelledSample, categories: list[dict], exclude: set[str] = frozenset()) -> str:
+PROMPT_MODES = ("auto", "caption", "template")
+
+
+def resolve_prompt_mode(mode: str, samples, held_out, data_dir) -> str:
+    """``auto`` → ``caption`` when every sample has a caption and no class is held out (a caption
+    would name the held-out classes to the backbone), else ``template``."""
+    if mode not in PROMPT_MODES:
+        raise DatasetdmError(f"--prompt must be one of {', '.join(PROMPT_MODES)}, not {mode!r}")
+    missing = [s.id for s in samples if not s.caption]
+    if mode == "caption":
+        if missing:
+            raise DatasetdmError(f"{data_dir}: --prompt caption, but images {missing[:5]} have no caption in annotations.json")
+        if held_out:
+            raise DatasetdmError("--prompt caption cannot keep classes out of training: captions name them; use template")
+        return "caption"
+    if mode == "auto" and not missing and not held_out:
+        return "caption"
+    return "template"
+
+
+def prompt_for(sample: LabelledSample, categories: list[dict], exclude: set[str] = frozenset(),
+               mode: str = "template") -> str:
+    """The prompt the backbone reads with ``sample``: its caption (``mode="caption"``; the template
+    when it has none), or the template naming the classes present, less ``exclude``."""
+    if mode == "caption" and sample.caption:
+        return sample.caption
     present = set(present_category_ids(sample))
     return class_prompt([c["name"] for c in categories if c["id"] in present and c["name"] not in exclude])
 
@@ -277,7 +306,8 @@ def view_noise_seeds(opts: TrainOptions, n: int) -> list[int]:
     return [sample_seed(opts.seed, i, "noise") for i in range(n)]
 
 
-def cached_inputs(views, source: FeatureSource, categories, exclude, opts, cache_file: Path | None, progress=None):
+def cached_inputs(views, source: FeatureSource, categories, exclude, opts, cache_file: Path | None, progress=None,
+                  prompt_mode: str = "template"):
     """DecoderInput for every view, computed once (batched) or read back from ``cache_file``."""
     if cache_file is not None and cache_file.exists():
         try:
@@ -291,7 +321,7 @@ def cached_inputs(views, source: FeatureSource, categories, exclude, opts, cache
     task = progress.add_task("hypercolumns", total=len(views)) if progress else None
     for b in range(0, len(views), opts.extract_batch):
         chunk = views[b : b + opts.extract_batch]
-        prompts = [prompt_for(v, categories, exclude) for v in chunk]
+        prompts = [prompt_for(v, categories, exclude, prompt_mode) for v in chunk]
         seeds = view_noise_seeds(opts, len(views))[b : b + len(chunk)]
         parts.append(source.extract([v.image for v in chunk], prompts, seeds))
         if progress:
@@ -315,7 +345,8 @@ def _lr_at(step: int, opts: TrainOptions) -> float:
     return opts.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
 
 
-def make_decoder_config(opts: TrainOptions, categories, inp: DecoderInput, source: FeatureSource, text_dim=0) -> DecoderConfig:
+def make_decoder_config(opts: TrainOptions, categories, inp: DecoderInput, source: FeatureSource, text_dim=0,
+                        prompt_mode: str = "template") -> DecoderConfig:
     return DecoderConfig(
         task=opts.task,
         categories=categories,
@@ -331,6 +362,7 @@ def make_decoder_config(opts: TrainOptions, categories, inp: DecoderInput, sourc
         text_dim=text_dim,
         held_out=list(opts.held_out),
         backbone=source.description,
+        prompt=prompt_mode,
     )
 
 
@@ -421,22 +453,24 @@ def prepare(data_dir, opts: TrainOptions, backbone_source=None, work_dir: Path |
     size = source.train_size({s.size for s in samples})
     views = build_views(samples, opts, size)
     exclude = set(opts.held_out)
+    prompt_mode = resolve_prompt_mode(opts.prompt, samples, exclude, data_dir)
     # the pixels themselves are in the key: an image edited between an interrupted run and its
     # resume gets new features
     pixels = [hashlib.sha256(np.ascontiguousarray(s.image).tobytes()).hexdigest()[:16] for s in samples]
     key = _cache_key({"fp": source.fingerprint, "ids": [s.id for s in samples], "pixels": pixels, "views": opts.views,
                       "scale": opts.scale, "seed": opts.seed, "exclude": sorted(exclude), "size": size,
+                      "prompt": prompt_mode,
                       "cats": categories, "data": str(Path(data_dir).resolve())})
     cache_root = Path(opts.cache_dir) if opts.cache_dir else work_dir
     cache_file = None if cache_root is None else cache_root / f"cache-{key}.safetensors"
-    inp = cached_inputs(views, source, categories, exclude, opts, cache_file, progress)
+    inp = cached_inputs(views, source, categories, exclude, opts, cache_file, progress, prompt_mode)
 
     kw, emb = {}, None
     if opts.task == "open-vocab":
         emb = source.text_embeddings(names)
         seen = [i for i, c in enumerate(categories) if c["name"] not in exclude]
         kw = {"text_embeddings": emb[seen], "class_index": seen}
-    cfg = make_decoder_config(opts, categories, inp, source, 0 if emb is None else emb.shape[1])
+    cfg = make_decoder_config(opts, categories, inp, source, 0 if emb is None else emb.shape[1], prompt_mode)
     torch.manual_seed(opts.seed)
     decoder = build_decoder(cfg)
     if opts.task == "open-vocab":
@@ -448,7 +482,7 @@ def prepare(data_dir, opts: TrainOptions, backbone_source=None, work_dir: Path |
     trainer = Trainer(decoder, inp, targets, opts, kw)
     info = {"data": str(data_dir), "n_images": n, "views": opts.views, "train_options": asdict(opts),
             "cache_key": key}
-    prompts = [prompt_for(v, categories, exclude) for v in views]
+    prompts = [prompt_for(v, categories, exclude, prompt_mode) for v in views]
     return Prepared(decoder, trainer, info, source, views, prompts, view_noise_seeds(opts, len(views)))
 
 

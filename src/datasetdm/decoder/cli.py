@@ -27,7 +27,9 @@ def train(
     features: str = typer.Option("hypercolumns", "--features", help="hypercolumns | raw-pixels (paper's baseline)"),
     iterations: int = typer.Option(1500, "--iterations"),
     batch_size: int = typer.Option(8, "--batch-size"),
-    views: int = typer.Option(4, "--views", help="cached views per image: original + augmented"),
+    views: int = typer.Option(16, "--views", help="cached views per image: original + augmented"),
+    prompt: str = typer.Option("auto", "--prompt", help="auto | caption | template: what the backbone reads with "
+                               "each image (auto: captions when every image has one)"),
     lr: float = typer.Option(1e-3, "--lr"),
     attention: bool = typer.Option(True, "--attention/--no-attention", help="fuse cross-attention maps"),
     use_image: bool = typer.Option(True, "--image/--no-image", help="image path in the pixel decoder"),
@@ -45,7 +47,7 @@ def train(
     held = [h.strip() for h in held_out_classes.split(",") if h.strip()] if held_out_classes else []
     opts = TrainOptions(task=task, n_images=n_images, views=views, iterations=iterations, batch_size=batch_size,
                         lr=lr, seed=seed, features=features, attention=attention, use_image=use_image,
-                        held_out=held, keep_cache=keep_cache, device=device)
+                        held_out=held, keep_cache=keep_cache, device=device, prompt=prompt)
     summary = train_decoder(data, out, opts, backbone_source=backbone, show_progress=progress)
     typer.echo(json.dumps({"checkpoint": str(out), **summary}))
 

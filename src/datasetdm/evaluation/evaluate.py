@@ -1,8 +1,8 @@
 """Evaluate a trained decoder on a labelled folder (held-out real images).
 
 Inputs are made exactly as in training (``datasetdm.training``): the same features (backbone
-hypercolumns at t = 1, or raw pixels), the same prompt template naming the classes of the image —
-as a generation prompt names the classes it asks for — and no augmentation. Predictions are scored
+hypercolumns at t = 1, or raw pixels), the same kind of prompt (the image's caption, or the template
+naming the classes of the image, as the decoder's config records) and no augmentation. Predictions are scored
 against the labels at the images' own size.
 """
 
@@ -148,7 +148,7 @@ def evaluate_decoder(ckpt, data_dir, out=None, backbone_source=None, n_images: i
         for b in range(0, n, batch_size):
             samples = [folder[i] for i in range(b, min(n, b + batch_size))]
             views = [augment(s, None, size) for s in samples]  # the decoder's size (a no-op when equal)
-            prompts = [prompt_for(v, categories) for v in views]
+            prompts = [prompt_for(v, categories, mode=cfg.prompt) for v in views]
             seeds = [sample_seed(seed, b + j, "noise") for j in range(len(views))]
             inp = source.extract([v.image for v in views], prompts, seeds, timestep=cfg.timestep)
             for s, p in zip(samples, decoder.predict(inp, **kw)):

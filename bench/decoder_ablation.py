@@ -1,0 +1,215 @@
+"""Why the semantic P-Decoder scores below a 1×1 probe on the same hypercolumns: an ablation.
+
+The same 100 world train-split scenes (views cached once), the same 500 test-split scenes, the
+same training loop (``training.Trainer``); one change at a time:
+
+- ``base``: the decoder as ``datasetdm train`` builds it;
+- ``std``: every feature channel standardised with training-set statistics (the probe does this;
+  the decoder otherwise only GroupNorms after its 1×1 fusion conv);
+- ``caption``: prompts are the scenes' captions instead of the class template;
+- ``noatt``: no cross-attention maps fused;
+- ``pixel``: a per-pixel classifier (1×1 conv on the pixel embeddings, cross-entropy) instead of
+  mask classification;
+- ``noimg``: no image path in the pixel decoder (features only);
+- ``v8``, ``v16``: 8 or 16 views per image (original + augmented) instead of 4;
+- ``wd``: weight decay 0.05 instead of 1e-4; ``half``, ``x2``: half or twice the iterations;
+- combinations joined with ``+``.
+
+    python bench/decoder_ablation.py --train runs/fewshot --test runs/test500 --out runs/ablation \
+        --variants base std std+pixel
+
+The last printed line is JSON: test (and train) mIoU per variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+
+def extract_all(source, views, prompts, seeds, batch=16):
+    from datasetdm.decoder.inputs import DecoderInput
+
+    parts = []
+    for b in range(0, len(views), batch):
+        parts.append(source.extract([v.image for v in views[b:b + batch]], prompts[b:b + batch], seeds[b:b + batch]))
+    return DecoderInput.stack(parts)
+
+
+def cached(path: Path, make, images):
+    from datasetdm.decoder.inputs import DecoderInput, image_tensor
+
+    img = image_tensor(images)
+    if path.exists():
+        t = load_file(path)
+        n = sum(1 for k in t if k.startswith("f"))
+        return DecoderInput([t[f"f{i}"] for i in range(n)], [t[f"a{i}"] for i in range(n)], img, tuple(img.shape[-2:]))
+    inp = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"f{i}": f.contiguous() for i, f in enumerate(inp.features)}
+    tensors.update({f"a{i}": a.contiguous() for i, a in enumerate(inp.class_attention)})
+    save_file(tensors, path)
+    return inp
+
+
+def standardise(train, test):
+    """Per-channel (x − mean) / std with the training views' statistics, both sets."""
+    from datasetdm.decoder.inputs import DecoderInput
+
+    stats = [(f.float().mean((0, 2, 3), keepdim=True), f.float().std((0, 2, 3), keepdim=True).clamp_min(1e-6))
+             for f in train.features]
+
+    def apply(inp):
+        return DecoderInput([((f.float() - m) / s).half() for f, (m, s) in zip(inp.features, stats)],
+                            inp.class_attention, inp.image, inp.image_size)
+
+    return apply(train), apply(test)
+
+
+class PixelHead(torch.nn.Module):
+    """Per-pixel classification on the P-Decoder's pixel embeddings (for the ablation only)."""
+
+    def __init__(self, decoder, num_classes):
+        super().__init__()
+        self.d = decoder
+        self.cls = torch.nn.Conv2d(decoder.cfg.dim, num_classes, 1)
+        self.value_to_index = decoder.head.value_to_index
+        self.index_to_value = decoder.head.index_to_value
+
+    def forward(self, inp, **kw):
+        fused = self.d.fusion(inp.features, self.d._attention(inp))
+        _, pixel_embed = self.d.pixel_decoder(fused, inp.image if self.d.cfg.use_image else None)
+        logits = self.cls(pixel_embed)
+        if tuple(logits.shape[-2:]) != tuple(inp.image_size):
+            logits = F.interpolate(logits, size=inp.image_size, mode="bilinear", align_corners=False)
+        return logits
+
+    def loss(self, logits, targets):
+        y = torch.stack([t["index"] for t in targets])
+        return F.cross_entropy(logits, y, ignore_index=255), {}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--train", type=Path, required=True)
+    ap.add_argument("--test", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--variants", nargs="+", default=["base", "std", "pixel", "std+pixel", "caption", "noatt"])
+    ap.add_argument("--iterations", type=int, default=1500)
+    ap.add_argument("--n-test", type=int, default=500)
+    args = ap.parse_args()
+    torch.set_num_threads(int(os.environ.get("THREADS", "2")))
+
+    from datasetdm.decoder.build import build_decoder
+    from datasetdm.evaluation.metrics import SemanticIoU
+    from datasetdm.formats.labelled_folder import read_labelled_folder
+    from datasetdm.io import sample_seed
+    from datasetdm.training import TrainOptions, Trainer, augment, make_decoder_config, prepare, prompt_for
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    # the decoder as it was before this ablation: 4 views, template prompts
+    base_opts = TrainOptions(task="semantic", iterations=args.iterations, views=4, prompt="template",
+                             cache_dir=str(args.out / "features"))
+    t0 = time.time()
+    prep = prepare(args.train, base_opts)
+    categories = prep.decoder.cfg.categories
+    source = prep.source
+    test = read_labelled_folder(args.test)
+    size = tuple(prep.decoder.cfg.image_size)
+    test_samples = [test[i] for i in range(min(args.n_test, len(test)))]
+    test_views = [augment(s, None, size) for s in test_samples]
+    test_seeds = [sample_seed(0, i, "noise") for i in range(len(test_views))]
+    inputs = {
+        "template": (prep.trainer.inp, cached(args.out / "features" / "test-template.safetensors",
+                     lambda: extract_all(source, test_views, [prompt_for(v, categories) for v in test_views], test_seeds),
+                     [v.image for v in test_views])),
+    }
+    print(f"features ready in {time.time() - t0:.0f} s", flush=True)
+
+    def caption_inputs(p, views):
+        if ("caption", views) not in inputs:
+            tr = cached(args.out / "features" / f"train-caption-v{views}.safetensors",
+                        lambda: extract_all(source, p.views, [v.caption for v in p.views], p.noise_seeds),
+                        [v.image for v in p.views])
+            te = cached(args.out / "features" / "test-caption.safetensors",
+                        lambda: extract_all(source, test_views, [v.caption for v in test_views], test_seeds),
+                        [v.image for v in test_views])
+            inputs[("caption", views)] = (tr, te)
+        return inputs[("caption", views)]
+
+    preps = {base_opts.views: prep}
+
+    def prepared(views):
+        if views not in preps:
+            preps[views] = prepare(args.train, replace(base_opts, views=views))
+        return preps[views]
+
+    results = {}
+    for variant in args.variants:
+        parts = set(variant.split("+"))
+        views = next((int(p[1:]) for p in parts if p[0] == "v" and p[1:].isdigit()), base_opts.views)
+        prep = prepared(views)
+        tr, te = caption_inputs(prep, views) if "caption" in parts else (prep.trainer.inp, inputs["template"][1])
+        if "std" in parts:
+            tr, te = standardise(tr, te)
+        opts = replace(base_opts, views=views, attention="noatt" not in parts, use_image="noimg" not in parts,
+                       weight_decay=0.05 if "wd" in parts else base_opts.weight_decay,
+                       iterations=int(base_opts.iterations * (0.5 if "half" in parts else 2 if "x2" in parts else 1)))
+        cfg = make_decoder_config(opts, categories, tr, source)
+        torch.manual_seed(0)
+        decoder = build_decoder(cfg)
+        targets = [decoder.targets(v) for v in prep.views]
+        model = decoder
+        if "pixel" in parts:
+            model = PixelHead(decoder, len(categories) + 1)
+            for t in targets:
+                lut = np.full(256, 255, np.int64)
+                for v, i in decoder.head.value_to_index.items():
+                    lut[v] = i
+                t["index"] = torch.as_tensor(lut[t["semantic"].numpy()])
+        trainer = Trainer(model, tr, targets, opts)
+        t1 = time.time()
+        while trainer.step_no < opts.iterations:
+            logs = trainer.step()
+            if trainer.step_no % 250 == 0:
+                print(f"{variant} step {trainer.step_no} loss {logs['loss']:.4f}", flush=True)
+        train_s = time.time() - t1
+
+        @torch.no_grad()
+        def score(inp, samples):
+            metric = SemanticIoU([c["id"] for c in categories])
+            model.eval()
+            for b in range(0, len(samples), 50):
+                sub = inp.select(slice(b, b + 50)).to(dtype=torch.float32)
+                if "pixel" in parts:
+                    pred = decoder.head.index_to_value[model(sub).argmax(1).numpy()]
+                else:
+                    pred = np.stack([p["semantic"] for p in decoder.predict(sub)])
+                for p, s in zip(pred, samples[b:b + 50]):
+                    metric.update(p, s.semantic)
+            return metric.compute()
+
+        test_m = score(te, test_views)
+        plain = list(range(0, len(prep.views), opts.views))  # the un-augmented view of each image
+        train_m = score(tr.select(plain), [prep.views[i] for i in plain])
+        results[variant] = {"test_miou": round(test_m["miou"], 4), "train_miou": round(train_m["miou"], 4),
+                            "train_seconds": round(train_s, 1),
+                            "iou": {k: round(v, 3) for k, v in test_m["iou"].items()}}
+        print(variant, json.dumps(results[variant]), flush=True)
+        (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    print(json.dumps({k: {"test_miou": v["test_miou"], "train_miou": v["train_miou"]} for k, v in results.items()}))
+
+
+if __name__ == "__main__":
+    main()
