@@ -10,7 +10,7 @@ Every run writes its figures to OUT/results/{name}.json and is skipped when that
 so an interrupted run continues; hypercolumns of the training images are cached once in
 OUT/features and shared by every task.
 
-    python bench/decoder_table.py --out runs/decoder-table           # ~65 min on 2 cores
+    python bench/decoder_table.py --out runs/decoder-table           # ~50 min on 2 cores
     python bench/decoder_table.py --out /tmp/t --tiny                # plumbing, tiny random model
     python3 bench/decoder_table.py --out /tmp/t --device cuda        # on a lent GPU machine
 
