@@ -37,32 +37,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-
-
-def extract_all(source, views, prompts, seeds, batch=16):
-    from datasetdm.decoder.inputs import DecoderInput
-
-    parts = []
-    for b in range(0, len(views), batch):
-        parts.append(source.extract([v.image for v in views[b:b + batch]], prompts[b:b + batch], seeds[b:b + batch]))
-    return DecoderInput.stack(parts)
-
-
-def cached(path: Path, make, images):
-    from datasetdm.decoder.inputs import DecoderInput, image_tensor
-
-    img = image_tensor(images)
-    if path.exists():
-        t = load_file(path)
-        n = sum(1 for k in t if k.startswith("f"))
-        return DecoderInput([t[f"f{i}"] for i in range(n)], [t[f"a{i}"] for i in range(n)], img, tuple(img.shape[-2:]))
-    inp = make()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"f{i}": f.contiguous() for i, f in enumerate(inp.features)}
-    tensors.update({f"a{i}": a.contiguous() for i, a in enumerate(inp.class_attention)})
-    save_file(tensors, path)
-    return inp
 
 
 def standardise(train, test):
@@ -116,8 +90,8 @@ def main() -> None:
     from datasetdm.decoder.build import build_decoder
     from datasetdm.evaluation.metrics import SemanticIoU
     from datasetdm.formats.labelled_folder import read_labelled_folder
-    from datasetdm.io import sample_seed
-    from datasetdm.training import TrainOptions, Trainer, augment, make_decoder_config, prepare, prompt_for
+    from datasetdm.training import (TrainOptions, Trainer, augment, cached_inputs, make_decoder_config, prepare,
+                                    prompt_for)
 
     args.out.mkdir(parents=True, exist_ok=True)
     # the decoder as it was before this ablation: 4 views, template prompts
@@ -131,22 +105,20 @@ def main() -> None:
     size = tuple(prep.decoder.cfg.image_size)
     test_samples = [test[i] for i in range(min(args.n_test, len(test)))]
     test_views = [augment(s, None, size) for s in test_samples]
-    test_seeds = [sample_seed(0, i, "noise") for i in range(len(test_views))]
+    features = args.out / "features"
+    # test views get the same timestep-noise seeds as training views (``view_noise_seeds``, seed 0)
     inputs = {
-        "template": (prep.trainer.inp, cached(args.out / "features" / "test-template.safetensors",
-                     lambda: extract_all(source, test_views, [prompt_for(v, categories) for v in test_views], test_seeds),
-                     [v.image for v in test_views])),
+        "template": (prep.trainer.inp, cached_inputs(test_views, [prompt_for(v, categories) for v in test_views],
+                                                     source, base_opts, features / "test-template.safetensors")),
     }
     print(f"features ready in {time.time() - t0:.0f} s", flush=True)
 
     def caption_inputs(p, views):
         if ("caption", views) not in inputs:
-            tr = cached(args.out / "features" / f"train-caption-v{views}.safetensors",
-                        lambda: extract_all(source, p.views, [v.caption for v in p.views], p.noise_seeds),
-                        [v.image for v in p.views])
-            te = cached(args.out / "features" / "test-caption.safetensors",
-                        lambda: extract_all(source, test_views, [v.caption for v in test_views], test_seeds),
-                        [v.image for v in test_views])
+            tr = cached_inputs(p.views, [v.caption for v in p.views], source, base_opts,
+                               features / f"train-caption-v{views}.safetensors")
+            te = cached_inputs(test_views, [v.caption for v in test_views], source, base_opts,
+                               features / "test-caption.safetensors")
             inputs[("caption", views)] = (tr, te)
         return inputs[("caption", views)]
 

@@ -154,7 +154,7 @@ def bench(args, tmp: Path) -> dict:
     prep = prepare(data, opts, backbone)  # loads the backbone and builds the cache (untimed: warm-up)
     cfg, source, views = prep.decoder.cfg, prep.source, prep.views
     t = time.perf_counter()
-    cached_inputs(views, source, cfg.categories, set(), opts, None, prompt_mode=cfg.prompt)  # again, timed, backbone warm
+    cached_inputs(views, prep.prompts, source, opts, None)  # the cache again, timed, backbone warm
     cache_seconds = time.perf_counter() - t
     validator = Validator(val, prep, args.n_val)
     print(f"cache: {len(views)} views in {cache_seconds:.1f}s", flush=True)

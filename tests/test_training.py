@@ -255,7 +255,7 @@ def test_recorded_backbone_reloads(tiny_clip, tiny_clip_path, monkeypatch):
     assert FeatureSource("hypercolumns", [], relative).description["source"] == str(tiny_clip_path.resolve())
 
 
-def test_prompt_modes(world, tiny_clip_path, tmp_path):
+def test_prompt_modes(world, tiny_clip_path, tmp_path, monkeypatch):
     """auto reads each image's caption when all have one; template names the classes present;
     held-out classes (open-vocab) force the template; --prompt caption without captions is refused."""
     from datasetdm.errors import DatasetdmError
@@ -274,6 +274,20 @@ def test_prompt_modes(world, tiny_clip_path, tmp_path):
     assert not torch.equal(auto.trainer.inp.class_attention[0], tmpl.trainer.inp.class_attention[0])
     ov = prepare(train, TrainOptions(task="open-vocab", held_out=["ball"], **opts), str(tiny_clip_path))
     assert ov.decoder.cfg.prompt == "template" and not any("ball" in p for p in ov.prompts)
+
+    # a checkpoint records the mode and evaluate reads the test images with the same kind of prompt
+    from datasetdm.evaluation.evaluate import evaluate_decoder
+    from datasetdm.training import FeatureSource, train_decoder
+
+    ck = tmp_path / "caption.ckpt"
+    train_decoder(train, ck, TrainOptions(task="semantic", **opts), str(tiny_clip_path), show_progress=False)
+    seen = []
+    extract = FeatureSource.extract
+    monkeypatch.setattr(FeatureSource, "extract", lambda self, images, prompts, *a, **k: (
+        seen.extend(prompts), extract(self, images, prompts, *a, **k))[1])
+    evaluate_decoder(ck, world[1], n_images=2)
+    test = read_labelled_folder(world[1])
+    assert seen == [test[0].caption, test[1].caption]
 
     bare = tmp_path / "bare"
     with LabelledFolderWriter(bare, list(CATEGORIES)) as w:

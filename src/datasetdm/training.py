@@ -306,24 +306,25 @@ def view_noise_seeds(opts: TrainOptions, n: int) -> list[int]:
     return [sample_seed(opts.seed, i, "noise") for i in range(n)]
 
 
-def cached_inputs(views, source: FeatureSource, categories, exclude, opts, cache_file: Path | None, progress=None,
-                  prompt_mode: str = "template"):
-    """DecoderInput for every view, computed once (batched) or read back from ``cache_file``."""
+def cached_inputs(views, prompts: list[str], source: FeatureSource, opts, cache_file: Path | None, progress=None):
+    """DecoderInput for every view (view i read with ``prompts[i]``), computed once (batched) or
+    read back from ``cache_file``."""
     if cache_file is not None and cache_file.exists():
         try:
             t = load_file(cache_file)
             n = sum(1 for k in t if k.startswith("f"))
+            if t["f0"].shape[0] != len(views):
+                raise ValueError("cache holds other views")
             img = image_tensor([v.image for v in views])
             return DecoderInput([t[f"f{i}"] for i in range(n)], [t[f"a{i}"] for i in range(n)], img, tuple(img.shape[-2:]))
         except Exception:
             cache_file.unlink(missing_ok=True)  # stale or truncated: recompute
     parts = []
     task = progress.add_task("hypercolumns", total=len(views)) if progress else None
+    seeds = view_noise_seeds(opts, len(views))
     for b in range(0, len(views), opts.extract_batch):
         chunk = views[b : b + opts.extract_batch]
-        prompts = [prompt_for(v, categories, exclude, prompt_mode) for v in chunk]
-        seeds = view_noise_seeds(opts, len(views))[b : b + len(chunk)]
-        parts.append(source.extract([v.image for v in chunk], prompts, seeds))
+        parts.append(source.extract([v.image for v in chunk], prompts[b : b + len(chunk)], seeds[b : b + len(chunk)]))
         if progress:
             progress.advance(task, len(chunk))
     inp = DecoderInput.stack(parts)
@@ -454,16 +455,16 @@ def prepare(data_dir, opts: TrainOptions, backbone_source=None, work_dir: Path |
     views = build_views(samples, opts, size)
     exclude = set(opts.held_out)
     prompt_mode = resolve_prompt_mode(opts.prompt, samples, exclude, data_dir)
-    # the pixels themselves are in the key: an image edited between an interrupted run and its
-    # resume gets new features
+    prompts = [prompt_for(v, categories, exclude, prompt_mode) for v in views]
+    # the pixels and prompts themselves are in the key: an image or caption edited between an
+    # interrupted run and its resume gets new features
     pixels = [hashlib.sha256(np.ascontiguousarray(s.image).tobytes()).hexdigest()[:16] for s in samples]
     key = _cache_key({"fp": source.fingerprint, "ids": [s.id for s in samples], "pixels": pixels, "views": opts.views,
-                      "scale": opts.scale, "seed": opts.seed, "exclude": sorted(exclude), "size": size,
-                      "prompt": prompt_mode,
+                      "scale": opts.scale, "seed": opts.seed, "prompts": prompts, "size": size,
                       "cats": categories, "data": str(Path(data_dir).resolve())})
     cache_root = Path(opts.cache_dir) if opts.cache_dir else work_dir
     cache_file = None if cache_root is None else cache_root / f"cache-{key}.safetensors"
-    inp = cached_inputs(views, source, categories, exclude, opts, cache_file, progress, prompt_mode)
+    inp = cached_inputs(views, prompts, source, opts, cache_file, progress)
 
     kw, emb = {}, None
     if opts.task == "open-vocab":
@@ -482,7 +483,6 @@ def prepare(data_dir, opts: TrainOptions, backbone_source=None, work_dir: Path |
     trainer = Trainer(decoder, inp, targets, opts, kw)
     info = {"data": str(data_dir), "n_images": n, "views": opts.views, "train_options": asdict(opts),
             "cache_key": key}
-    prompts = [prompt_for(v, categories, exclude, prompt_mode) for v in views]
     return Prepared(decoder, trainer, info, source, views, prompts, view_noise_seeds(opts, len(views)))
 
 
