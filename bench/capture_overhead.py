@@ -39,45 +39,15 @@ PROMPT = "a photo of a dog and a cat on a sofa"
 
 
 def build(model: str, device: str):
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
     from datasetdm.backbone.loader import Backbone, load_backbone
-    from datasetdm.backbone.testing import make_tiny_backbone, write_clip_tokenizer_files
+    from datasetdm.backbone.testing import make_tiny_backbone, sd15_shaped_components
 
     if model == "tiny":
         folder = make_tiny_backbone(tempfile.mkdtemp(prefix="bench_tiny_"), text_encoder="clip")
         return load_backbone(folder, device=device), (32, 32)
 
-    torch.manual_seed(0)
-    tok_dir = tempfile.mkdtemp(prefix="bench_tok_")
-    write_clip_tokenizer_files(__import__("pathlib").Path(tok_dir))
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
-    # SD 1.5's component configs (stable-diffusion-v1-5), random weights
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-    ))
-    unet = UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8, cross_attention_dim=768,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
-    )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1,
-    )
-    for m in (unet, vae, text_encoder):
-        m.eval().requires_grad_(False)
-    bb = Backbone(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-                  name="sd15-shaped-random", source="config", fingerprint="random")
+    # SD 1.5's configs, random weights
+    bb = Backbone(**sd15_shaped_components(512), name="sd15-shaped-random", source="config", fingerprint="random")
     return bb.to(device), (256, 256)
 
 

@@ -12,6 +12,8 @@ never sees either labeler's output:
 - ``agreement_miou``: mIoU of the labeler's semantic map against the reference's prediction,
   pixels the labeler marks uncertain (255) left out;
 - ``coverage``: fraction of pixels the labeler does label (not 255);
+- with ``--min-pixel-confidence T``, ``decoder@T``: the decoder with pixels whose winning class
+  holds less than T of the class scores left as 255 (``datasetdm generate --min-pixel-confidence``);
 - ``annotate_ms_per_sample``: time of the labelling step alone (generation is shared; see
   ``bench/generation.py`` for the whole cost and peak memory of each mode).
 
@@ -50,6 +52,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--iterations", type=int, default=600, help="Decoder iterations when training one.")
+    ap.add_argument("--min-pixel-confidence", default="", help="Comma-separated thresholds: also score the "
+                    "decoder with its uncertain pixels ignored at each (``decoder@T`` figures).")
     ap.add_argument("--reference-cache", default="runs/reference")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--save", default=None, help="Also save images and both label sets to this .npz.")
@@ -85,6 +89,8 @@ def main() -> None:
     decoder.check_backbone(bb)
     attention = AttentionLabeler(bb, list(CATEGORIES))
     labelers = {"decoder": decoder_annotator(decoder, bb.tokenizer), "attention": attention.annotator}
+    for t in filter(None, args.min_pixel_confidence.split(",")):
+        labelers[f"decoder@{float(t):g}"] = decoder_annotator(decoder, bb.tokenizer, min_pixel_confidence=float(t))
     generate = attention.generate_fn(args.steps, args.guidance)
     reference = gates.reference_segmenter(gates.ReferenceConfig(), args.reference_cache, log=log)
 

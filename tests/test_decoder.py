@@ -84,6 +84,8 @@ def test_every_head_forward_loss_backward_predict(task, samples):
         if task in ("semantic", "open-vocab"):
             assert p["semantic"].shape == (64, 64) and p["semantic"].dtype == np.uint8
             assert set(np.unique(p["semantic"])) <= {0} | {c["id"] for c in CATS}
+            if task == "semantic":  # the winning share of K + 1 classes: from 1 / (K + 1) to 1
+                assert 1 / (K + 1) <= p["confidence"] <= 1
         elif task == "depth":
             assert p["depth"].shape == (64, 64) and p["depth"].dtype == np.float32 and (p["depth"] > 0).all()
         else:
@@ -234,3 +236,26 @@ def test_raw_pixel_decoder_reads_the_image_whatever_it_is_given():
     hyper = tiny_input()  # hypercolumn-shaped input (what generation passes): only its image is read
     raw = raw_pixel_input(hyper.image)
     assert np.array_equal(dec.predict(hyper)[0]["semantic"], dec.predict(raw)[0]["semantic"])
+
+
+def test_semantic_confidence_and_uncertain_pixels():
+    # Two queries, classes background/first/second: query 0 covers the left half with class 1 at
+    # probability 0.9, query 1 the right half split 0.5 / 0.5 between classes 1 and 2. Each
+    # pixel's winning share is then 0.9 / (0.9 + 0.05) on the left, 0.5 on the right.
+    head = build_decoder(tiny_config("semantic")).head
+    probs = torch.tensor([[0.05, 0.9, 0.0], [0.0, 0.5, 0.5]])
+    logits = torch.log(torch.cat([probs, torch.full((2, 1), 0.05)], 1).clamp_min(1e-9))[None]
+    masks = torch.full((1, 2, 4, 4), -30.0)
+    masks[0, 0, :, :2] = 30.0
+    masks[0, 1, :, 2:] = 30.0
+    out = {"class_logits": [logits], "mask_logits": [masks], "image_size": (4, 4)}
+    first, second = CATS[0]["id"], CATS[1]["id"]
+
+    (plain,) = head.predict(out)
+    left = 0.9 / 0.95
+    assert plain["confidence"] == pytest.approx((left + 0.5) / 2, abs=1e-4)
+    assert (plain["semantic"][:, :2] == first).all() and set(np.unique(plain["semantic"][:, 2:])) <= {first, second}
+
+    (strict,) = head.predict(out, min_pixel_confidence=0.6)
+    assert (strict["semantic"][:, :2] == first).all() and (strict["semantic"][:, 2:] == 255).all()
+    assert strict["confidence"] == plain["confidence"]

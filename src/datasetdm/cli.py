@@ -78,6 +78,8 @@ def downstream(
     labeler: str = typer.Option("decoder", help="How the generated synthetic data is labelled: decoder or attention."),
     backbone: Optional[str] = typer.Option(None, help="Diffusers model folder (default: the embedded backbone)."),
     steps: int = typer.Option(2000, min=1, help="Segmenter training steps (same for all three)."),
+    min_pixel_confidence: Optional[float] = typer.Option(
+        None, min=0.0, max=1.0, help="Decoder labels: pixels below this class-score share are ignore (see generate)."),
     cache: Optional[Path] = typer.Option(None, help="Folder of finished models' figures (default OUT/cache): "
                                          "a rerun resumes; share it between runs to train the real-only model once."),
 ) -> None:
@@ -86,7 +88,8 @@ def downstream(
 
     result = build_and_run(out, test_seed=test_seed, n_test=n_test, real=real, synthetic=synthetic,
                            n_synthetic=n_synthetic, labeler=labeler, backbone=backbone,
-                           config=DownstreamConfig(steps=steps), cache_dir=cache)
+                           config=DownstreamConfig(steps=steps), cache_dir=cache,
+                           min_pixel_confidence=min_pixel_confidence)
     typer.echo(result.pop("table"))
     typer.echo(json.dumps(result))
 

@@ -93,7 +93,8 @@ def train_decoders(data: Path, out_dir: Path, tasks, backbone: str, iterations: 
 
 
 def generate_annotated(out: Path, decoders: dict[str, Path], prompts: Path, backbone: str, n: int, seed: int,
-                       steps: int, guidance: float, batch_size: int, show_progress: bool = True):
+                       steps: int, guidance: float, batch_size: int, show_progress: bool = True,
+                       min_pixel_confidence: float | None = None):
     from datasetdm.backbone.capture import generate as generate_images
     from datasetdm.backbone.loader import load_backbone
     from datasetdm.decoder import load_decoder
@@ -106,13 +107,15 @@ def generate_annotated(out: Path, decoders: dict[str, Path], prompts: Path, back
     bb = load_backbone(backbone)
     for _, dec in loaded:
         dec.check_backbone(bb)
-    annotators = {dec.cfg.task: decoder_annotator(dec, bb.tokenizer) for _, dec in loaded}
+    annotators = {dec.cfg.task: decoder_annotator(dec, bb.tokenizer, min_pixel_confidence) for _, dec in loaded}
 
     def generate_fn(texts, seeds):
         return generate_images(bb, texts, seeds, num_inference_steps=steps, guidance_scale=guidance)
 
     source = load_prompts(prompts, classes=[c.name for c in categories], seed=seed)
     config = {"steps": steps, "guidance": guidance, "decoders": [_file_digest(p) for p, _ in loaded]}
+    if min_pixel_confidence is not None:  # only when set, so runs made before the option still resume
+        config["min_pixel_confidence"] = min_pixel_confidence
     return generate_dataset(
         out, generate_fn, annotators, source, categories, n=n, seed=seed, batch_size=batch_size,
         filters=Filters(), backbone=f"{bb.name}@{bb.fingerprint}", config=config,

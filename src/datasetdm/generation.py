@@ -368,11 +368,12 @@ def labels_from_predictions(predictions: Sequence[Mapping], images: np.ndarray) 
     return labels
 
 
-def decoder_annotator(decoder, tokenizer) -> Annotator:
+def decoder_annotator(decoder, tokenizer, min_pixel_confidence: float | None = None) -> Annotator:
     """Annotator from a P-Decoder: it reads the hypercolumns captured while generating.
 
     ``tokenizer`` is the backbone's: the decoder's per-class attention maps are found by the
-    class names' tokens inside each prompt.
+    class names' tokens inside each prompt. ``min_pixel_confidence`` (semantic decoders): pixels
+    whose winning class holds a smaller share of the scores are labelled ignore (255).
     """
     from datasetdm.decoder.inputs import hypercolumn_input, image_tensor
 
@@ -381,6 +382,6 @@ def decoder_annotator(decoder, tokenizer) -> Annotator:
 
     def annotate(images: np.ndarray, hypercolumns, prompts: list[Prompt]) -> list[LabelledSample]:
         inp = hypercolumn_input(hypercolumns, class_tokens, image_tensor(images), images.shape[1:3])
-        return labels_from_predictions(decoder.predict(inp), images)
+        return labels_from_predictions(decoder.predict(inp, min_pixel_confidence=min_pixel_confidence), images)
 
     return annotate

@@ -68,6 +68,9 @@ def generate(
     min_area: Optional[float] = typer.Option(None, help="Drop samples whose labelled fraction of the image is lower."),
     min_agreement: Optional[float] = typer.Option(None, help="Drop samples where fewer of the prompt's classes were found."),
     max_ignore: Optional[float] = typer.Option(None, help="Drop samples with a larger fraction of ignore (255) pixels."),
+    min_pixel_confidence: Optional[float] = typer.Option(
+        None, min=0.0, max=1.0,
+        help="Semantic decoders: pixels whose winning class holds a smaller share of the class scores are ignore (255)."),
     device: str = typer.Option("cpu", help="torch device, e.g. cuda."),
 ) -> None:
     """Generate annotated images: every decoder labels each image from the same hypercolumns
@@ -108,12 +111,14 @@ def generate(
     annotators = {}
     for path, dec in decoders:
         name = f"{dec.cfg.task}" if dec.cfg.task not in annotators else f"{dec.cfg.task}{len(annotators)}"
-        annotators[name] = decoder_annotator(dec.to(bb.device), bb.tokenizer)
+        annotators[name] = decoder_annotator(dec.to(bb.device), bb.tokenizer, min_pixel_confidence)
 
     def generate_fn(texts, seeds):
         return generate_images(bb, texts, seeds, num_inference_steps=steps, guidance_scale=guidance)
 
     config = {"steps": steps, "guidance": guidance, "decoders": [_file_digest(p) for p, _ in decoders]}
+    if min_pixel_confidence is not None:  # only when set, so runs made before the option still resume
+        config["min_pixel_confidence"] = min_pixel_confidence
     if labeler == "attention":
         from datasetdm.labelers.attention import AttentionLabeler, AttentionLabelerConfig
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -107,7 +108,7 @@ def make_tiny_backbone(path, text_encoder: str = "clip", sample_size: int = 32, 
     (``package.json`` references to the installed MiniLM, as the embedded backbone does).
     ``sample_size`` is the image side in pixels (a multiple of 16: VAE factor 2 × 3 downsamplings).
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     if text_encoder not in TEXT_ENCODERS:
         raise DatasetdmError(f"text_encoder must be one of {TEXT_ENCODERS}, got {text_encoder!r}")
@@ -132,13 +133,66 @@ def make_tiny_backbone(path, text_encoder: str = "clip", sample_size: int = 32, 
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
         cross_attention_dim=width,
     )
-    scheduler = DDIMScheduler(
+    vae.save_pretrained(path / "vae")
+    unet.save_pretrained(path / "unet")
+    _write_scheduler_and_index(path, text_encoder)
+    return path
+
+
+def _sd_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
         set_alpha_to_one=False, steps_offset=1,
     )
-    vae.save_pretrained(path / "vae")
-    unet.save_pretrained(path / "unet")
-    scheduler.save_pretrained(path / "scheduler")
+
+
+def sd15_shaped_components(sample_size: int = 512, seed: int = 0) -> dict:
+    """Stable Diffusion 1.5's component configs with random weights, in memory: the cost of the
+    real model (UNet 320/640/1280/1280, VAE factor 8, 12-layer CLIP text encoder) without its
+    weights, for benchmarks of time and memory. ``sample_size``: image side in pixels."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    if sample_size % 64:
+        raise DatasetdmError(f"sample_size must be a multiple of 64, got {sample_size}")
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tok_dir:
+        write_clip_tokenizer_files(Path(tok_dir))
+        tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+    ))
+    unet = UNet2DConditionModel(
+        sample_size=sample_size // 8, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8, cross_attention_dim=768,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=sample_size,
+    )
+    for m in (unet, vae, text_encoder):
+        m.eval().requires_grad_(False)
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": _sd_scheduler()}
+
+
+def make_sd15_shaped_backbone(path, sample_size: int = 512, seed: int = 0) -> Path:
+    """Write ``sd15_shaped_components`` in diffusers layout at ``path`` (about 4 GB) and return it."""
+    path = Path(path)
+    parts = sd15_shaped_components(sample_size, seed)
+    for name in ("unet", "vae", "text_encoder", "tokenizer"):
+        parts[name].save_pretrained(path / name)
+    _write_scheduler_and_index(path, "clip")
+    return path
+
+
+def _write_scheduler_and_index(path: Path, text_encoder: str) -> None:
+    _sd_scheduler().save_pretrained(path / "scheduler")
     te_class = {"clip": "CLIPTextModel", "bert": "BertModel", "minilm": "BertModel"}[text_encoder]
     tok_class = {"clip": "CLIPTokenizer", "bert": "BertTokenizer", "minilm": "BertTokenizer"}[text_encoder]
     index = {
@@ -151,4 +205,3 @@ def make_tiny_backbone(path, text_encoder: str = "clip", sample_size: int = 32, 
         "scheduler": ["diffusers", "DDIMScheduler"],
     }
     (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return path

@@ -113,10 +113,19 @@ class SemanticHead(_QueryHead):
         labels = torch.tensor([self.value_to_index[v] for v in values], dtype=torch.long)
         return {"masks": masks, "labels": labels, "valid": (sem != IGNORE_INDEX).float(), "semantic": sem}
 
-    def predict(self, out, **kw):
+    def predict(self, out, min_pixel_confidence: float | None = None, **kw):
+        """Per image ``semantic`` and ``confidence``, the mean over pixels of the winning class's
+        share of all class scores. With ``min_pixel_confidence``, pixels whose share is lower are
+        ignore (255): uncertain pixels stay out of a generated label rather than being guessed, as
+        Dataset Diffusion's uncertainty-aware labels do (its §3.3)."""
         probs, masks = self._final(out)
-        seg = torch.einsum("bqk,bqhw->bkhw", probs, masks).argmax(1).numpy()
-        return [{"semantic": self.index_to_value[s]} for s in seg]
+        scores = torch.einsum("bqk,bqhw->bkhw", probs, masks)  # Mask2Former semantic inference
+        top, seg = scores.max(1)
+        share = (top / scores.sum(1).clamp_min(1e-6)).numpy()
+        labels = self.index_to_value[seg.numpy()]
+        if min_pixel_confidence is not None:
+            labels[share < min_pixel_confidence] = IGNORE_INDEX
+        return [{"semantic": lab, "confidence": float(c.mean())} for lab, c in zip(labels, share)]
 
 
 class InstanceHead(_QueryHead):

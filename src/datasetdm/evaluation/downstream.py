@@ -187,7 +187,8 @@ def build_attention_synthetic(out: Path, prompts: Path, backbone: str, n: int, s
 def build_and_run(out: str | Path, test_seed: int, n_test: int = 500, real: Path | None = None,
                   synthetic: Path | None = None, n_synthetic: int = 1000, labeler: str = "decoder",
                   backbone: str | None = None, config: DownstreamConfig | None = None,
-                  decoder_iterations: int = 1500, seed: int = 0, cache_dir: Path | None = None) -> dict:
+                  decoder_iterations: int = 1500, seed: int = 0, cache_dir: Path | None = None,
+                  min_pixel_confidence: float | None = None) -> dict:
     """The `datasetdm downstream` command: build what is not given, run, write ``downstream.json``."""
     import json
 
@@ -209,7 +210,7 @@ def build_and_run(out: str | Path, test_seed: int, n_test: int = 500, real: Path
         if labeler == "decoder":
             decoders = demo.train_decoders(real, out / "decoders", ["semantic"], source, decoder_iterations)
             demo.generate_annotated(shards, decoders, prompts, source, n_synthetic, seed, steps=25, guidance=4.0,
-                                    batch_size=16)
+                                    batch_size=16, min_pixel_confidence=min_pixel_confidence)
         else:
             build_attention_synthetic(shards, prompts, source, n_synthetic, seed)
         synthetic = out / f"synthetic-{labeler}"
