@@ -24,8 +24,10 @@ same trajectory up to float differences, reported as ``max_miou_gap`` over the s
 hypercolumns carry no semantics, so the mIoU is low, but both runs follow the same trajectory and
 the time each step costs is the real model's, which is what the speedup is about.
 
-The speedup is bounded by how often each cached view is reused (iterations × batch / views) when
-the UNet dominates a step, so it grows with the backbone's cost. The last printed line is JSON
+The speedup is bounded twice: by how often each cached view is reused before the target (steps ×
+batch / views), and by (UNet time per batch + decoder step) / decoder step. So it grows with the
+backbone's cost: the embedded backbone's UNet is small (on 2 CPU cores a batch of 8 costs about
+as much as a decoder step), Stable Diffusion's is not. The last printed line is JSON
 with ``speedup``.
 """
 

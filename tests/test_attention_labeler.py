@@ -148,3 +148,7 @@ def test_generate_command_with_attention_labeler(tiny_clip_path, tmp_path):
                                  "--backbone", str(tiny_clip_path)])
     assert isinstance(result.exception, DatasetdmError) and "--classes" in str(result.exception)
     assert not (tmp_path / "x").exists()
+    # a decoder-only option: refused, nothing written
+    result = runner.invoke(app, args[:-1] + [str(tmp_path / "y"), "--min-pixel-confidence", "0.8"])
+    assert isinstance(result.exception, DatasetdmError) and "--min-pixel-confidence" in str(result.exception)
+    assert not (tmp_path / "y").exists()

@@ -87,6 +87,9 @@ def generate(
     if labeler == "attention":
         if decoder:
             raise DatasetdmError("--labeler attention labels without decoders; drop --decoder")
+        if min_pixel_confidence is not None:
+            raise DatasetdmError("--min-pixel-confidence is for decoder labels; the attention labeler has "
+                                 "--label-threshold and --ignore-threshold")
         if not classes:
             raise DatasetdmError("--labeler attention needs --classes (the class names to label, in id order)")
         from datasetdm.formats.sample import Category
