@@ -240,7 +240,7 @@ def test_real_backbone_and_decoders_plug_in(tiny_clip, tmp_path):
 
     images, hc = generate_fn(["a photo of a dog"], [0])
     cats = [{"id": 1, "name": "dog"}, {"id": 2, "name": "cat"}]
-    annotators, annotators_decoders = {}, {}
+    annotators, decoders = {}, {}
     for task in ("semantic", "depth"):
         cfg = DecoderConfig(
             task=task, categories=cats, feature_channels=[f.shape[1] for f in hc.features],
@@ -248,8 +248,8 @@ def test_real_backbone_and_decoders_plug_in(tiny_clip, tmp_path):
             dim=16, num_queries=4, layers=2, heads=2, ffn_dim=32,
         )
         torch.manual_seed(0)
-        annotators_decoders[task] = build_decoder(cfg).eval()
-        annotators[task] = decoder_annotator(annotators_decoders[task], tiny_clip.tokenizer)
+        decoders[task] = build_decoder(cfg).eval()
+        annotators[task] = decoder_annotator(decoders[task], tiny_clip.tokenizer)
     summary = generate_dataset(
         tmp_path, generate_fn, annotators, TemplatePrompts(["dog", "cat"]), [Category(1, "dog"), Category(2, "cat")],
         n=3, batch_size=2, samples_per_shard=2, progress=False,
@@ -266,6 +266,6 @@ def test_real_backbone_and_decoders_plug_in(tiny_clip, tmp_path):
     confidences = read_manifest(tmp_path).column("score_confidence").to_pylist()
     assert all(1 / 3 <= c <= 1 for c in confidences)
     # --min-pixel-confidence reaches the decoder: a share below 1 everywhere leaves only ignore
-    strict = decoder_annotator(annotators_decoders["semantic"], tiny_clip.tokenizer, min_pixel_confidence=1.0)
+    strict = decoder_annotator(decoders["semantic"], tiny_clip.tokenizer, min_pixel_confidence=1.0)
     (label,) = strict(images, hc, [None])
     assert (label.semantic == 255).all()
