@@ -26,6 +26,7 @@ test: setup
 	@# headless Chromium opens the HTML gallery in one test; best effort (skipped without it)
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 		|| echo "chromium not installed: the gallery browser test will be skipped"
+	$(BIN)/python scripts/check_layers.py
 	$(BIN)/python -m pytest -q
 
 test-slow: setup

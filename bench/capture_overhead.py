@@ -40,7 +40,7 @@ PROMPT = "a photo of a dog and a cat on a sofa"
 
 def build(model: str, device: str):
     from datasetdm.backbone.loader import Backbone, load_backbone
-    from datasetdm.backbone.testing import make_tiny_backbone, sd15_shaped_components
+    from datasetdm.testing import make_tiny_backbone, sd15_shaped_components
 
     if model == "tiny":
         folder = make_tiny_backbone(tempfile.mkdtemp(prefix="bench_tiny_"), text_encoder="clip")

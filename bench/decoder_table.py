@@ -78,7 +78,7 @@ def main() -> None:
 
     import torch
 
-    from datasetdm.demo import render_world
+    from datasetdm.world.folders import render_world_folder as render_world
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -90,7 +90,7 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",") if s]
     backbone, iterations, n_test = args.backbone, args.iterations, args.n_test
     if args.tiny:
-        from datasetdm.backbone.testing import make_tiny_backbone
+        from datasetdm.testing import make_tiny_backbone
 
         backbone = str(out / "tiny-backbone")
         if not (Path(backbone) / "model_index.json").exists():

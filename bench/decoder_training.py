@@ -155,11 +155,11 @@ def bench(args, tmp: Path) -> dict:
 
     backbone = args.backbone
     if args.tiny:
-        from datasetdm.backbone.testing import make_tiny_backbone
+        from datasetdm.testing import make_tiny_backbone
 
         backbone = str(make_tiny_backbone(tmp / "tiny", text_encoder="clip"))
     if args.sd15_shaped:
-        from datasetdm.backbone.testing import make_sd15_shaped_backbone
+        from datasetdm.testing import make_sd15_shaped_backbone
 
         backbone = str(make_sd15_shaped_backbone(tmp / "sd15", sample_size=args.image_size or 512))
     data = args.data or world_folder(tmp / "train", "train", args.n_images, args.image_size)

@@ -65,13 +65,14 @@ def setup(args):
     from datasetdm.backbone.capture import generate
     from datasetdm.backbone.loader import load_backbone
     from datasetdm.decoder import load_decoder
-    from datasetdm.demo import render_world, resolve_backbone
-    from datasetdm.generation import decoder_annotator
+    from datasetdm.demo import resolve_backbone
+    from datasetdm.world.folders import render_world_folder as render_world
+    from datasetdm.labelers.decoder import decoder_annotator
     from datasetdm.labelers.attention import AttentionLabeler
     from datasetdm.world.render import CATEGORIES, render_scene
 
     work = Path(args.work)
-    source, placeholder = resolve_backbone(args.backbone, work)
+    source = resolve_backbone(args.backbone)
     bb = load_backbone(source)
     decoder_path = args.decoder
     if decoder_path is None:
@@ -102,7 +103,7 @@ def setup(args):
         images, hc = attention_run(prompts, seeds)
         labeler.annotate(images, hc, prompts)
 
-    info = {"backbone": "tiny-random (placeholder)" if placeholder else str(source), "batch": args.batch,
+    info = {"backbone": str(source), "batch": args.batch,
             "steps": args.steps, "guidance": args.guidance}
     return {"plain": plain, "decoder": with_decoder, "attention": with_attention}, info
 

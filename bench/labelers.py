@@ -6,7 +6,7 @@ self-attention captured) and every hypercolumn the decoder reads is captured in 
 so the two labelers differ only in how they turn one set of captured maps into a mask.
 
 Truth on generated images is unknown, so both are scored against the gates' reference segmenter
-(a pixel U-Net trained on 20k world images with ground truth, ``backbone/gates.py``), which
+(a pixel U-Net trained on 20k world images with ground truth, ``embedded/gates.py``), which
 never sees either labeler's output:
 
 - ``agreement_miou``: mIoU of the labeler's semantic map against the reference's prediction,
@@ -64,10 +64,10 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from datasetdm.backbone import gates
+    from datasetdm.embedded import gates
     from datasetdm.backbone.loader import embedded_backbone_path, load_backbone
     from datasetdm.decoder import load_decoder
-    from datasetdm.generation import decoder_annotator
+    from datasetdm.labelers.decoder import decoder_annotator
     from datasetdm.io import sample_seed
     from datasetdm.labelers.attention import AttentionLabeler
     from datasetdm.prompts import Prompt, classes_in_text
@@ -78,7 +78,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-labelers-"))
     decoder_path = args.decoder
     if decoder_path is None:
-        from datasetdm.demo import render_world, train_decoders
+        from datasetdm.training import train_decoders
+        from datasetdm.world.folders import render_world_folder as render_world
 
         log("training a semantic decoder on the 100 few-shot world images")
         train_dir = render_world(work / "train", "train", 0, 100)

@@ -35,7 +35,7 @@ def main() -> None:
     import torch.nn.functional as F
     from torchmetrics.classification import MulticlassJaccardIndex
 
-    from datasetdm.backbone import gates
+    from datasetdm.embedded import gates
     from datasetdm.backbone.loader import embedded_backbone_path, load_backbone
     from datasetdm.world.render import CATEGORIES
 

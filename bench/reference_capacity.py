@@ -23,7 +23,7 @@ import numpy as np
 
 
 def _render_chunk(seed: int, start: int, stop: int):
-    from datasetdm.backbone.gates import colour_target
+    from datasetdm.embedded.gates import colour_target
     from datasetdm.world.render import render_scene
 
     scenes = [render_scene("train", seed, i) for i in range(start, stop)]
@@ -52,7 +52,7 @@ def main() -> None:
 
     import torch
 
-    from datasetdm.backbone import gates
+    from datasetdm.embedded import gates
     from datasetdm.evaluation.metrics import SemanticIoU
     from datasetdm.evaluation.segmenter import SegmenterTrainConfig, train_segmenter
     from datasetdm.world.render import CATEGORIES

@@ -15,14 +15,14 @@ torch.set_num_threads(int(os.environ.get("DATASETDM_TEST_THREADS", "1")))
 
 @pytest.fixture(scope="session")
 def tiny_clip_path(tmp_path_factory):
-    from datasetdm.backbone.testing import make_tiny_backbone
+    from datasetdm.testing import make_tiny_backbone
 
     return make_tiny_backbone(tmp_path_factory.mktemp("tiny_clip"), text_encoder="clip")
 
 
 @pytest.fixture(scope="session")
 def tiny_bert_path(tmp_path_factory):
-    from datasetdm.backbone.testing import make_tiny_backbone
+    from datasetdm.testing import make_tiny_backbone
 
     return make_tiny_backbone(tmp_path_factory.mktemp("tiny_bert"), text_encoder="bert")
 

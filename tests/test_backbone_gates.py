@@ -1,4 +1,4 @@
-"""The backbone quality gates (backbone/gates.py): targets, fidelity counting, probe, plumbing."""
+"""The backbone quality gates (embedded/gates.py): targets, fidelity counting, probe, plumbing."""
 
 import dataclasses
 import json
@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from datasetdm.backbone import gates
-from datasetdm.backbone.sheet import render_sheet
+from datasetdm.embedded import gates
+from datasetdm.embedded.sheet import render_sheet
 from datasetdm.world.render import CATEGORIES, COLOURS, PLURALS, render_scene
 
 FLAT = {"ball", "cone", "star"}  # one flat colour over the whole silhouette
@@ -141,7 +141,7 @@ TINY = gates.CheckConfig(
 
 @pytest.fixture(scope="module")
 def tiny_backbone_64(tmp_path_factory):
-    from datasetdm.backbone.testing import make_tiny_backbone
+    from datasetdm.testing import make_tiny_backbone
 
     return make_tiny_backbone(tmp_path_factory.mktemp("tiny64"), text_encoder="bert", sample_size=64)
 

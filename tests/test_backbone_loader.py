@@ -6,7 +6,7 @@ import torch
 
 from datasetdm.backbone import loader
 from datasetdm.backbone.loader import load_backbone
-from datasetdm.backbone.testing import make_tiny_backbone
+from datasetdm.testing import make_tiny_backbone
 from datasetdm.errors import DatasetdmError
 
 
@@ -99,9 +99,9 @@ def test_embedded_training_and_loader_encode_prompts_alike(tmp_path):
     """The embedded UNet is trained on `embedded.encode_captions`; the loader must condition it the same way."""
     import torch
 
-    from datasetdm.backbone import embedded
+    from datasetdm.embedded import model as embedded
     from datasetdm.backbone.loader import load_backbone
-    from datasetdm.backbone.testing import make_tiny_backbone
+    from datasetdm.testing import make_tiny_backbone
 
     bb = load_backbone(make_tiny_backbone(tmp_path / "m", text_encoder="minilm"))
     captions = ["a red ball and two people on grass at dusk", ""]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from datasetdm.backbone import embedded
-from datasetdm.backbone import train as train_mod
+from datasetdm.embedded import model as embedded
+from datasetdm.embedded import train as train_mod
 from datasetdm.errors import DatasetdmError
 
 TINY_RECIPE = train_mod.Recipe(n_images=72, vae_steps=3, vae_batch=2, unet_steps=5, unet_batch=2,

@@ -108,7 +108,7 @@ def test_export_and_view_commands(shards, tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from datasetdm import generation_cli
+    from datasetdm.generation import cli as generation_cli
 
     app = typer.Typer()
     app.command()(generation_cli.export)

@@ -233,7 +233,7 @@ def test_real_backbone_and_decoders_plug_in(tiny_clip, tmp_path):
     """The tiny random backbone's generate + two random-weight P-Decoders through the loop."""
     from datasetdm.backbone.capture import generate
     from datasetdm.decoder import DecoderConfig, build_decoder
-    from datasetdm.generation import decoder_annotator
+    from datasetdm.labelers.decoder import decoder_annotator
 
     def generate_fn(prompts, seeds):
         return generate(tiny_clip, prompts, seeds, num_inference_steps=2, guidance_scale=1.0)

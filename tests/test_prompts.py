@@ -204,7 +204,7 @@ def test_prompts_command(chat_server, tmp_path, monkeypatch):
     import typer
     from typer.testing import CliRunner
 
-    from datasetdm import generation_cli
+    from datasetdm.generation import cli as generation_cli
 
     monkeypatch.delenv("OPENAI_MODEL", raising=False)
     app = typer.Typer()

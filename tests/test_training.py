@@ -95,7 +95,7 @@ def test_train_and_evaluate_every_task(task, world, tiny_clip_path, tiny_clip, t
 
     # generation's annotator: the loaded decoder labels hypercolumns captured from a backbone
     from datasetdm.backbone.capture import capture_real
-    from datasetdm.generation import decoder_annotator
+    from datasetdm.labelers.decoder import decoder_annotator
     from datasetdm.prompts.base import Prompt
 
     sample = read_labelled_folder(test)[0]

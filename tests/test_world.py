@@ -149,3 +149,61 @@ def test_render_cli_is_byte_identical_and_loads(tmp_path):
             assert np.array_equal(mask_utils.decode(ann["segmentation"]).astype(bool), inst.mask)
             if inst.keypoints is not None:
                 assert ann["num_keypoints"] == int((inst.keypoints[:, 2] > 0).sum())
+
+
+def test_default_preset_is_framed_like_voc():
+    """World v2 (issue 16): at most 3 objects, 1.8 on average, median instance ≥ 5% of the image,
+    people's left/right joints about two latent cells apart; the crowded v1 preset is smaller."""
+    from datasetdm.world.render import scene_stats
+
+    default = scene_stats([render_scene("test", 0, i) for i in range(150)])
+    crowded = scene_stats([render_scene("test", 0, i, "crowded") for i in range(150)])
+    assert default["max_objects"] <= 3 and default["objects_per_image"] <= 2.2
+    assert default["median_instance_area"] >= 0.05
+    assert default["median_joint_spacing_cells"] >= 1.5
+    assert crowded["median_instance_area"] < 0.04 and crowded["max_objects"] > 3
+    for s in SCENES:
+        assert s.meta["preset"] == "default"
+        # framed objects stay inside the frame vertically: every person's head is in the image
+        for inst in s.instances:
+            if inst.keypoints is not None:
+                assert inst.keypoints[0, 2] > 0 or inst.keypoints[1, 2] > 0 or inst.keypoints[2, 2] > 0
+
+
+def test_scene_stats_known_answer():
+    from datasetdm.formats.sample import Instance, LabelledSample
+    from datasetdm.world.render import scene_stats
+
+    def sample(areas):
+        instances = []
+        for a in areas:
+            m = np.zeros((IMAGE_SIZE, IMAGE_SIZE), bool)
+            m.flat[:a] = True
+            instances.append(Instance(category_id=2, mask=m))
+        return LabelledSample(id="x", image=np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8), instances=instances)
+
+    stats = scene_stats([sample([410]), sample([40, 820, 2048])])
+    assert stats["objects_per_image"] == 2.0 and stats["max_objects"] == 3
+    assert stats["median_instance_area"] == round((410 + 820) / 2 / 4096, 4)
+    assert stats["under_64_px"] == 0.25
+    assert stats["median_joint_spacing_cells"] is None
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown world preset"):
+        render_scene("train", 0, 0, "huge")
+
+
+def test_stats_cli_prints_json_last(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from datasetdm.cli import app
+
+    result = CliRunner().invoke(app, ["world", "stats", "--n", "20", "--preset", "crowded"])
+    assert result.exit_code == 0, result.output
+    stats = json.loads(result.output.strip().splitlines()[-1])
+    assert stats["preset"] == "crowded" and stats["scenes"] == 20
+    bad = CliRunner().invoke(app, ["world", "render", "--out", str(tmp_path / "x"), "--preset", "huge"])
+    assert bad.exit_code != 0 and not (tmp_path / "x").exists()

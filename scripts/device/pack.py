@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from datasetdm.backbone import embedded
-from datasetdm.backbone.train import RECIPE
+from datasetdm.embedded import model as embedded
+from datasetdm.embedded.train import RECIPE
 
 WHEELS = ["diffusers==0.42.1", "pycocotools==2.0.11"]  # the versions .venv has; cp312 for the device's python
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]

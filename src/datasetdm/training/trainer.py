@@ -80,7 +80,7 @@ class TrainOptions:
 # ------------------------------------------------------------------------------------- samples
 
 
-def _categories(folder) -> list[dict]:
+def folder_categories(folder) -> list[dict]:
     out = []
     for c in folder.categories:
         d = {"id": int(c.id), "name": c.name}
@@ -440,7 +440,7 @@ def prepare(data_dir, opts: TrainOptions, backbone_source=None, work_dir: Path |
     check_options(opts)
     folder = read_labelled_folder(data_dir)
     check_task_data(folder, opts.task, data_dir)
-    categories = _categories(folder)
+    categories = folder_categories(folder)
     names = [c["name"] for c in categories]
     unknown = [h for h in opts.held_out if h not in names]
     if unknown:
@@ -580,3 +580,19 @@ def _with_msg(add_task):
         return add_task(description, **kw)
 
     return add
+
+
+def train_decoders(data_dir, out_dir: Path, tasks, backbone_source, iterations: int,
+                   show_progress: bool = True, log=None) -> dict[str, Path]:
+    """One decoder per task on ``data_dir`` into ``out_dir/{task}``, sharing one feature cache;
+    a task whose checkpoint exists is skipped (so an interrupted run continues)."""
+    paths = {}
+    for task in tasks:
+        ckpt = Path(out_dir) / task
+        if not (ckpt / "config.json").exists():
+            if log is not None:
+                log(f"training the {task} decoder on {data_dir}")
+            opts = TrainOptions(task=task, iterations=iterations, cache_dir=str(Path(out_dir) / "features"))
+            train_decoder(data_dir, ckpt, opts, backbone_source=backbone_source, show_progress=show_progress)
+        paths[task] = ckpt
+    return paths

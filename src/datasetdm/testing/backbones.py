@@ -1,4 +1,4 @@
-"""Tiny random Stable-Diffusion-shaped backbones for tests and the demo fallback.
+"""Tiny random Stable-Diffusion-shaped backbones for tests and benchmarks.
 
 Built from configs the way diffusers' own tests do: same block layout as SD (three
 cross-attention down blocks and one plain one, so four UNet resolutions), but a few thousand
@@ -17,17 +17,10 @@ from pathlib import Path
 
 import torch
 
+from datasetdm.backbone.loader import package_dir
 from datasetdm.errors import DatasetdmError
 
 TEXT_ENCODERS = ("clip", "bert", "minilm")
-
-
-def package_dir(package: str) -> Path:
-    """The installed folder of ``package``, found without importing it (open_clip would pull torchvision)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise DatasetdmError(f"package {package!r} is not installed (pip install it into this environment)")
-    return Path(list(spec.submodule_search_locations)[0])
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Optional
@@ -11,40 +10,7 @@ from typing import Optional
 import typer
 
 from datasetdm.errors import DatasetdmError
-
-
-def _load_decoder(path: Path):
-    # Checkpoint loading belongs to the decoder/training stage; imported late so this module
-    # (and `export`/`view`) works without torch-heavy imports.
-    import datasetdm.decoder as decoder_module
-
-    loader = getattr(decoder_module, "load_decoder", None)
-    if loader is None:
-        raise DatasetdmError(f"{path}: this datasetdm cannot load decoder checkpoints (datasetdm.decoder.load_decoder is missing)")
-    if not path.exists():
-        raise DatasetdmError(f"{path}: decoder checkpoint not found")
-    return loader(path)
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for p in files:
-        digest.update(p.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def _categories(decoders) -> list:
-    from datasetdm.formats.coco import category_from_coco
-
-    by_id = {}
-    for path, dec in decoders:
-        for entry in dec.cfg.categories:
-            cat = category_from_coco(entry)
-            if cat.id in by_id and by_id[cat.id].name != cat.name:
-                raise DatasetdmError(f"{path}: category id {cat.id} is {cat.name!r} here but {by_id[cat.id].name!r} in another decoder")
-            by_id.setdefault(cat.id, cat)
-    return [by_id[i] for i in sorted(by_id)]
+from datasetdm.generation.defaults import GENERATION_STEPS, GUIDANCE_SCALE
 
 
 def generate(
@@ -61,8 +27,8 @@ def generate(
     batch_size: int = typer.Option(4, min=1, help="Images generated together; does not change the output."),
     resume: bool = typer.Option(False, help="Continue an interrupted run in OUT."),
     backbone: Optional[str] = typer.Option(None, help="Diffusers model folder or hub id (default: the embedded backbone)."),
-    steps: int = typer.Option(50, min=1, help="Denoising steps."),
-    guidance: float = typer.Option(7.5, help="Classifier-free guidance scale (1 = off)."),
+    steps: int = typer.Option(GENERATION_STEPS, min=1, help="Denoising steps."),
+    guidance: float = typer.Option(GUIDANCE_SCALE, help="Classifier-free guidance scale (1 = off)."),
     samples_per_shard: int = typer.Option(1000, min=1, help="Sample ids per tar shard."),
     min_confidence: Optional[float] = typer.Option(None, help="Drop samples whose mean annotator confidence is lower."),
     min_area: Optional[float] = typer.Option(None, help="Drop samples whose labelled fraction of the image is lower."),
@@ -77,7 +43,9 @@ def generate(
     (or, with --labeler attention, the model's own attention labels them)."""
     from datasetdm.backbone.capture import generate as generate_images
     from datasetdm.backbone.loader import load_backbone
-    from datasetdm.generation import Filters, decoder_annotator, generate_dataset
+    from datasetdm.generation import Filters, generate_dataset
+    from datasetdm.generation.setup import decoder_categories, decoder_run_config, load_decoder_checkpoint
+    from datasetdm.labelers.decoder import decoder_annotator
     from datasetdm.prompts import TemplatePrompts, load_prompts
 
     if labeler not in ("decoder", "attention"):
@@ -97,8 +65,8 @@ def generate(
         decoders = []
         categories = [Category(i + 1, c.strip()) for i, c in enumerate(classes.split(",")) if c.strip()]
     else:
-        decoders = [(p, _load_decoder(p)) for p in decoder]
-        categories = _categories(decoders)
+        decoders = [(p, load_decoder_checkpoint(p)) for p in decoder]
+        categories = decoder_categories(decoders)
     names = [c.name for c in categories]
     if prompts is not None:
         source = load_prompts(prompts, classes=names, seed=seed)
@@ -119,9 +87,7 @@ def generate(
     def generate_fn(texts, seeds):
         return generate_images(bb, texts, seeds, num_inference_steps=steps, guidance_scale=guidance)
 
-    config = {"steps": steps, "guidance": guidance, "decoders": [_file_digest(p) for p, _ in decoders]}
-    if min_pixel_confidence is not None:  # only when set, so runs made before the option still resume
-        config["min_pixel_confidence"] = min_pixel_confidence
+    config = decoder_run_config(decoders, steps, guidance, min_pixel_confidence)
     if labeler == "attention":
         from datasetdm.labelers.attention import AttentionLabeler, AttentionLabelerConfig
 

@@ -1,4 +1,4 @@
-"""`datasetdm backbone …`: train the embedded backbone (see backbone/train.py for the recipe)."""
+"""`datasetdm backbone …`: train the embedded backbone (see embedded/train.py for the recipe)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ def train_command(
                                    "further; give the same value when resuming that run)."),
     unet_batch: int = typer.Option(None, help="UNet batch size, overriding the recipe's (with --from-export)."),
     device: str = typer.Option("cpu", help="Where the encoders and the UNet stage run: cpu or cuda."),
+    init_from: Path = typer.Option(None, help="Start a new RUN from an export's VAE and UNet weights with a fresh "
+                                   "schedule from step 0 (a warm start on a changed world)."),
 ) -> None:
     """Train VAE then UNet on world images and captions; resumes from RUN if it exists."""
     import json
@@ -28,7 +30,7 @@ def train_command(
 
     from dataclasses import replace
 
-    from datasetdm.backbone.train import RECIPE, Recipe, seed_run_from_export, train
+    from datasetdm.embedded.train import RECIPE, Recipe, seed_run_from_export, train
     from datasetdm.errors import DatasetdmError
 
     if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
@@ -39,7 +41,13 @@ def train_command(
     # a seeded or started run keeps its own recipe; options only change what they name
     recipe_path = run / "recipe.json"
     recipe = Recipe(**json.loads(recipe_path.read_text())) if recipe_path.exists() else RECIPE
-    overrides = {k: v for k, v in {"unet_steps": unet_steps, "unet_batch": unet_batch}.items() if v is not None}
+    if init_from is not None:
+        if not (init_from / "unet").is_dir() or not (init_from / "vae").is_dir():
+            raise DatasetdmError(f"{init_from}: not an exported backbone (no unet/ and vae/)")
+        if recipe_path.exists() and recipe.init_from != str(init_from):
+            raise DatasetdmError(f"{recipe_path}: this run was started without --init-from {init_from}; use a new --run")
+    overrides = {k: v for k, v in {"unet_steps": unet_steps, "unet_batch": unet_batch,
+                                   "init_from": str(init_from) if init_from else None}.items() if v is not None}
     out = train(run, max_minutes=max_minutes, recipe=replace(recipe, **overrides), device=device, workers=threads)
     typer.echo(f"exported: {out}")
 
@@ -67,7 +75,7 @@ def check_command(
 
     import torch
 
-    from datasetdm.backbone.gates import CheckConfig, ReferenceConfig, run_checks
+    from datasetdm.embedded.gates import CheckConfig, ReferenceConfig, run_checks
     from datasetdm.io import write_json_atomic
 
     torch.set_num_threads(threads)
@@ -106,7 +114,7 @@ def reference_command(
 
     import torch
 
-    from datasetdm.backbone import gates
+    from datasetdm.embedded import gates
 
     torch.set_num_threads(threads)
     ref = {k: v for k, v in dict(n_train=reference_images, steps=reference_steps).items() if v is not None}
@@ -141,7 +149,7 @@ def sheet_command(
     """A contact sheet of generated samples with their prompts written under them."""
     import torch
 
-    from datasetdm.backbone.sheet import contact_sheet
+    from datasetdm.embedded.sheet import contact_sheet
 
     torch.set_num_threads(threads)
     path = contact_sheet(backbone, out, n=n, columns=columns, steps=steps, guidance=guidance, seed=seed,
@@ -155,6 +163,6 @@ def pack_command(
     out: Path = typer.Option(..., help="Folder for the pack (copy its files into a new --run to resume there)."),
 ) -> None:
     """Write a small resume pack (VAE + fp16 UNet/EMA weights + step) to carry a run to another machine."""
-    from datasetdm.backbone.train import write_resume_pack
+    from datasetdm.embedded.train import write_resume_pack
 
     typer.echo(f"wrote {write_resume_pack(run, out)}")

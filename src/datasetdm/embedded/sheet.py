@@ -65,7 +65,7 @@ def contact_sheet(
 ) -> Path:
     """Generate one sample per caption of the first ``n`` non-empty test-split scenes (the gate's
     prompts and seeds) and write the sheet to ``out``."""
-    from datasetdm.backbone.gates import TEST_SEED, exported_step, generate_images, render_set
+    from datasetdm.embedded.gates import TEST_SEED, exported_step, generate_images, render_set
     from datasetdm.backbone.loader import load_backbone
     from datasetdm.io import atomic_path, sample_seed
 
