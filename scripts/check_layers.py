@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "src" / "datasetdm"
 
 # unit (top-level module or package under datasetdm) -> layer
 LAYERS: dict[str, int] = {
-    "errors": 0, "io": 0,
+    "errors": 0, "io": 0, "text": 0, "progress": 0,
     "formats": 1,
     "world": 2, "backbone": 2, "prompts": 2,
     "decoder": 3,

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from datasetdm.embedded import gates
 from datasetdm.embedded.sheet import render_sheet
-from datasetdm.world.render import CATEGORIES, COLOURS, PLURALS, render_scene
+from datasetdm.text import plural
+from datasetdm.world.render import CATEGORIES, COLOURS, render_scene
 
 FLAT = {"ball", "cone", "star"}  # one flat colour over the whole silhouette
 
@@ -46,7 +47,7 @@ def test_render_set_prompted_sets_are_named_in_captions():
         assert cats and cols
         for c in cats:
             name = CATEGORIES[c - 1].name
-            assert name in cap or PLURALS.get(name, name + "s") in cap
+            assert name in cap or plural(name) in cap
             assert (sem == c).sum() >= 6
         for k in cols:
             assert gates.COLOUR_NAMES[k - 1] in cap

@@ -8,7 +8,7 @@ import pytest
 from datasetdm.errors import DatasetdmError
 from datasetdm.prompts import Prompt, PromptList, TemplatePrompts, read_prompts, write_prompts
 from datasetdm.prompts.llm import ChatClient, build_prompt_file, parse_descriptions
-from datasetdm.prompts.templates import plural
+from datasetdm.text import plural
 
 
 def test_templates_are_deterministic_balanced_and_varied():

@@ -7,6 +7,7 @@ tokenized alone with the model's own tokenizer and its token sequence is searche
 
 from __future__ import annotations
 
+from datasetdm.backbone.loader import MAX_TOKENS
 from datasetdm.errors import DatasetdmError
 
 
@@ -15,7 +16,7 @@ def _ids(tokenizer, text: str, max_length: int | None = None) -> list[int]:
     return list(tokenizer(text, add_special_tokens=max_length is not None, **kwargs).input_ids)
 
 
-def token_positions(tokenizer, prompt: str, phrase: str, max_tokens: int | None = 77) -> list[int]:
+def token_positions(tokenizer, prompt: str, phrase: str, max_tokens: int | None = MAX_TOKENS) -> list[int]:
     """Indices of ``phrase``'s tokens in the tokenized ``prompt`` (padded ids, BOS/CLS counted as 0).
 
     Every occurrence is returned, in order (``"a photo of a dog, dog"`` gives both ``dog``

@@ -372,12 +372,12 @@ def prompt_fidelity(
 
 def category_token_ids(tokenizer) -> dict[int, list[int]]:
     """Category id -> the token ids of its name and plural (words that are one token only)."""
-    from datasetdm.world.render import PLURALS
+    from datasetdm.text import plural
 
     out: dict[int, list[int]] = {}
     for c in CATEGORIES:
         ids = []
-        for word in (c.name, PLURALS.get(c.name, c.name + "s")):
+        for word in (c.name, plural(c.name)):
             tok = tokenizer(word, add_special_tokens=False)["input_ids"]
             if len(tok) == 1:
                 ids.append(int(tok[0]))

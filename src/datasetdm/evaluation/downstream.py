@@ -229,9 +229,9 @@ def build_and_run(out: str | Path, test_seed: int, n_test: int = 500, real: Path
         export_shards(shards, synthetic, overwrite=True)
     test_images, test_masks, categories = world_test_set(test_seed, n_test)
     say(f"downstream: real {real}, synthetic {synthetic}, {n_test} test scenes (seed {test_seed})")
-    from rich.progress import Progress
+    from datasetdm.progress import progress_bar
 
-    with Progress(transient=True) as bar:
+    with progress_bar(transient=True) as bar:
         tasks = {}
 
         def report(name, step, total):

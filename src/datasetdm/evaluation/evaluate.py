@@ -143,7 +143,13 @@ def evaluate_decoder(ckpt, data_dir, out=None, backbone_source=None, n_images: i
     n = len(folder) if n_images is None else min(n_images, len(folder))
     size = tuple(cfg.image_size)
     scores = Scores(cfg.task, categories, cfg.held_out if cfg.task == "open-vocab" else ())
-    progress = _progress(n) if show_progress else None
+    progress = None
+    if show_progress:
+        from datasetdm.progress import progress_bar
+
+        progress = progress_bar()
+        progress.add_task("evaluate", total=n)
+        progress.start()
     try:
         for b in range(0, n, batch_size):
             samples = [folder[i] for i in range(b, min(n, b + batch_size))]
@@ -162,17 +168,6 @@ def evaluate_decoder(ckpt, data_dir, out=None, backbone_source=None, n_images: i
     if out is not None:
         write_json_atomic(out, metrics)
     return metrics
-
-
-def _progress(total: int):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    progress = Progress(TextColumn("evaluate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                        console=Console(stderr=True))  # stdout carries the figures
-    progress.add_task("evaluate", total=total)
-    progress.start()
-    return progress
 
 
 def _resize_nearest(a: np.ndarray, size) -> np.ndarray:

@@ -17,6 +17,7 @@ import io
 import numpy as np
 import torch
 
+from datasetdm.formats.coco import encode_rle, rle_bbox
 from datasetdm.formats.sample import IGNORE_INDEX, Instance
 
 
@@ -58,19 +59,15 @@ class SemanticIoU:
 
 
 def _coco_gt(gts: list[list[Instance]], sizes, categories: list[dict], keypoints: bool):
-    from pycocotools import mask as mask_utils
     from pycocotools.coco import COCO
 
     images, anns = [], []
     for i, (insts, (h, w)) in enumerate(zip(gts, sizes)):
         images.append({"id": i + 1, "height": int(h), "width": int(w)})
         for inst in insts:
-            m = np.asfortranarray(inst.mask.astype(np.uint8))
-            rle = mask_utils.encode(m)
-            rle["counts"] = rle["counts"].decode()
+            rle = encode_rle(inst.mask)
             ann = {"id": len(anns) + 1, "image_id": i + 1, "category_id": int(inst.category_id),
-                   "segmentation": rle, "area": float(m.sum()), "iscrowd": 0,
-                   "bbox": [float(x) for x in mask_utils.toBbox(rle)]}
+                   "segmentation": rle, "area": float(inst.mask.sum()), "iscrowd": 0, "bbox": rle_bbox(rle)}
             if keypoints:
                 kp = np.zeros((17, 3), np.float32) if inst.keypoints is None else np.asarray(inst.keypoints, np.float32)
                 kp = kp.copy()
@@ -103,14 +100,11 @@ def _coco_eval(gt, dets: list[dict], iou_type: str) -> np.ndarray:
 
 def mask_ap(gts: list[list[Instance]], preds: list[list[Instance]], sizes, categories: list[dict]) -> dict:
     """COCO mask AP (IoU .50:.95) and AP50. ``preds`` instances need ``score``."""
-    from pycocotools import mask as mask_utils
-
     gt = _coco_gt(gts, sizes, categories, keypoints=False)
     dets = []
     for i, insts in enumerate(preds):
         for inst in insts:
-            rle = mask_utils.encode(np.asfortranarray(inst.mask.astype(np.uint8)))
-            rle["counts"] = rle["counts"].decode()
+            rle = encode_rle(inst.mask)
             dets.append({"image_id": i + 1, "category_id": int(inst.category_id), "segmentation": rle,
                          "score": float(inst.score if inst.score is not None else 1.0)})
     stats = _coco_eval(gt, dets, "segm")

@@ -15,6 +15,11 @@ def encode_rle(mask: np.ndarray) -> dict:
     return rle
 
 
+def rle_bbox(rle: dict) -> list[float]:
+    """[x, y, w, h] of an RLE from ``encode_rle``; an empty mask gives [0, 0, 0, 0], which COCO tools accept."""
+    return [float(v) for v in mask_utils.toBbox({"size": rle["size"], "counts": rle["counts"].encode("ascii")})]
+
+
 def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
     """COCO ``segmentation`` (compressed RLE, uncompressed RLE or polygons) -> (H, W) bool mask."""
     if isinstance(segmentation, list) and not segmentation:
@@ -32,10 +37,8 @@ def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
 
 def instance_to_annotation(instance: Instance, ann_id: int, image_id: int) -> dict:
     mask = np.asarray(instance.mask, dtype=bool)
-    rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
-    # toBbox of an empty mask is [0, 0, 0, 0], which COCO tools accept
-    bbox = [float(v) for v in mask_utils.toBbox(rle)]
-    rle["counts"] = rle["counts"].decode("ascii")
+    rle = encode_rle(mask)
+    bbox = rle_bbox(rle)
     ann = {
         "id": ann_id,
         "image_id": image_id,

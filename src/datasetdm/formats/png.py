@@ -6,6 +6,7 @@ pixel is the label (class id, or depth in mm), never a colour.
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -46,38 +47,58 @@ def voc_palette() -> list[int]:
 _VOC_PALETTE = voc_palette()
 
 
-def write_semantic_png(path: str | os.PathLike, mask: np.ndarray) -> None:
-    """Save an (H, W) uint8 class-id map as a palettized 'P' PNG; pixel values are the ids."""
+def _png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def encode_semantic_png(mask: np.ndarray) -> bytes:
+    """An (H, W) uint8 class-id map as a palettized 'P' PNG; pixel values are the ids."""
     mask = np.ascontiguousarray(mask, dtype=np.uint8)
     h, w = mask.shape
     image = Image.frombytes("P", (w, h), mask.tobytes())
     # Without an explicit 256-entry palette Pillow may save a 1-bit PNG and cut the ids.
     image.putpalette(_VOC_PALETTE)
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+    return _png_bytes(image)
 
 
-def write_depth_png(path: str | os.PathLike, depth_m: np.ndarray) -> None:
-    """Save an (H, W) depth map in metres as a uint16 PNG in millimetres.
+def encode_depth_png(depth_m: np.ndarray, name: str = "depth") -> bytes:
+    """An (H, W) depth map in metres as a uint16 PNG in millimetres.
 
     0 stays 0 (no depth). Positive depths never round down to 0 (they become 1 mm), and depths
-    beyond 65.535 m are clipped to 65535: uint16 millimetres cannot hold more.
+    beyond 65.535 m are clipped to 65535: uint16 millimetres cannot hold more. ``name`` (a path)
+    goes into the error message.
     """
     depth_m = np.asarray(depth_m, dtype=np.float64)
     if not np.isfinite(depth_m).all():
-        raise DatasetdmError(f"{path}: depth contains NaN or infinite values")
+        raise DatasetdmError(f"{name}: depth contains NaN or infinite values")
     if (depth_m < 0).any():
-        raise DatasetdmError(f"{path}: depth contains negative values")
+        raise DatasetdmError(f"{name}: depth contains negative values")
     mm = np.clip(np.rint(depth_m / DEPTH_SCALE), 0, 65535)
     mm[(depth_m > 0) & (mm == 0)] = 1
-    mm = np.ascontiguousarray(mm.astype(np.uint16))
+    return _png_bytes(Image.fromarray(np.ascontiguousarray(mm.astype(np.uint16))))
+
+
+def encode_image_png(image: np.ndarray) -> bytes:
+    return _png_bytes(Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)))
+
+
+def _write(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
-        Image.fromarray(mm).save(tmp, format="PNG")
+        Path(tmp).write_bytes(data)
+
+
+def write_semantic_png(path: str | os.PathLike, mask: np.ndarray) -> None:
+    _write(path, encode_semantic_png(mask))
+
+
+def write_depth_png(path: str | os.PathLike, depth_m: np.ndarray) -> None:
+    _write(path, encode_depth_png(depth_m, str(path)))
 
 
 def write_image_png(path: str | os.PathLike, image: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(tmp, format="PNG")
+    _write(path, encode_image_png(image))
 
 
 def open_header(path: Path) -> Image.Image:

@@ -39,7 +39,7 @@ from PIL import Image
 
 from datasetdm.errors import DatasetdmError
 from datasetdm.formats import coco
-from datasetdm.formats.png import DEPTH_SCALE, voc_palette
+from datasetdm.formats.png import DEPTH_SCALE, encode_depth_png, encode_image_png, encode_semantic_png
 from datasetdm.formats.sample import Category, LabelledSample
 from datasetdm.io import atomic_path, write_json_atomic
 
@@ -51,7 +51,6 @@ FORMAT_VERSION = 1
 # Manifest columns besides the per-score ones (score_{name}, float64, null when not computed).
 BASE_COLUMNS = ("id", "key", "shard", "prompt", "classes", "seed", "kept", "dropped_reason", "backbone", "versions")
 
-_PALETTE = voc_palette()
 
 
 def shard_name(index: int) -> str:
@@ -65,29 +64,6 @@ def sample_key(sample_id: int) -> str:
 # --------------------------------------------------------------------------------------------
 # Encoding one sample
 # --------------------------------------------------------------------------------------------
-
-
-def _png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def encode_semantic(mask: np.ndarray) -> bytes:
-    mask = np.ascontiguousarray(mask, dtype=np.uint8)
-    image = Image.frombytes("P", (mask.shape[1], mask.shape[0]), mask.tobytes())
-    image.putpalette(_PALETTE)  # without a full palette Pillow may cut ids to fewer bits
-    return _png(image)
-
-
-def encode_depth(depth_m: np.ndarray) -> bytes:
-    """Metres -> uint16 millimetres; same rules as the labelled folder (0 stays 0, >0 is >= 1 mm)."""
-    depth_m = np.asarray(depth_m, dtype=np.float64)
-    if not np.isfinite(depth_m).all() or (depth_m < 0).any():
-        raise DatasetdmError("depth contains NaN, infinite or negative values")
-    mm = np.clip(np.rint(depth_m / DEPTH_SCALE), 0, 65535)
-    mm[(depth_m > 0) & (mm == 0)] = 1
-    return _png(Image.fromarray(np.ascontiguousarray(mm.astype(np.uint16))))
 
 
 def _labels_json(sample: LabelledSample, sample_id: int) -> list[dict] | None:
@@ -108,7 +84,7 @@ def encode_sample(
     ``info`` goes into the JSON as is (prompt, classes, seed, scores, ...). ``extras`` are labels
     from further annotators, stored under their name.
     """
-    files = {"png": _png(Image.fromarray(np.ascontiguousarray(sample.image, dtype=np.uint8)))}
+    files = {"png": encode_image_png(sample.image)}
     height, width = sample.size
     meta = {
         "id": sample_id,
@@ -119,12 +95,9 @@ def encode_sample(
         "instances": _labels_json(sample, sample_id),
     }
     if sample.semantic is not None:
-        files["semantic.png"] = encode_semantic(sample.semantic)
+        files["semantic.png"] = encode_semantic_png(sample.semantic)
     if sample.depth is not None:
-        try:
-            files["depth.png"] = encode_depth(sample.depth)
-        except DatasetdmError as e:
-            raise DatasetdmError(f"sample {sample_id}: {e}") from None
+        files["depth.png"] = encode_depth_png(sample.depth, f"sample {sample_id}")
         meta["depth_scale"] = DEPTH_SCALE
     if extras:
         meta["extras"] = {}
@@ -133,10 +106,10 @@ def encode_sample(
                 raise DatasetdmError(f"annotator name {name!r}: must be non-empty, without '.' or '/'")
             entry = {}
             if extra.semantic is not None:
-                files[f"{name}.semantic.png"] = encode_semantic(extra.semantic)
+                files[f"{name}.semantic.png"] = encode_semantic_png(extra.semantic)
                 entry["semantic"] = f"{name}.semantic.png"
             if extra.depth is not None:
-                files[f"{name}.depth.png"] = encode_depth(extra.depth)
+                files[f"{name}.depth.png"] = encode_depth_png(extra.depth, f"sample {sample_id} ({name})")
                 entry["depth"] = f"{name}.depth.png"
             if extra.instances is not None:
                 entry["instances"] = _labels_json(extra, sample_id)

@@ -36,6 +36,7 @@ from datasetdm.errors import DatasetdmError
 from datasetdm.formats.sample import IGNORE_INDEX, Category, LabelledSample
 from datasetdm.formats.shards import ShardWriter, read_manifest
 from datasetdm.io import sample_seed
+from datasetdm.progress import progress_bar, rate_column
 from datasetdm.prompts.base import Prompt, PromptSource
 
 GenerateFn = Callable[[list[str], list[int]], tuple]
@@ -222,27 +223,6 @@ def prompts_fingerprint(prompts: PromptSource, count: int = 64) -> str:
     return digest.hexdigest()[:16]
 
 
-def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-    from rich.text import Text
-
-    class SamplesPerSecond(ProgressColumn):
-        def render(self, task) -> Text:
-            speed = task.finished_speed or task.speed
-            return Text(f"{speed:.2f} samples/s" if speed else "? samples/s", style="progress.data.speed")
-
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        SamplesPerSecond(),
-        TextColumn("kept {task.fields[kept]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-    )
-
-
 def generate_dataset(
     out: str | Path,
     generate_fn: GenerateFn,
@@ -283,7 +263,7 @@ def generate_dataset(
     writer = ShardWriter(out, categories, run_config, samples_per_shard, backbone=backbone, resume=resume)
     start = writer.resume_from(n)
     t0 = time.perf_counter()
-    with _progress(progress) as bar, writer:
+    with progress_bar(rate_column("samples"), "kept {task.fields[kept]}", enabled=progress) as bar, writer:
         task = bar.add_task("generating", total=n, completed=min(start, n), kept="")
         kept = 0
         first = start

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 from datasetdm.io import sample_seed
+from datasetdm.text import plural
 
 
 @dataclass(frozen=True)
@@ -26,20 +27,13 @@ class PromptSource(Protocol):
     def prompt(self, sample_id: int) -> Prompt: ...
 
 
-# plurals that are not the name + "s"/"es" ("two people" must count as asking for "person")
-IRREGULAR_PLURALS = {"person": "people", "man": "men", "woman": "women", "child": "children", "mouse": "mice",
-                     "foot": "feet", "tooth": "teeth", "goose": "geese", "knife": "knives", "leaf": "leaves"}
-
-
 def classes_in_text(text: str, classes: Sequence[str]) -> tuple[str, ...]:
-    """The class names that occur in ``text`` as words (a trailing plural 's'/'es' allowed, and
-    the irregular plurals of ``IRREGULAR_PLURALS``)."""
+    """The class names that occur in ``text`` as words, singular or plural (a trailing 's'/'es'
+    allowed, and the plural ``text.plural`` writes: "two people" asks for "person")."""
     lowered = text.lower()
     found = []
     for name in classes:
-        forms = re.escape(name.lower()) + r"(?:s|es)?"
-        if name.lower() in IRREGULAR_PLURALS:
-            forms += "|" + re.escape(IRREGULAR_PLURALS[name.lower()])
+        forms = re.escape(name.lower()) + r"(?:s|es)?|" + re.escape(plural(name.lower()))
         pattern = r"\b(?:" + forms + r")\b"
         if re.search(pattern, lowered):
             found.append(name)

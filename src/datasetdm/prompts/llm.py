@@ -23,7 +23,8 @@ from typing import Sequence
 from datasetdm.errors import DatasetdmError
 from datasetdm.prompts.base import Prompt, classes_in_text
 from datasetdm.prompts.files import read_prompts, write_prompts
-from datasetdm.prompts.templates import article, plural
+from datasetdm.prompts.templates import article
+from datasetdm.text import plural
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 

@@ -12,6 +12,7 @@ from typing import Sequence
 
 from datasetdm.io import sample_seed
 from datasetdm.prompts.base import Prompt
+from datasetdm.text import plural
 
 COLOURS = ("red", "blue", "green", "yellow", "white", "black", "grey", "brown", "orange", "purple")
 ATTRIBUTES = ("small", "large", "old", "new", "shiny", "dusty", "bright", "dark")
@@ -22,27 +23,6 @@ SCENES = (
 )
 # Whole-prompt shapes; the variation names are what `TemplatePrompts.weights` refers to.
 VARIATIONS = ("plain", "colour", "attribute", "count", "scene", "pair")
-
-_IRREGULAR_PLURALS = {
-    "person": "people", "man": "men", "woman": "women", "child": "children", "mouse": "mice",
-    "sheep": "sheep", "fish": "fish", "deer": "deer", "foot": "feet", "tooth": "teeth",
-}
-
-
-def plural(noun: str) -> str:
-    """English plural of a class name (last word only: "traffic light" -> "traffic lights")."""
-    head, _, last = noun.rpartition(" ")
-    lower = last.lower()
-    if lower in _IRREGULAR_PLURALS:
-        last = _IRREGULAR_PLURALS[lower]
-    elif lower.endswith(("s", "x", "z", "ch", "sh")):
-        last = last + "es"
-    elif lower.endswith("y") and lower[-2:-1] not in tuple("aeiou"):
-        last = last[:-1] + "ies"
-    else:
-        last = last + "s"
-    return f"{head} {last}" if head else last
-
 
 def article(word: str) -> str:
     return "an" if word[:1].lower() in "aeiou" else "a"

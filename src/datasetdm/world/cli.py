@@ -20,14 +20,14 @@ def render(
                                "or crowded (v1: 1-6 small objects, COCO-like)."),
 ) -> None:
     """Render scenes with images, captions, semantic and instance masks, keypoints and depth."""
-    from rich.progress import Progress
+    from datasetdm.progress import progress_bar
 
     from datasetdm.formats.labelled_folder import LabelledFolderWriter
     from datasetdm.world.render import CATEGORIES, render_scene, scene_stats
 
     _check(split, preset)
     samples = []
-    with Progress() as progress, LabelledFolderWriter(out, list(CATEGORIES)) as writer:
+    with progress_bar() as progress, LabelledFolderWriter(out, list(CATEGORIES)) as writer:
         task = progress.add_task(f"rendering {split}", total=n)
         for index in range(start, start + n):
             sample = render_scene(split, seed, index, preset)

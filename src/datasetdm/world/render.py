@@ -42,6 +42,7 @@ from datasetdm.formats.sample import (
     Instance,
     LabelledSample,
 )
+from datasetdm.text import plural
 
 IMAGE_SIZE = 64
 SUPERSAMPLE = 4
@@ -59,7 +60,6 @@ CATEGORIES: tuple[Category, ...] = (
     Category(9, "car"),
 )
 CATEGORY_BY_NAME = {c.name: c for c in CATEGORIES}
-PLURALS = {"person": "people", "box": "boxes"}
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (205, 40, 40),
@@ -535,7 +535,7 @@ def _caption(objects: list[_Object], setting: str, lighting: str) -> str:
         groups[(o.category, o.colour)] = groups.get((o.category, o.colour), 0) + 1
     phrases = []
     for (cat, colour), n in groups.items():
-        noun = cat if n == 1 else PLURALS.get(cat, cat + "s")
+        noun = cat if n == 1 else plural(cat)
         if cat == "person":
             clothes = "shirt" if n == 1 else "shirts"
             article = ("an " if colour[0] in "aeiou" else "a ") if n == 1 else ""
