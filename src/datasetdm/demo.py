@@ -49,7 +49,7 @@ def run_demo(out: str | Path, backbone: str | None = None, n_samples: int = 200,
              batch_size: int = GENERATION_BATCH, tasks=DEMO_TASKS, seed: int = 0, show_progress: bool = True) -> dict:
     from datasetdm.evaluation.evaluate import evaluate_decoder, headline
     from datasetdm.formats.export import export_shards
-    from datasetdm.generation.setup import generate_with_decoders
+    from datasetdm.generation.setup import generate_labelled
     from datasetdm.training import train_decoders
     from datasetdm.view import build_gallery
     from datasetdm.world.folders import render_world_folder, world_prompt_file
@@ -68,8 +68,9 @@ def run_demo(out: str | Path, backbone: str | None = None, n_samples: int = 200,
     decoders = train_decoders(train_dir, out / "decoders", tasks, source, iterations, show_progress, log=say)
     prompts = world_prompt_file(out / "prompts.txt", max(n_samples, 1), seed)
     say(f"[bold]generating {n_samples} annotated samples[/bold] ({steps} steps, guidance {guidance})")
-    summary = generate_with_decoders(out / "shards", list(decoders.values()), prompts, source, n_samples, seed,
-                                     steps, guidance, batch_size, show_progress)
+    summary = generate_labelled(out / "shards", backbone=source, decoders=list(decoders.values()), prompts=prompts,
+                                n=n_samples, seed=seed, steps=steps, guidance=guidance, batch_size=batch_size,
+                                show_progress=show_progress)
     exported = export_shards(out / "shards", out / "dataset", overwrite=True)
     gallery = build_gallery(out / "dataset", out / "gallery", limit=100)
     say(f"exported {exported} samples to {out / 'dataset'}; gallery: {gallery}")

@@ -63,12 +63,12 @@ def check_command(
     guidance: float = typer.Option(4.0, help="Classifier-free guidance scale."),
     min_pixels: int = typer.Option(4, help="Pixels a prompted category/colour needs to count as found."),
     cache: Path = typer.Option(Path("runs/reference"), help="Where the reference segmenter is cached."),
-    reference_images: int = typer.Option(None, help="Reference segmenter training images (default 12000)."),
-    reference_steps: int = typer.Option(None, help="Reference segmenter training steps (default 3000)."),
+    reference_images: int = typer.Option(None, help="Reference segmenter training images (default 20000)."),
+    reference_steps: int = typer.Option(None, help="Reference segmenter training steps (default 6000)."),
     threads: int = typer.Option(1, help="CPU threads for torch."),
     probe_only: bool = typer.Option(False, help="Only the hypercolumn probe gate (minutes; no reference segmenter)."),
 ) -> None:
-    """Measure the backbone's quality gates (issue 4): reference segmenter mIoU, prompt fidelity,
+    """Measure the backbone's quality gates: reference segmenter mIoU, prompt fidelity,
     hypercolumn probe. Progress goes to stderr; the last stdout line is the figures as JSON.
     Exit status 1 when a gate fails."""
     import json
@@ -99,13 +99,16 @@ def check_command(
 def reference_command(
     cache: Path = typer.Option(Path("runs/reference"), help="Where the reference segmenter is cached."),
     reference_images: int = typer.Option(None, help="Training images (default 20000)."),
-    reference_steps: int = typer.Option(None, help="Training steps (default 16000)."),
+    reference_steps: int = typer.Option(None, help="Training steps (default 6000)."),
+    base: int = typer.Option(None, help="U-Net base width (default 16)."),
+    depth: int = typer.Option(None, help="U-Net depth, resolutions (default 5)."),
+    batch_size: int = typer.Option(None, help="Training batch (default 32)."),
     test_images: int = typer.Option(500, help="Held-out test images it is scored on."),
     package: bool = typer.Option(False, help="Also write it into the package (assets/reference, fp16, with its "
                                  "scores), so checks on a fresh clone need not train it."),
     retrain: bool = typer.Option(False, help="Train it even if a cached or packaged copy exists."),
     device: str = typer.Option("cpu", help="Where to train it: cpu or cuda (the default recipe takes "
-                               "~4 min on an H200, hours on 2 cores)."),
+                               "about half an hour on 2 cores)."),
     threads: int = typer.Option(2, help="CPU threads for torch."),
 ) -> None:
     """Train (or load) the gates' reference segmenter and score it on held-out world images.
@@ -117,7 +120,8 @@ def reference_command(
     from datasetdm.embedded import gates
 
     torch.set_num_threads(threads)
-    ref = {k: v for k, v in dict(n_train=reference_images, steps=reference_steps).items() if v is not None}
+    ref = {k: v for k, v in dict(n_train=reference_images, steps=reference_steps, base=base, depth=depth,
+                                 batch_size=batch_size).items() if v is not None}
     config = gates.ReferenceConfig(**ref)
     log = lambda m: typer.echo(m, err=True)  # noqa: E731
     held_out = gates.render_set("test", gates.TEST_SEED, test_images)

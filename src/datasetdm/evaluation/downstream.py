@@ -164,67 +164,43 @@ def format_table(result: dict, categories: list[Category]) -> str:
     return "\n".join(rows)
 
 
-def build_attention_synthetic(out: Path, prompts: Path, backbone: str, n: int, seed: int, steps: int | None = None,
-                              guidance: float | None = None, batch_size: int | None = None, show_progress: bool = True):
-    """Shards labelled by the training-free attention labeler, world classes, world-style prompts."""
-    from datasetdm.backbone.loader import load_backbone
-    from datasetdm.generation import generate_dataset
-    from datasetdm.labelers.attention import AttentionLabeler
-    from datasetdm.prompts import load_prompts
-    from datasetdm.world.render import CATEGORIES
-
-    from datasetdm.generation.defaults import GENERATION_BATCH, GENERATION_STEPS, GUIDANCE_SCALE
-
-    steps = GENERATION_STEPS if steps is None else steps
-    guidance = GUIDANCE_SCALE if guidance is None else guidance
-    batch_size = GENERATION_BATCH if batch_size is None else batch_size
-    bb = load_backbone(backbone)
-    labeler = AttentionLabeler(bb, list(CATEGORIES))
-    source = load_prompts(prompts, classes=[c.name for c in CATEGORIES], seed=seed)
-    return generate_dataset(
-        out, labeler.generate_fn(num_inference_steps=steps, guidance_scale=guidance), {"attention": labeler.annotator},
-        source, list(CATEGORIES), n=n, seed=seed, batch_size=batch_size, backbone=f"{bb.name}@{bb.fingerprint}",
-        config={"steps": steps, "guidance": guidance, "labeler": "attention"},
-        resume=(out / "run.json").exists(), progress=show_progress,
-    )
-
-
 def build_and_run(out: str | Path, test_seed: int, n_test: int = 500, real: Path | None = None,
                   synthetic: Path | None = None, n_synthetic: int = 1000, labeler: str = "decoder",
                   backbone: str | None = None, config: DownstreamConfig | None = None,
                   decoder_iterations: int = 1500, seed: int = 0, cache_dir: Path | None = None,
                   min_pixel_confidence: float | None = None) -> dict:
     """The `datasetdm downstream` command: build what is not given, run, write ``downstream.json``."""
-    import json
-
     from rich.console import Console
 
     from datasetdm.backbone.loader import embedded_backbone_path
     from datasetdm.formats.export import export_shards
     from datasetdm.generation.defaults import GENERATION_BATCH, GENERATION_STEPS, GUIDANCE_SCALE
-    from datasetdm.generation.setup import generate_with_decoders
+    from datasetdm.generation.setup import generate_labelled
+    from datasetdm.labelers.registry import LABELERS
     from datasetdm.io import write_json_atomic
     from datasetdm.training import train_decoders
     from datasetdm.world.folders import render_world_folder, world_prompt_file
+    from datasetdm.world.render import CATEGORIES
 
     say = Console(stderr=True).print
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if labeler not in ("decoder", "attention"):
-        raise DatasetdmError(f"--labeler {labeler!r}: choose decoder or attention")
+    if labeler not in LABELERS:
+        raise DatasetdmError(f"--labeler {labeler!r}: choose one of {', '.join(LABELERS)}")
     real = Path(real) if real else render_world_folder(out / "real", "train", seed, 100)
     if synthetic is None:
         source = backbone or str(embedded_backbone_path())
         prompts = world_prompt_file(out / "prompts.txt", n_synthetic, seed)
         shards = out / f"shards-{labeler}"
+        decoders = []
         if labeler == "decoder":
-            decoders = train_decoders(real, out / "decoders", ["semantic"], source, decoder_iterations, log=say)
-            generate_with_decoders(shards, list(decoders.values()), prompts, source, n_synthetic, seed,
-                                   steps=GENERATION_STEPS, guidance=GUIDANCE_SCALE, batch_size=GENERATION_BATCH,
-                                   min_pixel_confidence=min_pixel_confidence)
-        else:
-            build_attention_synthetic(shards, prompts, source, n_synthetic, seed)
+            decoders = list(train_decoders(real, out / "decoders", ["semantic"], source, decoder_iterations,
+                                           log=say).values())
+        generate_labelled(shards, labeler=labeler, backbone=source, decoders=decoders,
+                          categories=list(CATEGORIES) if labeler == "attention" else (), prompts=prompts,
+                          n=n_synthetic, seed=seed, steps=GENERATION_STEPS, guidance=GUIDANCE_SCALE,
+                          batch_size=GENERATION_BATCH, min_pixel_confidence=min_pixel_confidence)
         synthetic = out / f"synthetic-{labeler}"
         export_shards(shards, synthetic, overwrite=True)
     test_images, test_masks, categories = world_test_set(test_seed, n_test)

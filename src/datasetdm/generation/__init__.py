@@ -12,7 +12,7 @@ from datasetdm.generation.loop import (
     prompts_fingerprint,
     quality_scores,
 )
-from datasetdm.generation.setup import decoder_categories, file_digest, generate_with_decoders
+from datasetdm.generation.setup import generate_labelled
 
 __all__ = [
     "Annotator",
@@ -20,10 +20,8 @@ __all__ = [
     "GenerateFn",
     "GenerationSummary",
     "as_uint8_images",
-    "decoder_categories",
-    "file_digest",
     "generate_dataset",
-    "generate_with_decoders",
+    "generate_labelled",
     "merge_labels",
     "prompts_fingerprint",
     "quality_scores",

@@ -9,7 +9,6 @@ from typing import Optional
 
 import typer
 
-from datasetdm.errors import DatasetdmError
 from datasetdm.generation.defaults import GENERATION_STEPS, GUIDANCE_SCALE
 
 
@@ -41,66 +40,24 @@ def generate(
 ) -> None:
     """Generate annotated images: every decoder labels each image from the same hypercolumns
     (or, with --labeler attention, the model's own attention labels them)."""
-    from datasetdm.backbone.capture import generate as generate_images
-    from datasetdm.backbone.loader import load_backbone
-    from datasetdm.generation import Filters, generate_dataset
-    from datasetdm.generation.setup import decoder_categories, decoder_run_config, load_decoder_checkpoint
-    from datasetdm.labelers.decoder import decoder_annotator
-    from datasetdm.prompts import TemplatePrompts, load_prompts
+    from datasetdm.formats.sample import Category
+    from datasetdm.generation import Filters
+    from datasetdm.generation.setup import generate_labelled
 
-    if labeler not in ("decoder", "attention"):
-        raise DatasetdmError(f"--labeler {labeler!r}: choose decoder or attention")
-    if labeler == "decoder" and not decoder:
-        raise DatasetdmError("--labeler decoder needs at least one --decoder checkpoint")
+    categories, attention = [], None
     if labeler == "attention":
-        if decoder:
-            raise DatasetdmError("--labeler attention labels without decoders; drop --decoder")
-        if min_pixel_confidence is not None:
-            raise DatasetdmError("--min-pixel-confidence is for decoder labels; the attention labeler has "
-                                 "--label-threshold and --ignore-threshold")
-        if not classes:
-            raise DatasetdmError("--labeler attention needs --classes (the class names to label, in id order)")
-        from datasetdm.formats.sample import Category
+        from datasetdm.labelers.attention import AttentionLabelerConfig
 
-        decoders = []
-        categories = [Category(i + 1, c.strip()) for i, c in enumerate(classes.split(",")) if c.strip()]
-    else:
-        decoders = [(p, load_decoder_checkpoint(p)) for p in decoder]
-        categories = decoder_categories(decoders)
-    names = [c.name for c in categories]
-    if prompts is not None:
-        source = load_prompts(prompts, classes=names, seed=seed)
-    else:
-        chosen = [c.strip() for c in classes.split(",")] if classes else names
-        unknown = [c for c in chosen if c not in names]
-        if unknown:
-            raise DatasetdmError(f"--classes: {', '.join(unknown)} not among the decoders' classes ({', '.join(names)})")
-        source = TemplatePrompts(chosen, seed=seed)
-    bb = load_backbone(backbone, device=device)
-    for _, dec in decoders:
-        dec.check_backbone(bb)  # a decoder reads the features of the backbone it was trained on
-    annotators = {}
-    for path, dec in decoders:
-        name = f"{dec.cfg.task}" if dec.cfg.task not in annotators else f"{dec.cfg.task}{len(annotators)}"
-        annotators[name] = decoder_annotator(dec.to(bb.device), bb.tokenizer, min_pixel_confidence)
-
-    def generate_fn(texts, seeds):
-        return generate_images(bb, texts, seeds, num_inference_steps=steps, guidance_scale=guidance)
-
-    config = decoder_run_config(decoders, steps, guidance, min_pixel_confidence)
-    if labeler == "attention":
-        from datasetdm.labelers.attention import AttentionLabeler, AttentionLabelerConfig
-
-        settings = AttentionLabelerConfig(tau=tau, label_threshold=label_threshold, ignore_threshold=ignore_threshold)
-        attention = AttentionLabeler(bb, categories, settings)
-        annotators["attention"] = attention.annotator
-        generate_fn = attention.generate_fn(num_inference_steps=steps, guidance_scale=guidance)
-        config["attention_labeler"] = {"tau": tau, "label_threshold": label_threshold, "ignore_threshold": ignore_threshold}
-    summary = generate_dataset(
-        out, generate_fn, annotators, source, categories, n=n, seed=seed, batch_size=batch_size,
-        samples_per_shard=samples_per_shard,
-        filters=Filters(min_confidence, min_area, min_agreement, max_ignore),
-        backbone=f"{bb.name}@{bb.fingerprint}", config=config, resume=resume,
+        if classes:
+            categories = [Category(i + 1, c.strip()) for i, c in enumerate(classes.split(",")) if c.strip()]
+        attention = AttentionLabelerConfig(tau=tau, label_threshold=label_threshold, ignore_threshold=ignore_threshold)
+    summary = generate_labelled(
+        out, labeler=labeler, backbone=backbone, n=n, seed=seed, steps=steps, guidance=guidance,
+        batch_size=batch_size, prompts=prompts,
+        classes=[c.strip() for c in classes.split(",")] if classes and labeler == "decoder" else None,
+        decoders=decoder, categories=categories, attention=attention, min_pixel_confidence=min_pixel_confidence,
+        filters=Filters(min_confidence, min_area, min_agreement, max_ignore), samples_per_shard=samples_per_shard,
+        resume=resume, device=device,
     )
     typer.echo(
         f"{out}: {summary.kept} kept, {summary.dropped} dropped {json.dumps(summary.drop_reasons)}; "

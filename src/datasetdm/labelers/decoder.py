@@ -4,11 +4,14 @@ the hypercolumns captured while generating it. An annotator has the generation l
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
-from datasetdm.formats.sample import LabelledSample
+from datasetdm.errors import DatasetdmError
+from datasetdm.formats.sample import Category, LabelledSample
 from datasetdm.prompts.base import Prompt
 
 
@@ -48,3 +51,37 @@ def decoder_annotator(decoder, tokenizer, min_pixel_confidence: float | None = N
         return labels_from_predictions(decoder.predict(inp, min_pixel_confidence=min_pixel_confidence), images)
 
     return annotate
+
+
+def load_decoder_checkpoint(path: Path):
+    from datasetdm.decoder import load_decoder
+
+    if not Path(path).exists():
+        raise DatasetdmError(f"{path}: decoder checkpoint not found")
+    return load_decoder(path)
+
+
+def file_digest(path: Path) -> str:
+    """A file's or folder's content hash: a run records its decoders by content, not by path."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for p in files:
+        digest.update(p.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def decoder_categories(decoders) -> list[Category]:
+    """The union of the categories of ``decoders`` ([(path, decoder)]), by id; one id must mean
+    one name in all of them."""
+    from datasetdm.formats.coco import category_from_coco
+
+    by_id: dict[int, Category] = {}
+    for path, dec in decoders:
+        for entry in dec.cfg.categories:
+            cat = category_from_coco(entry)
+            if cat.id in by_id and by_id[cat.id].name != cat.name:
+                raise DatasetdmError(f"{path}: category id {cat.id} is {cat.name!r} here but "
+                                     f"{by_id[cat.id].name!r} in another decoder")
+            by_id.setdefault(cat.id, cat)
+    return [by_id[i] for i in sorted(by_id)]

