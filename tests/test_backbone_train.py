@@ -36,7 +36,7 @@ def _log_lines(run):
 def test_train_stops_resumes_and_exports(tiny_models, tmp_path):
     run = tmp_path / "run"
     train_mod.train(run, max_minutes=0.0, recipe=TINY_RECIPE)  # stops after the first UNet step
-    assert torch.load(run / "unet-state.pt", weights_only=False)["step"] == 1
+    assert train_mod.read_unet_state(run)["step"] == 1
     for name in ("data.npz", "latents.npy", "text.npy", "vae/config.json"):
         assert (run / name).exists(), name
     vae_mtime = (run / "vae" / "diffusion_pytorch_model.safetensors").stat().st_mtime
@@ -54,7 +54,7 @@ def test_train_stops_resumes_and_exports(tiny_models, tmp_path):
     saved = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
     assert {v.dtype for v in saved.values()} == {torch.float16}  # shipped weights are fp16
     bb = load_backbone(out)
-    ema = torch.load(run / "unet-state.pt", weights_only=False)["ema"]
+    ema = train_mod.read_unet_state(run)["ema"]
     key = next(iter(ema))
     torch.testing.assert_close(bb.unet.state_dict()[key].float(), ema[key].half().float())  # export = EMA
     assert bb.vae.config.scaling_factor > 0
@@ -66,7 +66,7 @@ def test_train_stops_resumes_and_exports(tiny_models, tmp_path):
 def test_resume_pack_carries_the_run_to_a_new_folder(tiny_models, tmp_path):
     run = tmp_path / "run"
     train_mod.train(run, max_minutes=0.0, recipe=TINY_RECIPE)
-    state = torch.load(run / "unet-state.pt", weights_only=False)
+    state = train_mod.read_unet_state(run)
     pack = train_mod.write_resume_pack(run, tmp_path / "pack")
     assert sorted(p.name for p in pack.iterdir()) == ["recipe.json", "resume-pack.safetensors", "train.log", "vae"]
 
@@ -78,7 +78,7 @@ def test_resume_pack_carries_the_run_to_a_new_folder(tiny_models, tmp_path):
     # stop again right after loading: the weights must be the packed ones (fp16-rounded)
     train_mod.train(new, max_minutes=0.0, recipe=TINY_RECIPE)
     assert any(x.get("resumed_from_pack_at") == 1 for x in _log_lines(new))
-    resumed = torch.load(new / "unet-state.pt", weights_only=False)
+    resumed = train_mod.read_unet_state(new)
     assert resumed["step"] == 2
     key = next(iter(state["ema"]))
     assert torch.allclose(resumed["ema"][key], state["ema"][key], atol=5e-2)
@@ -108,7 +108,7 @@ def test_export_records_training_and_seeds_a_new_run(tiny_models, tmp_path):
         train_mod.train(seeded, recipe=TINY_RECIPE)  # resuming needs the same --unet-steps
     exported = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
     train_mod.train(seeded, max_minutes=0.0, recipe=longer)  # one step from the export's weights
-    state = torch.load(seeded / "unet-state.pt", weights_only=False)
+    state = train_mod.read_unet_state(seeded)
     assert state["step"] == 6
     key = next(k for k in exported if k.endswith("weight"))
     # the EMA moved by at most one 0.1% step away from the exported weights
@@ -156,7 +156,7 @@ def test_train_command_seeds_with_a_larger_batch_and_resumes_from_the_runs_recip
     assert res.exit_code == 0, res.output
     recipe = json.loads((seeded / "recipe.json").read_text())
     assert (recipe["unet_batch"], recipe["unet_steps"], recipe["n_images"]) == (3, 7, TINY_RECIPE.n_images)
-    assert torch.load(seeded / "unet-state.pt", weights_only=False)["step"] == 6
+    assert train_mod.read_unet_state(seeded)["step"] == 6
     # no options: the run's own recipe.json (not the shipped RECIPE) says how to go on
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output

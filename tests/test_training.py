@@ -155,7 +155,7 @@ def test_training_resumes_where_it_stopped(world, tiny_clip_path, tmp_path, monk
         train_decoder(world[0], ck, opts, backbone_source=bb, show_progress=False)
     assert not ck.exists()  # no checkpoint until training is done
     work = tmp_path / "resumed.work"
-    assert (work / "state.pt").is_file() and len(list(work.glob("cache-*.safetensors"))) == 1
+    assert (work / "state.safetensors").is_file() and len(list(work.glob("cache-*.safetensors"))) == 1
 
     monkeypatch.setattr(training.Trainer, "step", step)
 

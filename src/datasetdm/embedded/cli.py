@@ -163,7 +163,7 @@ def sheet_command(
 
 @backbone_app.command("pack")
 def pack_command(
-    run: Path = typer.Option(Path("runs/backbone"), help="Run folder with unet-state.pt."),
+    run: Path = typer.Option(Path("runs/backbone"), help="Run folder with its UNet training state."),
     out: Path = typer.Option(..., help="Folder for the pack (copy its files into a new --run to resume there)."),
 ) -> None:
     """Write a small resume pack (VAE + fp16 UNet/EMA weights + step) to carry a run to another machine."""

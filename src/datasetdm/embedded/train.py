@@ -10,7 +10,7 @@ killed run resumes where it stopped (``datasetdm backbone train --run runs/backb
    its caption's 77 MiniLM token states, computed once so UNet steps never run the VAE or text
    encoder.
 4. UNet: v-prediction, Min-SNR-5 loss weights, 10% caption dropout for classifier-free guidance,
-   AdamW with warm-up and cosine decay, EMA weights. ``unet-state.pt`` is written every few
+   AdamW with warm-up and cosine decay, EMA weights. ``unet-state.safetensors`` is written every few
    minutes (atomic) and ``export/`` (diffusers layout, EMA weights, fp16) every
    ``export_every`` steps; ``train.log`` has one JSON line per log interval.
 """
@@ -31,7 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from datasetdm.embedded import model as embedded
-from datasetdm.io import atomic_path, write_json_atomic
+from datasetdm.io import atomic_path, load_state, save_state, write_json_atomic
+
+STATE_FILE = "unet-state.safetensors"  # tensors + JSON: loading it runs no code (no pickle)
+LEGACY_STATE_FILE = "unet-state.pt"  # runs started before; read with torch's weights-only loader
 
 
 @dataclass(frozen=True)
@@ -263,6 +266,13 @@ def _export(run: Path, ema, vae, step: int, r: Recipe) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def read_unet_state(run: Path) -> dict:
+    if (run / STATE_FILE).exists():
+        return load_state(run / STATE_FILE)
+    # weights_only: the restricted unpickler (tensors, dicts, numbers), never arbitrary objects
+    return torch.load(run / LEGACY_STATE_FILE, weights_only=True, map_location="cpu")
+
+
 def train_unet(run: Path, r: Recipe, max_minutes: float | None = None, device: str = "cpu") -> None:
     from diffusers import AutoencoderKL
 
@@ -281,17 +291,18 @@ def train_unet(run: Path, r: Recipe, max_minutes: float | None = None, device: s
     g = torch.Generator().manual_seed(r.seed + 1)  # on the CPU: same batches and noise on any device
     step = 0
     rewarm_from = None
-    state_path = run / "unet-state.pt"
+    state_path = run / STATE_FILE
     pack = run / "resume-pack.safetensors"
     state = None
-    if not state_path.exists() and not pack.exists() and r.init_from is not None:
+    has_state = state_path.exists() or (run / LEGACY_STATE_FILE).exists()
+    if not has_state and not pack.exists() and r.init_from is not None:
         from safetensors.torch import load_file
 
         weights = load_file(Path(r.init_from) / "unet" / "diffusion_pytorch_model.safetensors")
         unet.load_state_dict({k: v.float() for k, v in weights.items()})
         ema.load_state_dict(unet.state_dict())
         _log(run, stage="unet", initialised_from=r.init_from)
-    if not state_path.exists() and pack.exists():
+    if not has_state and pack.exists():
         # weights only (fp16, see `write_resume_pack`): fresh optimizer, short re-warm-up
         from safetensors.torch import load_file
 
@@ -301,8 +312,8 @@ def train_unet(run: Path, r: Recipe, max_minutes: float | None = None, device: s
         step = rewarm_from = int(tensors["step"])
         g.manual_seed(r.seed + 1 + step)  # fresh batches and noise, not a replay of the first run's
         _log(run, stage="unet", resumed_from_pack_at=step)
-    if state_path.exists():
-        state = torch.load(state_path, weights_only=False, map_location="cpu")
+    if has_state:
+        state = read_unet_state(run)
         unet.load_state_dict(state["unet"])
         ema.load_state_dict(state["ema"])
         g.set_state(state["generator"])
@@ -316,13 +327,10 @@ def train_unet(run: Path, r: Recipe, max_minutes: float | None = None, device: s
         _log(run, stage="unet", resumed_at=step)
         del state
 
-    def save_state() -> None:
-        with atomic_path(state_path) as tmp:
-            torch.save(
-                {"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                 "generator": g.get_state(), "step": step, "rewarm_from": rewarm_from, "recipe": asdict(r)},
-                tmp,
-            )
+    def checkpoint() -> None:
+        save_state(state_path, {"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                                "generator": g.get_state(), "step": step, "rewarm_from": rewarm_from,
+                                "recipe": asdict(r)})
 
     def text_rows(idx: torch.Tensor) -> torch.Tensor:
         if isinstance(text, torch.Tensor):
@@ -368,15 +376,15 @@ def train_unet(run: Path, r: Recipe, max_minutes: float | None = None, device: s
                  lr=round(opt.param_groups[0]["lr"], 7), s_per_step=round((time.time() - t_start) / len(losses), 3))
             losses, t_start = [], time.time()
         if step % r.export_every == 0 or step == r.unet_steps:
-            save_state()
+            checkpoint()
             last_ckpt = time.time()
             _export(run, ema, vae, step, r)
             _log(run, stage="unet", exported_step=step)
         elif time.time() - last_ckpt > r.checkpoint_minutes * 60:
-            save_state()
+            checkpoint()
             last_ckpt = time.time()
         if max_minutes is not None and time.time() - t_session > max_minutes * 60:
-            save_state()
+            checkpoint()
             break
 
 
@@ -421,7 +429,7 @@ def write_resume_pack(run: str | Path, out: str | Path) -> Path:
     warm-up). Never commit a pack: it is a training checkpoint, not a shipped weight.
     """
     run, out = Path(run), Path(out)
-    state = torch.load(run / "unet-state.pt", weights_only=False)
+    state = read_unet_state(run)
     out.mkdir(parents=True, exist_ok=True)
     _save_pack(out / "resume-pack.safetensors", state["unet"], state["ema"], state["step"])
     shutil.copytree(run / "vae", out / "vae", dirs_exist_ok=True)

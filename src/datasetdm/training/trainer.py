@@ -43,7 +43,7 @@ from datasetdm.decoder.inputs import (
 )
 from datasetdm.errors import DatasetdmError
 from datasetdm.formats.sample import IGNORE_INDEX, Instance, LabelledSample
-from datasetdm.io import atomic_path, sample_seed
+from datasetdm.io import atomic_path, load_state, sample_seed, save_state
 
 EMBEDDED = "embedded"  # the loader's printable source of the embedded backbone
 
@@ -529,13 +529,13 @@ def train_decoder(data_dir, out, opts: TrainOptions, backbone_source=None, show_
         prep = prepare(data_dir, opts, backbone_source, work, progress)
         decoder, trainer, info = prep.decoder, prep.trainer, prep.info
         t_cache = time.time() - t0
-        state_file = work / "state.pt"
+        state_file = work / "state.safetensors"
         run_key = _cache_key({"cache": info["cache_key"], "opts": asdict(opts), "cfg": decoder.cfg.to_dict()})
         resumed_at = 0
         if state_file.exists():
             try:
-                st = torch.load(state_file, map_location="cpu", weights_only=False)
-            except Exception:  # written atomically, so only a foreign file gets here
+                st = load_state(state_file)
+            except DatasetdmError:  # written atomically, so only a foreign file gets here: start over
                 st = {}
             if st.get("run_key") == run_key:
                 trainer.load_state(st)
@@ -547,8 +547,7 @@ def train_decoder(data_dir, out, opts: TrainOptions, backbone_source=None, show_
             if progress:
                 progress.update(bar, advance=1, msg=f"loss {logs['loss']:.3f}")
             if trainer.step_no % opts.checkpoint_every == 0 and trainer.step_no < opts.iterations:
-                with atomic_path(state_file) as tmp:
-                    torch.save({**trainer.state(), "run_key": run_key}, tmp)
+                save_state(state_file, {**trainer.state(), "run_key": run_key})
     finally:
         if progress:
             progress.stop()
@@ -561,7 +560,7 @@ def train_decoder(data_dir, out, opts: TrainOptions, backbone_source=None, show_
                "backbone": source.description}
     save_decoder(decoder, out, info={**info, "summary": summary})
     if opts.keep_cache:
-        (work / "state.pt").unlink(missing_ok=True)
+        (work / "state.safetensors").unlink(missing_ok=True)
     else:
         shutil.rmtree(work, ignore_errors=True)
     return summary

@@ -1,0 +1,106 @@
+"""Faults and hostile input (issue 18): no pickle is ever executed, state files round-trip without
+pickle, outputs are readable like any file."""
+
+import os
+import pickle
+import stat
+
+import pytest
+import torch
+
+from datasetdm.errors import DatasetdmError
+from datasetdm.io import atomic_path, load_state, save_state, write_json_atomic
+
+
+class _Payload:
+    """Unpickling this creates ``marker``: the proof that a pickle ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def plant_pickle(path, marker):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pickle.dumps({"step": 3, "payload": _Payload(marker)}))
+
+
+def test_state_round_trip_without_pickle(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99))
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    gen = torch.Generator().manual_seed(5)
+    state = {"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(), "step": 7,
+             "rewarm_from": None, "recipe": {"lr": 1e-3, "name": "x", "flag": True}}
+    save_state(tmp_path / "s.safetensors", state)
+    back = load_state(tmp_path / "s.safetensors")
+    assert back["step"] == 7 and back["rewarm_from"] is None and back["recipe"] == state["recipe"]
+    assert all(torch.equal(back["model"][k], v) for k, v in state["model"].items())
+    assert list(back["opt"]["state"]) == [0, 1]  # parameter indices stay ints
+    assert back["opt"]["param_groups"][0]["betas"] == (0.9, 0.99)
+    fresh = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters(), lr=1e-3)
+    fresh.load_state_dict(back["opt"])  # loads like the original
+    assert torch.equal(torch.Generator().set_state(back["gen"]).get_state(), gen.get_state())
+
+
+def test_pickle_at_a_state_path_is_refused_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+    plant_pickle(tmp_path / "state.safetensors", marker)
+    with pytest.raises(DatasetdmError, match="state.safetensors: not a datasetdm training state"):
+        load_state(tmp_path / "state.safetensors")
+    assert not marker.exists()
+
+
+def test_pickle_in_a_legacy_backbone_state_is_refused_not_run(tmp_path):
+    from datasetdm.embedded.train import read_unet_state
+
+    marker = tmp_path / "pwned"
+    plant_pickle(tmp_path / "unet-state.pt", marker)
+    with pytest.raises(pickle.UnpicklingError):
+        read_unet_state(tmp_path)
+    assert not marker.exists()
+
+
+def test_pickle_in_the_reference_cache_is_refused_not_run(tmp_path):
+    from datasetdm.embedded import gates
+
+    config = gates.ReferenceConfig(n_train=8, steps=1, base=4, depth=2, batch_size=2)
+    marker = tmp_path / "pwned"
+    plant_pickle(tmp_path / f"segmenter-{config.key()}.pt", marker)
+    with pytest.raises(pickle.UnpicklingError):
+        gates.reference_segmenter(config, cache_dir=tmp_path, packaged_dir=tmp_path / "none")
+    assert not marker.exists()
+
+
+def test_decoder_training_ignores_a_planted_state(tmp_path, tiny_clip_path):
+    """A pickle where `train` keeps its resume state is never loaded: training starts over."""
+    from datasetdm.formats.labelled_folder import LabelledFolderWriter
+    from datasetdm.training import TrainOptions, train_decoder
+    from datasetdm.world.render import CATEGORIES, render_scene
+
+    data = tmp_path / "data"
+    with LabelledFolderWriter(data, list(CATEGORIES)) as w:
+        for i in range(4):
+            w.add(render_scene("train", 0, i))
+    marker = tmp_path / "pwned"
+    plant_pickle(tmp_path / "ckpt.work" / "state.safetensors", marker)
+    summary = train_decoder(data, tmp_path / "ckpt", TrainOptions(task="semantic", iterations=2, views=1, batch_size=2,
+                                                                  dim=16, num_queries=4),
+                            backbone_source=str(tiny_clip_path), show_progress=False)
+    assert summary["resumed_at"] == 0 and (tmp_path / "ckpt" / "config.json").is_file()
+    assert not marker.exists()
+
+
+def test_outputs_respect_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "a.json", {"x": 1})
+        with atomic_path(tmp_path / "b.bin") as tmp:
+            tmp.write_bytes(b"x")
+    finally:
+        os.umask(old)
+    for name in ("a.json", "b.bin"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
