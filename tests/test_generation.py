@@ -269,3 +269,42 @@ def test_real_backbone_and_decoders_plug_in(tiny_clip, tmp_path):
     strict = decoder_annotator(decoders["semantic"], tiny_clip.tokenizer, min_pixel_confidence=1.0)
     (label,) = strict(images, hc, [None])
     assert (label.semantic == 255).all()
+
+
+def test_pose_keypoints_merge_onto_instances():
+    """An instance decoder first, a pose decoder second: the dataset's people carry keypoints."""
+    from datasetdm.formats.sample import Instance
+    from datasetdm.generation.loop import merge_labels
+
+    def box(x0, x1):
+        m = np.zeros((8, 8), bool)
+        m[1:7, x0:x1] = True
+        return m
+
+    kps = np.ones((17, 3), np.float32)
+    image = np.zeros((8, 8, 3), np.uint8)
+    instance_out = LabelledSample(id="", image=image, instances=[
+        Instance(1, box(0, 3), score=0.9), Instance(2, box(4, 8), score=0.8)])
+    pose_out = LabelledSample(id="", image=image, instances=[
+        Instance(1, box(0, 2), keypoints=kps, score=0.7),  # IoU 2/3 with the first person
+        Instance(1, box(5, 8), keypoints=2 * kps, score=0.6)])  # a person no instance matches (id 2 is a dog)
+    sample, extras, source = merge_labels(image, {"instance": instance_out, "pose": pose_out})
+    assert source["instances"] == "instance"
+    assert len(sample.instances) == 3
+    assert np.array_equal(sample.instances[0].keypoints, kps) and np.array_equal(sample.instances[0].mask, box(0, 3))
+    assert sample.instances[1].keypoints is None
+    assert np.array_equal(sample.instances[2].keypoints, 2 * kps)
+    assert extras["pose"].instances is pose_out.instances  # the pose output itself stays comparable
+    assert instance_out.instances[0].keypoints is None  # the annotator's output is not mutated
+
+
+def test_instances_below_the_score_threshold_are_dropped():
+    from datasetdm.formats.sample import Instance
+    from datasetdm.labelers.decoder import labels_from_predictions
+
+    m = np.ones((4, 4), bool)
+    preds = [{"instances": [Instance(1, m, score=0.9), Instance(1, m, score=0.3), Instance(2, m, score=0.5)]}]
+    (label,) = labels_from_predictions(preds, np.zeros((1, 4, 4, 3), np.uint8), min_instance_score=0.5)
+    assert [i.score for i in label.instances] == [0.9, 0.5]
+    (label,) = labels_from_predictions(preds, np.zeros((1, 4, 4, 3), np.uint8))
+    assert len(label.instances) == 3

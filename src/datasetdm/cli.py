@@ -37,6 +37,7 @@ from datasetdm.world.cli import world_app  # noqa: E402
 from datasetdm.generation import cli as generation_cli  # noqa: E402
 from datasetdm.decoder import cli as decoder_cli  # noqa: E402
 from datasetdm.demo import DEMO_TASKS  # noqa: E402
+from datasetdm.generation.defaults import GENERATION_STEPS, GUIDANCE_SCALE  # noqa: E402
 from datasetdm.embedded.cli import backbone_app  # noqa: E402
 
 app.add_typer(world_app, name="world")
@@ -55,8 +56,8 @@ def demo(
     n_samples: int = typer.Option(200, min=1, help="Annotated samples to generate."),
     n_test: int = typer.Option(100, min=1, help="Held-out world images the decoders are scored on."),
     iterations: int = typer.Option(600, min=1, help="Decoder training iterations per task."),
-    steps: int = typer.Option(25, min=1, help="Denoising steps."),
-    guidance: float = typer.Option(4.0, help="Classifier-free guidance scale."),
+    steps: int = typer.Option(GENERATION_STEPS, min=1, help="Denoising steps."),
+    guidance: float = typer.Option(GUIDANCE_SCALE, help="Classifier-free guidance scale."),
     tasks: str = typer.Option(",".join(DEMO_TASKS), help="Decoders to train, comma separated."),
 ) -> None:
     """The whole pipeline once, offline: world -> decoders -> annotated generation -> export -> gallery -> metrics."""

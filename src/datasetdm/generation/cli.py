@@ -36,6 +36,8 @@ def generate(
     min_pixel_confidence: Optional[float] = typer.Option(
         None, min=0.0, max=1.0,
         help="Semantic decoders: pixels whose winning class holds a smaller share of the class scores are ignore (255)."),
+    min_instance_score: Optional[float] = typer.Option(
+        None, min=0.0, max=1.0, help="Instance and pose decoders: keep instances scoring at least this (default 0.5)."),
     device: str = typer.Option("cpu", help="torch device, e.g. cuda."),
 ) -> None:
     """Generate annotated images: every decoder labels each image from the same hypercolumns
@@ -56,6 +58,7 @@ def generate(
         batch_size=batch_size, prompts=prompts,
         classes=[c.strip() for c in classes.split(",")] if classes and labeler == "decoder" else None,
         decoders=decoder, categories=categories, attention=attention, min_pixel_confidence=min_pixel_confidence,
+        min_instance_score=min_instance_score,
         filters=Filters(min_confidence, min_area, min_agreement, max_ignore), samples_per_shard=samples_per_shard,
         resume=resume, device=device,
     )

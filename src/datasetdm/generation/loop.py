@@ -22,6 +22,7 @@ Plug-in points, so decoders and training-free labelers share the loop:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -174,7 +175,10 @@ def merge_labels(image: np.ndarray, labels: Mapping[str, LabelledSample]) -> tup
 
     Each label field comes from the first annotator (in the given order) that provides it; a
     later annotator's field of a kind already taken is kept as an extra under its name, so two
-    labelers of the same task can be compared on the same images.
+    labelers of the same task can be compared on the same images. Keypoints are the exception
+    that a dataset must not lose: a later annotator's people (a pose decoder after an instance
+    decoder) lend their keypoints to the matching instance (same category, mask IoU ≥ 0.5), and
+    people no instance matches are added with theirs.
     Returns (sample, extras by annotator name, annotator by field).
     """
     sample = LabelledSample(id="", image=image)
@@ -191,7 +195,31 @@ def merge_labels(image: np.ndarray, labels: Mapping[str, LabelledSample]) -> tup
             else:
                 extras.setdefault(name, LabelledSample(id="", image=image))
                 setattr(extras[name], f, value)
+                if f == "instances":
+                    sample.instances = _merge_keypoints(sample.instances, value)
     return sample, extras, source
+
+
+def _merge_keypoints(instances: list, people: list) -> list:
+    with_keypoints = [p for p in people if p.keypoints is not None]
+    if not with_keypoints:
+        return instances
+    merged = [dataclasses.replace(i) for i in instances]
+    for person in with_keypoints:
+        best, best_iou = None, 0.5
+        for inst in merged:
+            if inst.category_id != person.category_id or inst.keypoints is not None:
+                continue
+            inter = np.logical_and(inst.mask, person.mask).sum()
+            union = np.logical_or(inst.mask, person.mask).sum()
+            iou = inter / union if union else 0.0
+            if iou >= best_iou:
+                best, best_iou = inst, iou
+        if best is not None:
+            best.keypoints = person.keypoints
+        else:
+            merged.append(person)
+    return merged
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ def generate_labelled(out: Path, *, labeler: str = "decoder", backbone: str | No
                       steps: int, guidance: float, batch_size: int, prompts: Path | None = None,
                       classes: Sequence[str] | None = None, decoders: Sequence[Path] = (),
                       categories: Sequence[Category] = (), attention=None, min_pixel_confidence: float | None = None,
+                      min_instance_score: float | None = None,
                       filters: Filters | None = None, samples_per_shard: int = 1000, resume: bool | None = None,
                       device: str = "cpu", show_progress: bool = True) -> GenerationSummary:
     """Generate ``n`` labelled samples into ``out``. Prompts come from the file or folder
@@ -27,7 +28,8 @@ def generate_labelled(out: Path, *, labeler: str = "decoder", backbone: str | No
     check_labeler_args(labeler, decoders, categories, min_pixel_confidence)
     bb = load_backbone(backbone, device=device)
     labeling = create_labeler(labeler, bb, steps=steps, guidance=guidance, decoders=decoders, categories=categories,
-                              attention=attention, min_pixel_confidence=min_pixel_confidence)
+                              attention=attention, min_pixel_confidence=min_pixel_confidence,
+                              min_instance_score=min_instance_score)
     names = [c.name for c in labeling.categories]
     if prompts is not None:
         source = load_prompts(prompts, classes=names, seed=seed)

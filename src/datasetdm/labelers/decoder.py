@@ -15,18 +15,28 @@ from datasetdm.formats.sample import Category, LabelledSample
 from datasetdm.prompts.base import Prompt
 
 
-def labels_from_predictions(predictions: Sequence[Mapping], images: np.ndarray) -> list[LabelledSample]:
+# Mask2Former keeps every query above 0.05 so that AP can rank them; a dataset wants the
+# confident ones. 0.5 is measured on the demo (README, "Quality scores and filters").
+DEFAULT_MIN_INSTANCE_SCORE = 0.5
+
+
+def labels_from_predictions(predictions: Sequence[Mapping], images: np.ndarray,
+                            min_instance_score: float = 0.0) -> list[LabelledSample]:
     """A decoder's ``predict`` dicts (``semantic``, ``instances``, ``depth``, optional
-    ``confidence``) as LabelledSamples, the annotator output format."""
+    ``confidence``) as LabelledSamples, the annotator output format; instances scoring below
+    ``min_instance_score`` are dropped."""
     labels = []
     for image, pred in zip(images, predictions):
         meta = {"confidence": float(pred["confidence"])} if pred.get("confidence") is not None else {}
+        instances = pred.get("instances")
+        if instances is not None:
+            instances = [i for i in instances if i.score is None or i.score >= min_instance_score]
         labels.append(
             LabelledSample(
                 id="",
                 image=image,
                 semantic=None if pred.get("semantic") is None else np.asarray(pred["semantic"], dtype=np.uint8),
-                instances=pred.get("instances"),
+                instances=instances,
                 depth=None if pred.get("depth") is None else np.asarray(pred["depth"], dtype=np.float32),
                 meta=meta,
             )
@@ -34,12 +44,14 @@ def labels_from_predictions(predictions: Sequence[Mapping], images: np.ndarray) 
     return labels
 
 
-def decoder_annotator(decoder, tokenizer, min_pixel_confidence: float | None = None):
+def decoder_annotator(decoder, tokenizer, min_pixel_confidence: float | None = None,
+                      min_instance_score: float = DEFAULT_MIN_INSTANCE_SCORE):
     """Annotator from a P-Decoder: it reads the hypercolumns captured while generating.
 
     ``tokenizer`` is the backbone's: the decoder's per-class attention maps are found by the
     class names' tokens inside each prompt. ``min_pixel_confidence`` (semantic decoders): pixels
     whose winning class holds a smaller share of the scores are labelled ignore (255).
+    Instance and pose decoders keep the instances scoring at least ``min_instance_score``.
     """
     from datasetdm.decoder.inputs import hypercolumn_input, image_tensor
 
@@ -48,7 +60,8 @@ def decoder_annotator(decoder, tokenizer, min_pixel_confidence: float | None = N
 
     def annotate(images: np.ndarray, hypercolumns, prompts: list[Prompt]) -> list[LabelledSample]:
         inp = hypercolumn_input(hypercolumns, class_tokens, image_tensor(images), images.shape[1:3])
-        return labels_from_predictions(decoder.predict(inp, min_pixel_confidence=min_pixel_confidence), images)
+        predictions = decoder.predict(inp, min_pixel_confidence=min_pixel_confidence)
+        return labels_from_predictions(predictions, images, min_instance_score)
 
     return annotate
 

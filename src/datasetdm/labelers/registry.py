@@ -25,14 +25,14 @@ class Labeling:
 
 def create_labeler(name: str, backbone, *, steps: int, guidance: float, decoders: Sequence[Path] = (),
                    categories: Sequence[Category] = (), attention=None,
-                   min_pixel_confidence: float | None = None) -> Labeling:
+                   min_pixel_confidence: float | None = None, min_instance_score: float | None = None) -> Labeling:
     """``decoder``: the P-Decoder checkpoints ``decoders`` each label every image (DatasetDM);
     ``attention``: the model's own attention labels ``categories`` (Dataset Diffusion), with
     ``attention`` an ``AttentionLabelerConfig`` or None for its defaults."""
     check_labeler_args(name, decoders, categories, min_pixel_confidence)
     config: dict = {"steps": steps, "guidance": guidance}
     if name == "decoder":
-        return _decoder_labeling(backbone, decoders, config, min_pixel_confidence)
+        return _decoder_labeling(backbone, decoders, config, min_pixel_confidence, min_instance_score)
     from dataclasses import asdict
 
     from datasetdm.labelers.attention import AttentionLabeler, AttentionLabelerConfig
@@ -63,9 +63,18 @@ def check_labeler_args(name: str, decoders: Sequence[Path] = (), categories: Seq
         raise DatasetdmError("--labeler attention needs --classes (the class names to label, in id order)")
 
 
-def _decoder_labeling(backbone, decoders, config: dict, min_pixel_confidence) -> Labeling:
+def _decoder_labeling(backbone, decoders, config: dict, min_pixel_confidence, min_instance_score) -> Labeling:
     from datasetdm.backbone.capture import generate
-    from datasetdm.labelers.decoder import decoder_annotator, decoder_categories, file_digest, load_decoder_checkpoint
+    from datasetdm.labelers.decoder import (
+        DEFAULT_MIN_INSTANCE_SCORE,
+        decoder_annotator,
+        decoder_categories,
+        file_digest,
+        load_decoder_checkpoint,
+    )
+
+    if min_instance_score is None:
+        min_instance_score = DEFAULT_MIN_INSTANCE_SCORE
 
     loaded = [(Path(p), load_decoder_checkpoint(p)) for p in decoders]
     for _, dec in loaded:
@@ -73,8 +82,11 @@ def _decoder_labeling(backbone, decoders, config: dict, min_pixel_confidence) ->
     annotators = {}
     for _, dec in loaded:
         key = dec.cfg.task if dec.cfg.task not in annotators else f"{dec.cfg.task}{len(annotators)}"
-        annotators[key] = decoder_annotator(dec.to(backbone.device), backbone.tokenizer, min_pixel_confidence)
+        annotators[key] = decoder_annotator(dec.to(backbone.device), backbone.tokenizer, min_pixel_confidence,
+                                            min_instance_score)
     config["decoders"] = [file_digest(p) for p, _ in loaded]
+    if any(dec.cfg.task in ("instance", "pose") for _, dec in loaded):
+        config["min_instance_score"] = min_instance_score
     if min_pixel_confidence is not None:  # only when set, so runs made before the option still resume
         config["min_pixel_confidence"] = min_pixel_confidence
     steps, guidance = config["steps"], config["guidance"]
