@@ -161,3 +161,29 @@ def test_train_command_seeds_with_a_larger_batch_and_resumes_from_the_runs_recip
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert [x["exported_step"] for x in _log_lines(seeded) if "exported_step" in x][-1] == 7
+
+
+def test_init_from_keeps_the_latent_space_and_starts_the_unet_at_step_zero(tiny_models, tmp_path):
+    """Warm start (backbone v2 from v1): the export's VAE encoder is frozen (same latents), its
+    decoder fine-tuned on this world; the UNet starts from the export's weights at step 0."""
+    from dataclasses import replace
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    first = train_mod.train(tmp_path / "v1", recipe=replace(TINY_RECIPE, world_preset="crowded"))
+    recipe = replace(TINY_RECIPE, init_from=str(first), vae_finetune_steps=3, unet_steps=2)
+    train_mod.train(tmp_path / "v2", max_minutes=0.0, recipe=recipe)  # stops after the first UNet step
+    log = _log_lines(tmp_path / "v2")
+    assert any(line.get("reused_from") == str(first) for line in log)
+    assert any("initialised_from" in line for line in log)
+    old = AutoencoderKL.from_pretrained(first / "vae", torch_dtype=torch.float32)
+    new = AutoencoderKL.from_pretrained(tmp_path / "v2" / "vae")
+    for (name, a), (_, b) in zip(old.encoder.state_dict().items(), new.encoder.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert any(not torch.equal(a, b) for a, b in zip(old.decoder.state_dict().values(), new.decoder.state_dict().values()))
+    state = train_mod.read_unet_state(tmp_path / "v2")
+    assert state["step"] == 1 and state["recipe"]["init_from"] == str(first)
+    # one step away from the export's weights, not from a random initialisation
+    start = UNet2DConditionModel.from_pretrained(first / "unet", torch_dtype=torch.float32).state_dict()
+    drift = max((state["unet"][k] - v).abs().max().item() for k, v in start.items())
+    assert drift < 0.05

@@ -61,7 +61,7 @@ def check_command(
     test_images: int = typer.Option(None, help="Held-out test images (default 500, quick 100)."),
     steps: int = typer.Option(25, help="DDIM steps."),
     guidance: float = typer.Option(4.0, help="Classifier-free guidance scale."),
-    min_pixels: int = typer.Option(4, help="Pixels a prompted category/colour needs to count as found."),
+    min_pixels: int = typer.Option(16, help="Pixels a prompted category/colour needs to count as found."),
     cache: Path = typer.Option(Path("runs/reference"), help="Where the reference segmenter is cached."),
     reference_images: int = typer.Option(None, help="Reference segmenter training images (default 20000)."),
     reference_steps: int = typer.Option(None, help="Reference segmenter training steps (default 6000)."),
