@@ -104,3 +104,27 @@ def test_outputs_respect_the_umask(tmp_path):
         os.umask(old)
     for name in ("a.json", "b.bin"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+
+
+def test_configs_from_files_reject_unknown_and_ill_typed_keys(tmp_path):
+    import json
+    from dataclasses import asdict
+
+    from datasetdm.config import load_config
+    from datasetdm.decoder.build import DecoderConfig
+    from datasetdm.embedded.train import RECIPE, Recipe
+
+    assert load_config(Recipe, json.loads(json.dumps(asdict(RECIPE))), "recipe.json") == RECIPE
+    with pytest.raises(DatasetdmError, match=r"runs/x/recipe.json: unet_stepz: Unexpected keyword argument"):
+        load_config(Recipe, {**asdict(RECIPE), "unet_stepz": 3}, "runs/x/recipe.json")
+    with pytest.raises(DatasetdmError, match=r"recipe.json: unet_steps: Input should be a valid integer"):
+        load_config(Recipe, {**asdict(RECIPE), "unet_steps": "many"}, "recipe.json")
+    with pytest.raises(DatasetdmError, match=r"recipe.json: expected a JSON object"):
+        load_config(Recipe, [1, 2], "recipe.json")
+    good = {"task": "semantic", "categories": [{"id": 1, "name": "dog"}], "feature_channels": [4],
+            "feature_sizes": [[2, 2]], "image_size": [8, 8]}
+    assert DecoderConfig.from_dict(good).task == "semantic"
+    with pytest.raises(DatasetdmError, match=r"ckpt/config.json: num_querys: Unexpected keyword argument"):
+        DecoderConfig.from_dict({**good, "num_querys": 8}, "ckpt/config.json")
+    with pytest.raises(DatasetdmError, match=r"ckpt/config.json: image_size"):
+        DecoderConfig.from_dict({**good, "image_size": "big"}, "ckpt/config.json")

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from datasetdm.config import STRICT
 from datasetdm.decoder.heads import HEADS, TASKS
 from datasetdm.decoder.inputs import RAW_PIXELS, DecoderInput, raw_pixel_input
 from datasetdm.decoder.modules import Fusion, PixelDecoder, image_stages
@@ -19,6 +20,8 @@ from datasetdm.errors import DatasetdmError
 
 @dataclass
 class DecoderConfig:
+    __pydantic_config__ = STRICT
+
     task: str
     categories: list[dict]  # [{"id", "name", "keypoints"?}], the labelled folder's, in order
     feature_channels: list[int]  # per level, highest resolution first
@@ -42,9 +45,11 @@ class DecoderConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DecoderConfig":
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in known})
+    def from_dict(cls, d: dict, where: str = "decoder config") -> "DecoderConfig":
+        """Validated: an unknown key or an ill-typed value is a DatasetdmError naming ``where``."""
+        from datasetdm.config import load_config
+
+        return load_config(cls, d, where)
 
     @property
     def attention_channels(self) -> int:

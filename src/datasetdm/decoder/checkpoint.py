@@ -86,7 +86,7 @@ def read_config(path) -> dict:
 
 def decoder_config(path) -> DecoderConfig:
     try:
-        return DecoderConfig.from_dict(read_config(path)["decoder"])
+        return DecoderConfig.from_dict(read_config(path)["decoder"], f"{Path(path) / CONFIG}")
     except TypeError as e:
         raise DatasetdmError(f"{Path(path) / CONFIG}: incomplete decoder config ({e})") from None
 

@@ -30,6 +30,7 @@ def train_command(
 
     from dataclasses import replace
 
+    from datasetdm.config import load_config
     from datasetdm.embedded.train import RECIPE, Recipe, seed_run_from_export, train
     from datasetdm.errors import DatasetdmError
 
@@ -40,7 +41,7 @@ def train_command(
         seed_run_from_export(from_export, run, unet_steps=unet_steps, unet_batch=unet_batch)
     # a seeded or started run keeps its own recipe; options only change what they name
     recipe_path = run / "recipe.json"
-    recipe = Recipe(**json.loads(recipe_path.read_text())) if recipe_path.exists() else RECIPE
+    recipe = load_config(Recipe, json.loads(recipe_path.read_text()), str(recipe_path)) if recipe_path.exists() else RECIPE
     if init_from is not None:
         if not (init_from / "unet").is_dir() or not (init_from / "vae").is_dir():
             raise DatasetdmError(f"{init_from}: not an exported backbone (no unet/ and vae/)")
@@ -63,8 +64,8 @@ def check_command(
     guidance: float = typer.Option(4.0, help="Classifier-free guidance scale."),
     min_pixels: int = typer.Option(16, help="Pixels a prompted category/colour needs to count as found."),
     cache: Path = typer.Option(Path("runs/reference"), help="Where the reference segmenter is cached."),
-    reference_images: int = typer.Option(None, help="Reference segmenter training images (default 20000)."),
-    reference_steps: int = typer.Option(None, help="Reference segmenter training steps (default 6000)."),
+    reference_images: int = typer.Option(None, help="Reference segmenter training images (default 12000)."),
+    reference_steps: int = typer.Option(None, help="Reference segmenter training steps (default 4000)."),
     threads: int = typer.Option(1, help="CPU threads for torch."),
     probe_only: bool = typer.Option(False, help="Only the hypercolumn probe gate (minutes; no reference segmenter)."),
 ) -> None:
@@ -98,8 +99,8 @@ def check_command(
 @backbone_app.command("reference")
 def reference_command(
     cache: Path = typer.Option(Path("runs/reference"), help="Where the reference segmenter is cached."),
-    reference_images: int = typer.Option(None, help="Training images (default 20000)."),
-    reference_steps: int = typer.Option(None, help="Training steps (default 6000)."),
+    reference_images: int = typer.Option(None, help="Training images (default 12000)."),
+    reference_steps: int = typer.Option(None, help="Training steps (default 4000)."),
     base: int = typer.Option(None, help="U-Net base width (default 16)."),
     depth: int = typer.Option(None, help="U-Net depth, resolutions (default 5)."),
     batch_size: int = typer.Option(None, help="Training batch (default 32)."),

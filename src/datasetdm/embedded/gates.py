@@ -141,14 +141,14 @@ class ReferenceConfig:
     """What the cached reference segmenter is trained on and how; its hash names the cache file."""
 
     world_preset: str = "default"
-    n_train: int = 20000
+    n_train: int = 12000
     train_seed: int = SEGMENTER_TRAIN_SEED
     # world v1 (crowded: small objects) needed base 32 / depth 5 / 16000 steps / batch 64 (7.9M
     # params, 229 s on an H200) to pass 0.95; world v2's large objects are learned by a model small
     # enough to train on 2 CPU cores in one session
     base: int = 16
     depth: int = 5
-    steps: int = 6000
+    steps: int = 4000
     batch_size: int = 32
     lr: float = 3e-3
     seed: int = 0

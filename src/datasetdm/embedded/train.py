@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from datasetdm.embedded import model as embedded
+from datasetdm.config import STRICT, load_config
 from datasetdm.io import atomic_path, load_state, save_state, write_json_atomic
 
 STATE_FILE = "unet-state.safetensors"  # tensors + JSON: loading it runs no code (no pickle)
@@ -39,6 +40,8 @@ LEGACY_STATE_FILE = "unet-state.pt"  # runs started before; read with torch's we
 
 @dataclass(frozen=True)
 class Recipe:
+    __pydantic_config__ = STRICT
+
     world_seed: int = 7  # train split; the few-shot images use seed 0 of the same split
     world_preset: str = "default"
     n_images: int = 30000
@@ -480,6 +483,7 @@ def seed_run_from_export(export: str | Path, run: str | Path, unet_steps: int | 
 
     AutoencoderKL.from_pretrained(export / "vae", torch_dtype=torch.float32).save_pretrained(
         run / "vae", safe_serialization=True)
+    load_config(Recipe, info["recipe"], str(info_path))  # refuse a recipe this version cannot train
     write_json_atomic(run / "recipe.json", info["recipe"])
     if (export / "train.log").exists():
         shutil.copy(export / "train.log", run / "train.log")
