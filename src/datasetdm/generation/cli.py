@@ -9,7 +9,8 @@ from typing import Optional
 
 import typer
 
-from datasetdm.generation.defaults import GENERATION_STEPS, GUIDANCE_SCALE
+from datasetdm.errors import DatasetdmError
+from datasetdm.generation.defaults import GENERATION_BATCH, GENERATION_STEPS, GUIDANCE_SCALE
 
 
 def generate(
@@ -23,7 +24,7 @@ def generate(
     seed: int = typer.Option(0, help="Run seed; each sample's seed is derived from (seed, sample id)."),
     prompts: Optional[Path] = typer.Option(None, help="Prompt file, or folder with one {class}.txt per class."),
     classes: Optional[str] = typer.Option(None, help="Comma-separated classes for template prompts (default: the decoders' classes)."),
-    batch_size: int = typer.Option(4, min=1, help="Images generated together; does not change the output."),
+    batch_size: int = typer.Option(GENERATION_BATCH, min=1, help="Images generated together; does not change the output."),
     resume: bool = typer.Option(False, help="Continue an interrupted run in OUT."),
     backbone: Optional[str] = typer.Option(None, help="Diffusers model folder or hub id (default: the embedded backbone)."),
     steps: int = typer.Option(GENERATION_STEPS, min=1, help="Denoising steps."),
@@ -52,7 +53,10 @@ def generate(
 
         if classes:
             categories = [Category(i + 1, c.strip()) for i, c in enumerate(classes.split(",")) if c.strip()]
-        attention = AttentionLabelerConfig(tau=tau, label_threshold=label_threshold, ignore_threshold=ignore_threshold)
+        try:
+            attention = AttentionLabelerConfig(tau=tau, label_threshold=label_threshold, ignore_threshold=ignore_threshold)
+        except ValueError as e:
+            raise DatasetdmError(f"--tau/--label-threshold/--ignore-threshold: {e}") from None
     summary = generate_labelled(
         out, labeler=labeler, backbone=backbone, n=n, seed=seed, steps=steps, guidance=guidance,
         batch_size=batch_size, prompts=prompts,

@@ -17,7 +17,6 @@ The decoder reads per-class attention maps (see ``decoder/inputs.py``).
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import shutil
 import time
@@ -26,26 +25,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-from safetensors.torch import load_file, save_file
 
 from datasetdm.decoder.build import DecoderConfig, PDecoder, build_decoder
 from datasetdm.decoder.checkpoint import decoder_config, is_checkpoint, save_decoder
-from datasetdm.decoder.heads import FLIP_PAIRS, TASKS
-from datasetdm.decoder.inputs import (
-    RAW_PIXELS,
-    DecoderInput,
-    class_attention_maps,
-    class_prompt,
-    find_token_positions,
-    image_tensor,
-    raw_pixel_input,
-)
+from datasetdm.decoder.heads import TASKS
+from datasetdm.decoder.inputs import RAW_PIXELS, DecoderInput
 from datasetdm.errors import DatasetdmError
-from datasetdm.formats.sample import IGNORE_INDEX, Instance, LabelledSample
-from datasetdm.io import atomic_path, load_state, sample_seed, save_state
-
-EMBEDDED = "embedded"  # the loader's printable source of the embedded backbone
+from datasetdm.formats.sample import LabelledSample
+from datasetdm.io import load_state, sample_seed, save_state
+from datasetdm.training.features import (
+    FeatureSource,
+    _cache_key,
+    cached_inputs,
+    load_feature_source,
+)
+from datasetdm.training.views import (
+    build_views,
+    check_task_data,
+    folder_categories,
+    prompt_for,
+    resolve_prompt_mode,
+    view_noise_seeds,
+)
 
 
 @dataclass
@@ -75,265 +76,6 @@ class TrainOptions:
     cache_dir: str | None = None
     device: str = "cpu"  # backbone and decoder; the feature cache stays in CPU memory
     prompt: str = "auto"  # "caption", "template", or "auto": captions when every image has one
-
-
-# ------------------------------------------------------------------------------------- samples
-
-
-def folder_categories(folder) -> list[dict]:
-    out = []
-    for c in folder.categories:
-        d = {"id": int(c.id), "name": c.name}
-        if c.keypoints:
-            d["keypoints"] = list(c.keypoints)
-        out.append(d)
-    return out
-
-
-def check_task_data(folder, task: str, data_dir) -> None:
-    need = {"semantic": "semantic", "open-vocab": "semantic", "depth": "depth", "instance": "instances",
-            "pose": "instances"}[task]
-    if need not in folder.tasks:
-        raise DatasetdmError(f"{data_dir}: task {task!r} needs {need} labels; this folder has {list(folder.tasks) or 'none'}")
-    if task == "pose" and not any(c.keypoints for c in folder.categories):
-        raise DatasetdmError(f"{data_dir}: task 'pose' needs a category with keypoints (COCO 'person')")
-
-
-def present_category_ids(sample: LabelledSample) -> list[int]:
-    ids: set[int] = set()
-    if sample.semantic is not None:
-        ids |= {int(v) for v in np.unique(sample.semantic)} - {0, IGNORE_INDEX}
-    for inst in sample.instances or []:
-        ids.add(int(inst.category_id))
-    return sorted(ids)
-
-
-PROMPT_MODES = ("auto", "caption", "template")
-
-
-def resolve_prompt_mode(mode: str, samples, held_out, data_dir) -> str:
-    """``auto`` → ``caption`` when every sample has a caption and no class is held out (a caption
-    would name the held-out classes to the backbone), else ``template``."""
-    if mode not in PROMPT_MODES:
-        raise DatasetdmError(f"--prompt must be one of {', '.join(PROMPT_MODES)}, not {mode!r}")
-    missing = [s.id for s in samples if not s.caption]
-    if mode == "caption":
-        if missing:
-            raise DatasetdmError(f"{data_dir}: --prompt caption, but images {missing[:5]} have no caption in annotations.json")
-        if held_out:
-            raise DatasetdmError("--prompt caption cannot keep classes out of training: captions name them; use template")
-        return "caption"
-    if mode == "auto" and not missing and not held_out:
-        return "caption"
-    return "template"
-
-
-def prompt_for(sample: LabelledSample, categories: list[dict], exclude: set[str] = frozenset(),
-               mode: str = "template") -> str:
-    """The prompt the backbone reads with ``sample``: its caption (``mode="caption"``; the template
-    when it has none), or the template naming the classes present, less ``exclude``."""
-    if mode == "caption" and sample.caption:
-        return sample.caption
-    present = set(present_category_ids(sample))
-    return class_prompt([c["name"] for c in categories if c["id"] in present and c["name"] not in exclude])
-
-
-def _resize(a: np.ndarray, size_hw, resample) -> np.ndarray:
-    h, w = size_hw
-    if a.shape[:2] == (h, w):
-        return a
-    if a.dtype == bool:
-        return np.asarray(Image.fromarray(a.astype(np.uint8)).resize((w, h), resample)).astype(bool)
-    if a.dtype == np.float32:
-        return np.asarray(Image.fromarray(a).resize((w, h), resample))
-    return np.asarray(Image.fromarray(a).resize((w, h), resample))
-
-
-def augment(sample: LabelledSample, rng: np.random.Generator | None, out_size, scale=(1.0, 1.5), flip=True) -> LabelledSample:
-    """A view of ``sample`` at ``out_size`` (H, W): resize (zoom factor drawn from ``scale``), random
-    crop, random horizontal flip; labels follow (nearest-neighbour), keypoints too (left/right
-    swapped under a flip, joints cropped away become v = 0). ``rng=None``: plain resize."""
-    H0, W0 = sample.size
-    oh, ow = out_size
-    s = float(rng.uniform(*scale)) if rng is not None else 1.0
-    base = max(oh / H0, ow / W0)
-    rh, rw = max(oh, round(H0 * base * s)), max(ow, round(W0 * base * s))
-    y0 = int(rng.integers(0, rh - oh + 1)) if rng is not None else (rh - oh) // 2
-    x0 = int(rng.integers(0, rw - ow + 1)) if rng is not None else (rw - ow) // 2
-    do_flip = bool(rng is not None and flip and rng.random() < 0.5)
-
-    def geo(a, resample):
-        a = _resize(a, (rh, rw), resample)[y0 : y0 + oh, x0 : x0 + ow]
-        return np.ascontiguousarray(a[:, ::-1] if do_flip else a)
-
-    image = geo(sample.image, Image.BILINEAR)
-    semantic = None if sample.semantic is None else geo(sample.semantic, Image.NEAREST)
-    depth = None if sample.depth is None else geo(sample.depth.astype(np.float32), Image.NEAREST)
-    instances = None
-    if sample.instances is not None:
-        instances = []
-        sy, sx = rh / H0, rw / W0
-        for inst in sample.instances:
-            mask = geo(inst.mask.astype(bool), Image.NEAREST)
-            if not mask.any():
-                continue
-            kps = None
-            if inst.keypoints is not None:
-                kps = np.asarray(inst.keypoints, np.float32).copy()
-                # integer pixel-centre convention (see decoder/losses.gaussian_heatmaps)
-                kps[:, 0] = (kps[:, 0] + 0.5) * sx - 0.5 - x0
-                kps[:, 1] = (kps[:, 1] + 0.5) * sy - 0.5 - y0
-                if do_flip:
-                    kps[:, 0] = ow - 1 - kps[:, 0]
-                    for a, b in FLIP_PAIRS:
-                        kps[[a, b]] = kps[[b, a]]
-                out = (kps[:, 0] < -0.5) | (kps[:, 0] > ow - 0.5) | (kps[:, 1] < -0.5) | (kps[:, 1] > oh - 0.5)
-                kps[out | (kps[:, 2] == 0)] = 0
-            instances.append(Instance(category_id=inst.category_id, mask=mask, keypoints=kps))
-    return LabelledSample(id=sample.id, image=image, caption=sample.caption, semantic=semantic,
-                          instances=instances, depth=depth, meta=dict(sample.meta))
-
-
-# ------------------------------------------------------------------------------------ features
-
-
-class FeatureSource:
-    """Turns images + prompts into ``DecoderInput``: hypercolumns of a backbone, or raw pixels."""
-
-    def __init__(self, kind: str, categories: list[dict], backbone=None):
-        self.kind = kind
-        self.categories = categories
-        self.backbone = backbone
-        self.class_tokens = None
-        if backbone is not None:
-            tok = backbone.tokenizer
-            self.class_tokens = [list(tok(c["name"], add_special_tokens=False).input_ids) for c in categories]
-
-    @property
-    def fingerprint(self) -> str:
-        return RAW_PIXELS if self.kind == RAW_PIXELS else self.backbone.fingerprint
-
-    @property
-    def description(self) -> dict:
-        """What the checkpoint records; ``backbone_from_record`` turns ``source`` back into a backbone."""
-        if self.kind == RAW_PIXELS:
-            d = {"fingerprint": RAW_PIXELS, "source": RAW_PIXELS, "name": RAW_PIXELS}
-            if self.backbone is not None:  # open-vocab: class names embedded by this backbone's text encoder
-                d["text_encoder"] = self._source()
-            return d
-        return {"fingerprint": self.backbone.fingerprint, "source": self._source(), "name": self.backbone.name}
-
-    def _source(self) -> str:
-        src = str(self.backbone.source)  # "embedded", a folder as given, or a hub id
-        folder = Path(src).expanduser()
-        return str(folder.resolve()) if src != EMBEDDED and folder.exists() else src
-
-    def train_size(self, sizes: set) -> tuple[int, int]:
-        """One size for every view: the images' own when they share one the backbone accepts."""
-        if self.kind == RAW_PIXELS:
-            return max(sizes)
-        m = self.backbone.size_multiple
-        if len(sizes) == 1:
-            (h, w), = sizes
-            if h % m == 0 and w % m == 0:
-                return h, w
-        return self.backbone.native_size
-
-    @torch.no_grad()
-    def extract(self, images: list[np.ndarray], prompts: list[str], seeds: list[int], timestep: int = 1) -> DecoderInput:
-        img = image_tensor(images)
-        if self.kind == RAW_PIXELS:
-            return raw_pixel_input(img, len(self.categories))
-        from datasetdm.backbone.capture import capture_real
-
-        H, W = img.shape[-2:]
-        hc = capture_real(self.backbone, list(img), prompts, t=timestep, seeds=seeds, size=(H, W))
-        att = class_attention_maps(hc, self.class_tokens)
-        feats = [f.float().cpu().half() for f in hc.features]
-        return DecoderInput(feats, [a.float().cpu().half() for a in att], img, (H, W))
-
-    @torch.no_grad()
-    def text_embeddings(self, names: list[str]) -> torch.Tensor:
-        """(K, D): each class name through the backbone's text encoder, averaged over the name's
-        own tokens (supplementary §3.1: a name of several tokens is averaged into one)."""
-        if self.backbone is None:
-            raise DatasetdmError("open-vocab needs a backbone's text encoder for class names (--backbone)")
-        out = []
-        tok = self.backbone.tokenizer
-        for name in names:
-            states, ids = self.backbone.encode_prompt([name])
-            name_ids = list(tok(name, add_special_tokens=False).input_ids)
-            pos = find_token_positions(ids[0].tolist(), name_ids) or list(range(1, 1 + len(name_ids)))
-            out.append(states[0, pos].float().mean(0).cpu())
-        return torch.stack(out)
-
-
-def backbone_from_record(source: str | None):
-    """A checkpoint's recorded backbone source → what ``load_backbone`` takes (None: embedded)."""
-    return None if source in (None, EMBEDDED, RAW_PIXELS) else source
-
-
-def load_feature_source(kind: str, categories, backbone_source=None, need_text=False, device="cpu") -> FeatureSource:
-    if kind not in ("hypercolumns", RAW_PIXELS):
-        raise DatasetdmError(f"--features must be 'hypercolumns' or '{RAW_PIXELS}', not {kind!r}")
-    backbone = None
-    if kind == "hypercolumns" or need_text:
-        from datasetdm.backbone.loader import load_backbone
-
-        backbone = load_backbone(backbone_source, device=device)
-    return FeatureSource(kind, categories, backbone)
-
-
-# -------------------------------------------------------------------------------------- cache
-
-
-def _cache_key(parts: dict) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def build_views(samples, opts: TrainOptions, size) -> list[LabelledSample]:
-    views = []
-    for i, s in enumerate(samples):
-        views.append(augment(s, None, size))
-        for v in range(1, opts.views):
-            rng = np.random.default_rng(sample_seed(opts.seed, i, f"view{v}"))
-            views.append(augment(s, rng, size, scale=opts.scale))
-    return views
-
-
-def view_noise_seeds(opts: TrainOptions, n: int) -> list[int]:
-    """The timestep-noise seed of each view (paper §3.3: noise to t = 1 before the UNet pass)."""
-    return [sample_seed(opts.seed, i, "noise") for i in range(n)]
-
-
-def cached_inputs(views, prompts: list[str], source: FeatureSource, opts, cache_file: Path | None, progress=None):
-    """DecoderInput for every view (view i read with ``prompts[i]``), computed once (batched) or
-    read back from ``cache_file``."""
-    if cache_file is not None and cache_file.exists():
-        try:
-            t = load_file(cache_file)
-            n = sum(1 for k in t if k.startswith("f"))
-            if t["f0"].shape[0] != len(views):
-                raise ValueError("cache holds other views")
-            img = image_tensor([v.image for v in views])
-            return DecoderInput([t[f"f{i}"] for i in range(n)], [t[f"a{i}"] for i in range(n)], img, tuple(img.shape[-2:]))
-        except Exception:
-            cache_file.unlink(missing_ok=True)  # stale or truncated: recompute
-    parts = []
-    task = progress.add_task("hypercolumns", total=len(views)) if progress else None
-    seeds = view_noise_seeds(opts, len(views))
-    for b in range(0, len(views), opts.extract_batch):
-        chunk = views[b : b + opts.extract_batch]
-        parts.append(source.extract([v.image for v in chunk], prompts[b : b + len(chunk)], seeds[b : b + len(chunk)]))
-        if progress:
-            progress.advance(task, len(chunk))
-    inp = DecoderInput.stack(parts)
-    if cache_file is not None:
-        tensors = {f"f{i}": f.contiguous() for i, f in enumerate(inp.features)}
-        tensors.update({f"a{i}": a.contiguous() for i, a in enumerate(inp.class_attention)})
-        with atomic_path(cache_file) as tmp:
-            save_file(tensors, tmp)
-    return inp
 
 
 # ------------------------------------------------------------------------------------ training

@@ -1,0 +1,152 @@
+"""Views of the few labelled images (paper §3.3, supplementary §1.3): the classes each image holds,
+the prompt it is read with (its caption, or the template "a photo of a {cls}, …"), and its
+augmented copies (random scale, crop, flip), each seeded from (seed, image, view)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+
+from datasetdm.decoder.heads import FLIP_PAIRS
+from datasetdm.decoder.inputs import class_prompt
+from datasetdm.errors import DatasetdmError
+from datasetdm.formats.sample import IGNORE_INDEX, Instance, LabelledSample
+from datasetdm.io import sample_seed
+
+if TYPE_CHECKING:
+    from datasetdm.training.trainer import TrainOptions
+
+
+# ------------------------------------------------------------------------------------- samples
+
+
+def folder_categories(folder) -> list[dict]:
+    out = []
+    for c in folder.categories:
+        d = {"id": int(c.id), "name": c.name}
+        if c.keypoints:
+            d["keypoints"] = list(c.keypoints)
+        out.append(d)
+    return out
+
+
+def check_task_data(folder, task: str, data_dir) -> None:
+    need = {"semantic": "semantic", "open-vocab": "semantic", "depth": "depth", "instance": "instances",
+            "pose": "instances"}[task]
+    if need not in folder.tasks:
+        raise DatasetdmError(f"{data_dir}: task {task!r} needs {need} labels; this folder has {list(folder.tasks) or 'none'}")
+    if task == "pose" and not any(c.keypoints for c in folder.categories):
+        raise DatasetdmError(f"{data_dir}: task 'pose' needs a category with keypoints (COCO 'person')")
+
+
+def present_category_ids(sample: LabelledSample) -> list[int]:
+    ids: set[int] = set()
+    if sample.semantic is not None:
+        ids |= {int(v) for v in np.unique(sample.semantic)} - {0, IGNORE_INDEX}
+    for inst in sample.instances or []:
+        ids.add(int(inst.category_id))
+    return sorted(ids)
+
+
+PROMPT_MODES = ("auto", "caption", "template")
+
+
+def resolve_prompt_mode(mode: str, samples, held_out, data_dir) -> str:
+    """``auto`` → ``caption`` when every sample has a caption and no class is held out (a caption
+    would name the held-out classes to the backbone), else ``template``."""
+    if mode not in PROMPT_MODES:
+        raise DatasetdmError(f"--prompt must be one of {', '.join(PROMPT_MODES)}, not {mode!r}")
+    missing = [s.id for s in samples if not s.caption]
+    if mode == "caption":
+        if missing:
+            raise DatasetdmError(f"{data_dir}: --prompt caption, but images {missing[:5]} have no caption in annotations.json")
+        if held_out:
+            raise DatasetdmError("--prompt caption cannot keep classes out of training: captions name them; use template")
+        return "caption"
+    if mode == "auto" and not missing and not held_out:
+        return "caption"
+    return "template"
+
+
+def prompt_for(sample: LabelledSample, categories: list[dict], exclude: set[str] = frozenset(),
+               mode: str = "template") -> str:
+    """The prompt the backbone reads with ``sample``: its caption (``mode="caption"``; the template
+    when it has none), or the template naming the classes present, less ``exclude``."""
+    if mode == "caption" and sample.caption:
+        return sample.caption
+    present = set(present_category_ids(sample))
+    return class_prompt([c["name"] for c in categories if c["id"] in present and c["name"] not in exclude])
+
+
+def _resize(a: np.ndarray, size_hw, resample) -> np.ndarray:
+    h, w = size_hw
+    if a.shape[:2] == (h, w):
+        return a
+    if a.dtype == bool:
+        return np.asarray(Image.fromarray(a.astype(np.uint8)).resize((w, h), resample)).astype(bool)
+    if a.dtype == np.float32:
+        return np.asarray(Image.fromarray(a).resize((w, h), resample))
+    return np.asarray(Image.fromarray(a).resize((w, h), resample))
+
+
+def augment(sample: LabelledSample, rng: np.random.Generator | None, out_size, scale=(1.0, 1.5), flip=True) -> LabelledSample:
+    """A view of ``sample`` at ``out_size`` (H, W): resize (zoom factor drawn from ``scale``), random
+    crop, random horizontal flip; labels follow (nearest-neighbour), keypoints too (left/right
+    swapped under a flip, joints cropped away become v = 0). ``rng=None``: plain resize."""
+    H0, W0 = sample.size
+    oh, ow = out_size
+    s = float(rng.uniform(*scale)) if rng is not None else 1.0
+    base = max(oh / H0, ow / W0)
+    rh, rw = max(oh, round(H0 * base * s)), max(ow, round(W0 * base * s))
+    y0 = int(rng.integers(0, rh - oh + 1)) if rng is not None else (rh - oh) // 2
+    x0 = int(rng.integers(0, rw - ow + 1)) if rng is not None else (rw - ow) // 2
+    do_flip = bool(rng is not None and flip and rng.random() < 0.5)
+
+    def geo(a, resample):
+        a = _resize(a, (rh, rw), resample)[y0 : y0 + oh, x0 : x0 + ow]
+        return np.ascontiguousarray(a[:, ::-1] if do_flip else a)
+
+    image = geo(sample.image, Image.BILINEAR)
+    semantic = None if sample.semantic is None else geo(sample.semantic, Image.NEAREST)
+    depth = None if sample.depth is None else geo(sample.depth.astype(np.float32), Image.NEAREST)
+    instances = None
+    if sample.instances is not None:
+        instances = []
+        sy, sx = rh / H0, rw / W0
+        for inst in sample.instances:
+            mask = geo(inst.mask.astype(bool), Image.NEAREST)
+            if not mask.any():
+                continue
+            kps = None
+            if inst.keypoints is not None:
+                kps = np.asarray(inst.keypoints, np.float32).copy()
+                # integer pixel-centre convention (see decoder/losses.gaussian_heatmaps)
+                kps[:, 0] = (kps[:, 0] + 0.5) * sx - 0.5 - x0
+                kps[:, 1] = (kps[:, 1] + 0.5) * sy - 0.5 - y0
+                if do_flip:
+                    kps[:, 0] = ow - 1 - kps[:, 0]
+                    for a, b in FLIP_PAIRS:
+                        kps[[a, b]] = kps[[b, a]]
+                out = (kps[:, 0] < -0.5) | (kps[:, 0] > ow - 0.5) | (kps[:, 1] < -0.5) | (kps[:, 1] > oh - 0.5)
+                kps[out | (kps[:, 2] == 0)] = 0
+            instances.append(Instance(category_id=inst.category_id, mask=mask, keypoints=kps))
+    return LabelledSample(id=sample.id, image=image, caption=sample.caption, semantic=semantic,
+                          instances=instances, depth=depth, meta=dict(sample.meta))
+
+
+
+def build_views(samples, opts: TrainOptions, size) -> list[LabelledSample]:
+    views = []
+    for i, s in enumerate(samples):
+        views.append(augment(s, None, size))
+        for v in range(1, opts.views):
+            rng = np.random.default_rng(sample_seed(opts.seed, i, f"view{v}"))
+            views.append(augment(s, rng, size, scale=opts.scale))
+    return views
+
+
+def view_noise_seeds(opts: TrainOptions, n: int) -> list[int]:
+    """The timestep-noise seed of each view (paper §3.3: noise to t = 1 before the UNet pass)."""
+    return [sample_seed(opts.seed, i, "noise") for i in range(n)]
