@@ -128,3 +128,40 @@ def test_configs_from_files_reject_unknown_and_ill_typed_keys(tmp_path):
         DecoderConfig.from_dict({**good, "num_querys": 8}, "ckpt/config.json")
     with pytest.raises(DatasetdmError, match=r"ckpt/config.json: image_size"):
         DecoderConfig.from_dict({**good, "image_size": "big"}, "ckpt/config.json")
+
+
+def _run(*args, tmp_path=None):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("DATASETDM_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "datasetdm.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("world", "render", "--seed", "-5", "--n", "1"), "--seed"),
+    (("downstream", "--test-seed", "-1"), "--test-seed"),
+    (("world", "render", "--preset", "huge", "--n", "1"), "unknown preset 'huge'"),
+])
+def test_out_of_range_numbers_are_usage_errors(tmp_path, args, message):
+    result = _run(*args, "--out", tmp_path / "out")
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_unwritable_output_is_one_line_naming_the_path(tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    result = _run("world", "render", "--n", "1", "--out", tmp_path / "a-file" / "world")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"error: {tmp_path / 'a-file' / 'world'}: Not a directory" in result.stderr
+
+
+def test_train_refuses_a_nan_learning_rate(tmp_path):
+    from datasetdm.training import TrainOptions
+    from datasetdm.training.trainer import check_options
+
+    for lr in (float("nan"), 0.0, -1e-3, float("inf")):
+        with pytest.raises(DatasetdmError, match="--lr must be a positive finite number"):
+            check_options(TrainOptions(lr=lr))

@@ -70,7 +70,7 @@ def demo(
 
 @app.command()
 def downstream(
-    test_seed: int = typer.Option(..., help="Seed of the world test scenes everything is scored on."),
+    test_seed: int = typer.Option(..., min=0, help="Seed of the world test scenes everything is scored on."),
     out: Path = typer.Option(..., help="Output folder: data it builds, results JSON."),
     synthetic: Optional[Path] = typer.Option(None, help="Synthetic labelled folder (an export); default: generate it here."),
     real: Optional[Path] = typer.Option(None, help="Real labelled folder; default: 100 world train images."),
@@ -96,10 +96,21 @@ def downstream(
 
 
 def main() -> None:
+    """Every user-facing failure is one line and exit status 2: a DatasetdmError (bad input), or an
+    OSError (read-only or full disk, missing permission) named by its path. DATASETDM_DEBUG=1 shows
+    the traceback instead. Usage errors are typer's own (exit 2)."""
+    import os
+
     try:
         app()
-    except DatasetdmError as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    except (DatasetdmError, OSError) as err:
+        if os.environ.get("DATASETDM_DEBUG"):
+            raise
+        if isinstance(err, DatasetdmError):
+            message = str(err)
+        else:
+            message = f"{err.filename or 'datasetdm'}: {err.strerror or err}"
+        typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
         sys.exit(2)
 
 

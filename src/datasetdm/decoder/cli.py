@@ -33,7 +33,7 @@ def train(
     lr: float = typer.Option(1e-3, "--lr"),
     attention: bool = typer.Option(True, "--attention/--no-attention", help="fuse cross-attention maps"),
     use_image: bool = typer.Option(True, "--image/--no-image", help="image path in the pixel decoder"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0),
     keep_cache: bool = typer.Option(False, "--keep-cache", help="keep {out}.work/ (feature cache) afterwards"),
     device: str = typer.Option("cpu", "--device", help="torch device for the backbone and decoder, e.g. cuda"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),

@@ -148,7 +148,7 @@ def sheet_command(
     columns: int = typer.Option(4, help="Tiles per row."),
     steps: int = typer.Option(25, help="DDIM steps."),
     guidance: float = typer.Option(4.0, help="Classifier-free guidance scale."),
-    seed: int = typer.Option(0, help="Generation seed (per-sample seeds derive from it)."),
+    seed: int = typer.Option(0, min=0, help="Generation seed (per-sample seeds derive from it)."),
     threads: int = typer.Option(1, help="CPU threads for torch."),
 ) -> None:
     """A contact sheet of generated samples with their prompts written under them."""

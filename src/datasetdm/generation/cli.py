@@ -21,7 +21,7 @@ def generate(
     ignore_threshold: float = typer.Option(0.5, help="attention labeler: from here to --label-threshold is ignore (255)."),
     out: Path = typer.Option(..., help="Output folder: WebDataset shards + manifest.parquet."),
     n: int = typer.Option(100, min=0, help="Number of samples to generate (sample ids 0..n-1)."),
-    seed: int = typer.Option(0, help="Run seed; each sample's seed is derived from (seed, sample id)."),
+    seed: int = typer.Option(0, min=0, help="Run seed; each sample's seed is derived from (seed, sample id)."),
     prompts: Optional[Path] = typer.Option(None, help="Prompt file, or folder with one {class}.txt per class."),
     classes: Optional[str] = typer.Option(None, help="Comma-separated classes for template prompts (default: the decoders' classes)."),
     batch_size: int = typer.Option(GENERATION_BATCH, min=1, help="Images generated together; does not change the output."),

@@ -234,6 +234,10 @@ def check_options(opts: TrainOptions) -> None:
     for name in ("n_images", "iterations", "batch_size", "views"):
         if getattr(opts, name) < 1:
             raise DatasetdmError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(opts, name)}")
+    if not (math.isfinite(opts.lr) and opts.lr > 0):
+        raise DatasetdmError(f"--lr must be a positive finite number, got {opts.lr}")
+    if opts.seed < 0:
+        raise DatasetdmError(f"--seed must be ≥ 0, got {opts.seed}")
 
 
 def check_out(out: Path, task: str) -> None:

@@ -13,7 +13,7 @@ world_app = typer.Typer(help="The embedded procedural world (stands in for real 
 def render(
     split: str = typer.Option("train", help="train, val or test; splits never share scenes."),
     n: int = typer.Option(100, min=1, help="Number of scenes."),
-    seed: int = typer.Option(0, help="Scene seed; the same split, seed and n give identical files."),
+    seed: int = typer.Option(0, min=0, help="Scene seed; the same split, seed and n give identical files."),
     start: int = typer.Option(0, min=0, help="Index of the first scene (to render a range)."),
     out: Path = typer.Option(..., help="Output labelled folder."),
     preset: str = typer.Option("default", help="World preset: default (v2: 1-3 large objects, VOC-like) "
@@ -52,7 +52,7 @@ def _check(split: str, preset: str) -> None:
 def stats(
     split: str = typer.Option("test", help="train, val or test."),
     n: int = typer.Option(400, min=1, help="Number of scenes to measure."),
-    seed: int = typer.Option(0, help="Scene seed."),
+    seed: int = typer.Option(0, min=0, help="Scene seed."),
     preset: str = typer.Option("default", help="World preset."),
 ) -> None:
     """Object count and size distribution of a split; the last line is JSON."""
@@ -69,7 +69,7 @@ def stats(
 def sheet(
     n: int = typer.Option(6, min=1, help="Number of scenes (rows)."),
     split: str = typer.Option("val", help="Split to draw from."),
-    seed: int = typer.Option(0, help="Scene seed."),
+    seed: int = typer.Option(0, min=0, help="Scene seed."),
     out: Path = typer.Option(Path("docs/world.png"), help="Output PNG."),
     preset: str = typer.Option("default", help="World preset."),
 ) -> None:
