@@ -68,6 +68,12 @@ def check_command(
     reference_steps: int = typer.Option(None, help="Reference segmenter training steps (default 4000)."),
     threads: int = typer.Option(1, help="CPU threads for torch."),
     probe_only: bool = typer.Option(False, help="Only the hypercolumn probe gate (minutes; no reference segmenter)."),
+    decoders: bool = typer.Option(False, help="Also the decoder gates: every task trained with `train`'s defaults "
+                                  "on the 100 few-shot scenes and scored on --decoder-test-images test scenes "
+                                  "(about 25 min on 2 cores; resumable in --work)."),
+    decoder_test_seed: int = typer.Option(7, min=0, help="Test-split seed the decoder gates are scored on."),
+    decoder_test_images: int = typer.Option(200, min=1, help="Test scenes the decoder gates are scored on."),
+    work: Path = typer.Option(Path("runs/check"), help="Where the decoder gates keep their data and checkpoints."),
 ) -> None:
     """Measure the backbone's quality gates: reference segmenter mIoU, prompt fidelity,
     hypercolumn probe. Progress goes to stderr; the last stdout line is the figures as JSON.
@@ -86,7 +92,13 @@ def check_command(
     if ref:  # another config is another cache entry (its hash names the file)
         overrides["reference"] = ReferenceConfig(**ref)
     config = CheckConfig.quick(**overrides) if quick else CheckConfig(**overrides)
-    result = run_checks(backbone, config, cache_dir=cache, log=lambda m: typer.echo(m, err=True), probe_only=probe_only)
+    log = lambda m: typer.echo(m, err=True)  # noqa: E731
+    result = run_checks(backbone, config, cache_dir=cache, log=log, probe_only=probe_only)
+    if decoders:
+        from datasetdm.embedded.gates import decoder_gates
+
+        result.update(decoder_gates(backbone, work, decoder_test_seed, decoder_test_images, log=log))
+        result["passed"] = result["passed"] and all(g["passed"] for g in result["decoder_gates"].values())
     result["quick"] = quick
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
