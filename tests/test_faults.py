@@ -165,3 +165,18 @@ def test_train_refuses_a_nan_learning_rate(tmp_path):
     for lr in (float("nan"), 0.0, -1e-3, float("inf")):
         with pytest.raises(DatasetdmError, match="--lr must be a positive finite number"):
             check_options(TrainOptions(lr=lr))
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_generate_never_writes_into_a_folder_that_is_not_its_run(tmp_path, resume):
+    from datasetdm.formats.sample import Category
+    from datasetdm.formats.shards import ShardWriter
+
+    export = tmp_path / "export"
+    (export / "images").mkdir(parents=True)
+    (export / "annotations.json").write_text("{}")
+    with pytest.raises(DatasetdmError, match="holds other files .*annotations.json.* and no run.json"):
+        ShardWriter(export, [Category(1, "dog")], {}, resume=resume)
+    assert sorted(p.name for p in export.iterdir()) == ["annotations.json", "images"]
+    ShardWriter(tmp_path / "new", [Category(1, "dog")], {}, resume=resume).close()  # empty or new: a fresh run
+    assert (tmp_path / "new" / "run.json").is_file()

@@ -252,6 +252,10 @@ class ShardWriter:
         if not run_path.exists():
             if self.shard_dir.exists() and any(self.shard_dir.iterdir()):
                 raise DatasetdmError(f"{self.shard_dir}: has files but {run_path} is missing; choose an empty output folder")
+            others = sorted(p.name for p in self.out_dir.iterdir() if p.name != SHARD_DIR) if self.out_dir.is_dir() else []
+            if others:  # an export, a checkpoint, a data set: never write shards into it
+                raise DatasetdmError(f"{self.out_dir}: holds other files ({', '.join(others[:3])}) and no {RUN_FILE}; "
+                                     f"it is not a generate run{' to resume' if resume else ''}: choose an empty or new output folder")
             self.shard_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(run_path, self._run_info())
             return
