@@ -78,7 +78,7 @@ def load_state(path: str | os.PathLike) -> dict:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         tree = json.loads(meta["datasetdm_state"])
-    except (OSError, KeyError, ValueError, Exception) as e:  # safetensors raises its own error types
+    except Exception as e:  # missing file, no metadata, not safetensors: safetensors raises its own types
         raise DatasetdmError(f"{path}: not a datasetdm training state ({type(e).__name__}: {e})") from None
     return _decode(tree, tensors)
 
