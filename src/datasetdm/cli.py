@@ -39,9 +39,11 @@ from datasetdm.decoder import cli as decoder_cli  # noqa: E402
 from datasetdm.demo import DEMO_TASKS  # noqa: E402
 from datasetdm.generation.defaults import GENERATION_STEPS, GUIDANCE_SCALE  # noqa: E402
 from datasetdm.embedded.cli import backbone_app  # noqa: E402
+from datasetdm.formats.layouts.cli import data_app  # noqa: E402
 
 app.add_typer(world_app, name="world")
 app.add_typer(backbone_app, name="backbone")
+app.add_typer(data_app, name="data")
 app.command("generate")(generation_cli.generate)
 app.command("export")(generation_cli.export)
 app.command("view")(generation_cli.view)

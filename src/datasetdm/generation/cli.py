@@ -73,17 +73,29 @@ def generate(
 
 
 def export(
-    shards: Path = typer.Argument(..., help="Shard folder written by `datasetdm generate`."),
-    out: Path = typer.Option(..., help="Output labelled folder (images, semantic, depth, annotations.json)."),
+    shards: Path = typer.Argument(..., help="Shard folder written by `datasetdm generate`, or a labelled folder."),
+    out: Path = typer.Option(..., help="Output folder."),
+    format: str = typer.Option("folder", "--format", help="folder (labelled folder), voc, coco, cityscapes or hf "
+                               "(Hugging Face Parquet)."),
+    split: str = typer.Option("train", "--split", help="Split name the voc/coco/cityscapes/hf files are written as."),
     annotator: Optional[str] = typer.Option(None, help="Export a second annotator's labels instead of the primary ones."),
     limit: Optional[int] = typer.Option(None, min=0, help="Export at most this many samples."),
-    overwrite: bool = typer.Option(False, help="Replace an existing labelled folder in OUT."),
+    overwrite: bool = typer.Option(False, help="Replace an existing export in OUT."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    """Export shards to a plain labelled folder (COCO JSON, palettized masks, uint16 depth)."""
-    from datasetdm.formats.export import export_shards
+    """Export shards (or a labelled folder) as a labelled folder or a standard layout: VOC palette
+    PNGs + lists, COCO JSON, Cityscapes ids, or a Hugging Face Parquet folder."""
+    from datasetdm.formats.shards import is_shard_folder
 
-    count = export_shards(shards, out, annotator=annotator, limit=limit, overwrite=overwrite)
-    typer.echo(f"exported {count} samples to {out}")
+    if format == "folder" and is_shard_folder(shards):
+        from datasetdm.formats.export import export_shards
+
+        count = export_shards(shards, out, annotator=annotator, limit=limit, overwrite=overwrite)
+        typer.echo(f"exported {count} samples to {out}")
+        return
+    from datasetdm.formats.layouts.cli import export_layout
+
+    export_layout(shards, out, format, split, annotator, limit, overwrite, progress)
 
 
 def view(

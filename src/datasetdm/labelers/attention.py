@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from datasetdm.backbone.tokens import token_positions
 from datasetdm.errors import DatasetdmError
 from datasetdm.formats.sample import IGNORE_INDEX, Category, LabelledSample
-from datasetdm.prompts.base import Prompt, classes_in_text
+from datasetdm.prompts.base import Prompt, append_class_names, classes_in_text
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,9 @@ class AttentionLabelerConfig:
 
 
 def appended_prompt(text: str, classes: Sequence[str]) -> str:
-    """Class-prompt appending: "a dog on a sofa" -> "a dog on a sofa; dog sofa"."""
-    return f"{text}; {' '.join(classes)}" if classes else text
+    """Class-prompt appending: "a dog on a sofa" -> "a dog on a sofa; dog sofa" (not twice: a
+    caption prompt from a labelled folder arrives appended already)."""
+    return append_class_names(text, classes)
 
 
 def class_prompt(classes: Sequence[str]) -> str:

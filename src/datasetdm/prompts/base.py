@@ -40,6 +40,21 @@ def classes_in_text(text: str, classes: Sequence[str]) -> tuple[str, ...]:
     return tuple(found)
 
 
+def append_class_names(text: str, classes: Sequence[str]) -> str:
+    """Class-prompt appending (Dataset Diffusion, §3.2): "a dog on a sofa" -> "a dog on a sofa;
+    dog sofa", so every class is named even where the text says "two people" or "a man".
+
+    A text that already ends with these names after "; " is returned as it is, so appending twice
+    (a prompt file written this way, then a labeler that appends) changes nothing."""
+    if not classes:
+        return text
+    joined = " ".join(classes)
+    head, sep, tail = text.rpartition("; ")
+    if sep and sorted(tail.split()) == sorted(joined.split()):
+        return text
+    return f"{text}; {joined}"
+
+
 class PromptList:
     """A fixed list of prompts, used in a seeded order.
 

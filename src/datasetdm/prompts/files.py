@@ -1,6 +1,6 @@
 """Prompt files: the cache that makes generation independent of any language model.
 
-Two layouts:
+Three layouts:
 
 * a text file, one prompt a line. A line may start with the class names it shows, comma
   separated, then a tab: ``dog,cat<TAB>a dog chasing a cat across a lawn``. Without that prefix
@@ -8,7 +8,13 @@ Two layouts:
 * a folder with one ``{class}.txt`` per class (``traffic_light.txt`` is "traffic light"), one
   prompt a line; each prompt shows that class.
 
-Blank lines and lines starting with ``#`` are skipped in both.
+* a labelled folder (``annotations.json`` with captions, e.g. an imported COCO set): each
+  captioned image gives one prompt, its caption with the class names it shows appended as
+  Dataset Diffusion generates its VOC and COCO sets ("class-prompt appending": "a man on a
+  horse; person horse"). Its classes are those of its instances, or of its semantic mask when
+  it has no instances, in category-id order; given the run's ``classes``, only those are kept.
+
+Blank lines and lines starting with ``#`` are skipped in the text layouts.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import Sequence
 
 from datasetdm.errors import DatasetdmError
 from datasetdm.io import atomic_path
-from datasetdm.prompts.base import Prompt, PromptList, classes_in_text
+from datasetdm.prompts.base import Prompt, PromptList, append_class_names, classes_in_text
 
 
 def _lines(path: Path) -> list[tuple[int, str]]:
@@ -68,6 +74,8 @@ def _parse_file(path: Path, classes: Sequence[str] | None, file_class: str | Non
 def read_prompts(path: str | os.PathLike, classes: Sequence[str] | None = None) -> list[Prompt]:
     """Read a prompt file or a folder of per-class prompt files (see the module doc)."""
     path = Path(path)
+    if path.is_dir() and (path / "annotations.json").is_file():
+        return _caption_prompts(path, classes)
     if path.is_dir():
         files = sorted(path.glob("*.txt"))
         if not files:
@@ -81,6 +89,47 @@ def read_prompts(path: str | os.PathLike, classes: Sequence[str] | None = None) 
         prompts = _parse_file(path, classes)
     if not prompts:
         raise DatasetdmError(f"{path}: no prompts found")
+    return prompts
+
+
+def _caption_prompts(folder: Path, classes: Sequence[str] | None) -> list[Prompt]:
+    """Prompts from a labelled folder's captions (see the module doc)."""
+    import json
+
+    import numpy as np
+
+    from datasetdm.formats.png import read_semantic_png
+
+    ann_path = folder / "annotations.json"
+    try:
+        data = json.loads(ann_path.read_text(encoding="utf-8"))
+        names = {int(c["id"]): str(c["name"]) for c in data.get("categories") or []}
+        images = list(data["images"])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DatasetdmError(f"{ann_path}: not a labelled folder's annotations.json ({e})") from None
+    shown: dict = {}
+    for ann in data.get("annotations") or []:
+        if isinstance(ann, dict) and not ann.get("iscrowd"):
+            shown.setdefault(ann.get("image_id"), set()).add(ann.get("category_id"))
+    use_semantic = not data.get("annotations") and (folder / "semantic").is_dir()
+    wanted = set(classes) if classes is not None else None
+    if wanted is not None and not wanted & set(names.values()):
+        raise DatasetdmError(f"{folder}: none of its classes ({', '.join(names.values()) or 'none'}) is among "
+                             f"the run's classes ({', '.join(classes)})")
+    prompts = []
+    for image in images:
+        caption = image.get("caption") if isinstance(image, dict) else None
+        if not isinstance(caption, str) or not caption.strip():
+            continue
+        if use_semantic:
+            stem = Path(str(image.get("file_name", ""))).stem
+            ids = set(np.unique(read_semantic_png(folder / "semantic" / f"{stem}.png")).tolist())
+        else:
+            ids = shown.get(image.get("id"), set())
+        found = tuple(names[i] for i in sorted(ids) if i in names and (wanted is None or names[i] in wanted))
+        prompts.append(Prompt(append_class_names(" ".join(caption.split()), found), found))
+    if not prompts:
+        raise DatasetdmError(f"{ann_path}: no image has a caption; a labelled folder gives prompts from its captions")
     return prompts
 
 
