@@ -354,17 +354,21 @@ def test_writer_rejects_inconsistent_samples(tmp_path):
         with LabelledFolderWriter(tmp_path / "f", CATEGORIES) as w:
             w.add(a)
             w.add(b)
-    assert not (tmp_path / "f" / "annotations.json").exists()  # failed run leaves no index
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # a failed run leaves nothing, not even images
 
-    with pytest.raises(DatasetdmError, match="already exists"):
+    with LabelledFolderWriter(tmp_path / "f", CATEGORIES) as w:
+        w.add(a)
+    with pytest.raises(DatasetdmError, match="already exists; pass --overwrite"):
         LabelledFolderWriter(tmp_path / "f", CATEGORIES)
     w = LabelledFolderWriter(tmp_path / "f", [Category(5, "person")], overwrite=True)
-    assert not (tmp_path / "f" / "images").exists()
+    assert (tmp_path / "f" / "images").exists()  # the old folder stays whole until the new one is complete
     person_only = make_samples()[0]
     person_only.semantic = None
     person_only.instances = person_only.instances[3:]
     with pytest.raises(DatasetdmError, match="no keypoint names"):
         w.add(person_only)
+    w.abort()
+    assert read_labelled_folder(tmp_path / "f").ids == [a.id]
     with pytest.raises(DatasetdmError, match="unknown category ids"):
         LabelledFolderWriter(tmp_path / "g", CATEGORIES[:2]).add(make_samples()[0])
 

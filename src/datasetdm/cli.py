@@ -112,6 +112,7 @@ def main() -> None:
             message = str(err)
         else:
             message = f"{err.filename or 'datasetdm'}: {err.strerror or err}"
+        message = " ".join(message.split())  # one line, whatever a library put in the text
         typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
         sys.exit(2)
 

@@ -47,6 +47,20 @@ def resolve_backbone(backbone: str | None) -> str:
 def run_demo(out: str | Path, backbone: str | None = None, n_samples: int = 200, n_test: int = 100,
              iterations: int = 600, steps: int = GENERATION_STEPS, guidance: float = GUIDANCE_SCALE,
              batch_size: int = GENERATION_BATCH, tasks=DEMO_TASKS, seed: int = 0, show_progress: bool = True) -> dict:
+    from datasetdm.io import output_lock
+
+    out = Path(out)
+    unknown = [t for t in tasks if t not in DEMO_TASKS]
+    if unknown:
+        raise DatasetdmError(f"--tasks: unknown {unknown}; choose from {', '.join(DEMO_TASKS)}")
+    with output_lock(out):  # two demos in one folder would train and generate over each other
+        out.mkdir(parents=True, exist_ok=True)
+        return _run_demo(out, backbone, n_samples, n_test, iterations, steps, guidance, batch_size, tasks, seed,
+                         show_progress)
+
+
+def _run_demo(out: Path, backbone, n_samples, n_test, iterations, steps, guidance, batch_size, tasks, seed,
+              show_progress) -> dict:
     from datasetdm.evaluation.evaluate import evaluate_decoder, headline
     from datasetdm.formats.export import export_shards
     from datasetdm.generation.setup import generate_labelled
@@ -54,11 +68,6 @@ def run_demo(out: str | Path, backbone: str | None = None, n_samples: int = 200,
     from datasetdm.view import build_gallery
     from datasetdm.world.folders import render_world_folder, world_prompt_file
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    unknown = [t for t in tasks if t not in DEMO_TASKS]
-    if unknown:
-        raise DatasetdmError(f"--tasks: unknown {unknown}; choose from {', '.join(DEMO_TASKS)}")
     t0 = time.time()
     source = resolve_backbone(backbone)
     say(f"backbone: {source}")
@@ -83,7 +92,7 @@ def run_demo(out: str | Path, backbone: str | None = None, n_samples: int = 200,
         "samples": exported,
         "samples_per_second": round(summary.samples_per_second, 3),
         "minutes": round((time.time() - t0) / 60, 2),
-        **{f"{task}_{k}": round(v, 4) for task, m in metrics.items() for k, v in m.items()},
+        **{f"{task}_{k}": None if v is None else round(v, 4) for task, m in metrics.items() for k, v in m.items()},
     }
     return result
 

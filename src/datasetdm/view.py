@@ -11,6 +11,8 @@ from __future__ import annotations
 import html
 import math
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -182,12 +184,33 @@ def write_gallery(
     title: str = "datasetdm gallery",
     limit: int | None = None,
 ) -> Path:
-    """Write ``out_dir/index.html`` and its overlay PNGs under ``out_dir/assets``; return the page."""
+    """Write ``out_dir/index.html`` and its overlay PNGs under ``out_dir/assets``; return the page.
+
+    The pictures are drawn into a temporary folder that replaces ``assets`` only once every sample
+    was read: a damaged input (a truncated shard) leaves the previous gallery, or none, never a
+    page missing half its pictures; a new ``out_dir`` the failed run made is removed again."""
     out_dir = Path(out_dir)
-    assets = out_dir / "assets"
-    assets.mkdir(parents=True, exist_ok=True)
-    for old in assets.glob("*.png"):  # a re-run must not leave another dataset's pictures
-        old.unlink()
+    made = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=".assets-", suffix=".tmp", dir=out_dir))
+    os.chmod(building, 0o777 & ~_umask())
+    try:
+        index = _write_gallery(samples, categories, out_dir, building, title, limit)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        if made:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    return index
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_gallery(samples, categories, out_dir: Path, assets: Path, title: str, limit: int | None) -> Path:
     by_id = {c.id: c for c in categories}
     cards = []
     for n, item in enumerate(samples):
@@ -221,6 +244,10 @@ def write_gallery(
     index = out_dir / "index.html"
     tmp = out_dir / ".index.html.tmp"
     tmp.write_text(page, encoding="utf-8")
+    old = out_dir / "assets"
+    if old.exists():  # a re-run must not leave another dataset's pictures
+        shutil.rmtree(old)
+    os.replace(assets, old)
     os.replace(tmp, index)
     return index
 

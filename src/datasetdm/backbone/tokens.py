@@ -7,6 +7,8 @@ tokenized alone with the model's own tokenizer and its token sequence is searche
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from datasetdm.backbone.loader import MAX_TOKENS
 from datasetdm.errors import DatasetdmError
 
@@ -44,6 +46,32 @@ def token_positions(tokenizer, prompt: str, phrase: str, max_tokens: int | None 
         cut = " (it lies beyond the first %d tokens the model sees)" % limit if _contains(full, phrase_ids) else ""
         raise DatasetdmError(f"phrase {phrase!r} does not occur in prompt {prompt!r}{cut}")
     return positions
+
+
+@dataclass(frozen=True)
+class PromptFit:
+    """How a prompt fits the text encoder's window: ``text`` is the part the model reads (its
+    first ``limit`` tokens, special tokens included, decoded back to words), ``tokens`` the whole
+    prompt's length counted the same way."""
+
+    text: str
+    tokens: int
+    limit: int
+
+    @property
+    def truncated(self) -> bool:
+        return self.tokens > self.limit
+
+
+def fit_prompt(tokenizer, prompt: str, max_tokens: int | None = MAX_TOKENS) -> PromptFit:
+    """What of ``prompt`` the model reads. Words past the limit never reach the UNet, so a class
+    named only there must not be labelled (the generation loop drops it from the labels)."""
+    limit = min(int(max_tokens or tokenizer.model_max_length), int(tokenizer.model_max_length))
+    full = _ids(tokenizer, prompt, max_length=10**6)
+    if len(full) <= limit:
+        return PromptFit(prompt, len(full), limit)
+    seen = tokenizer.decode(full[:limit], skip_special_tokens=True)
+    return PromptFit(seen, len(full), limit)
 
 
 def _contains(seq: list[int], sub: list[int]) -> bool:

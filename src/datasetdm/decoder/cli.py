@@ -35,6 +35,9 @@ def train(
     use_image: bool = typer.Option(True, "--image/--no-image", help="image path in the pixel decoder"),
     seed: int = typer.Option(0, "--seed", min=0),
     keep_cache: bool = typer.Option(False, "--keep-cache", help="keep {out}.work/ (feature cache) afterwards"),
+    checkpoint_every: int = typer.Option(250, "--checkpoint-every", min=1,
+                                         help="save the resumable training state every N iterations"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a decoder checkpoint already in --out"),
     device: str = typer.Option("cpu", "--device", help="torch device for the backbone and decoder, e.g. cuda"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
@@ -47,8 +50,9 @@ def train(
     held = [h.strip() for h in held_out_classes.split(",") if h.strip()] if held_out_classes else []
     opts = TrainOptions(task=task, n_images=n_images, views=views, iterations=iterations, batch_size=batch_size,
                         lr=lr, seed=seed, features=features, attention=attention, use_image=use_image,
-                        held_out=held, keep_cache=keep_cache, device=device, prompt=prompt)
-    summary = train_decoder(data, out, opts, backbone_source=backbone, show_progress=progress)
+                        held_out=held, keep_cache=keep_cache, device=device, prompt=prompt,
+                        checkpoint_every=checkpoint_every)
+    summary = train_decoder(data, out, opts, backbone_source=backbone, show_progress=progress, overwrite=overwrite)
     typer.echo(json.dumps({"checkpoint": str(out), **summary}))
 
 

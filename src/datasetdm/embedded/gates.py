@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from datasetdm.errors import DatasetdmError
 from datasetdm.formats.sample import IGNORE_INDEX, LabelledSample
 from datasetdm.world.render import CATEGORIES, COLOURS, IMAGE_SIZE, render_scene
 
@@ -670,6 +671,8 @@ def decoder_gates(backbone_dir: str | Path, work: str | Path, test_seed: int, n_
     metrics = {task: evaluate_decoder(ckpt, test, out=work / "metrics" / f"{task}.json") for task, ckpt in ckpts.items()}
     gates = {}
     for name, (task, key, bar, sense) in DECODER_GATES.items():
+        if metrics[task][key] is None:  # evaluation reports null when there is nothing to score
+            raise DatasetdmError(f"{test}: the {task} decoder's {key} has nothing to score on these test scenes")
         value = float(metrics[task][key])
         passed = value >= bar if sense == "min" else value <= bar
         gates[name] = {"value": round(value, 4), "gate": bar, "sense": sense, "passed": bool(passed)}

@@ -53,6 +53,10 @@ class SemanticIoU:
             self.seen[np.unique(x.numpy())] = True
 
     def compute(self) -> dict:
+        """mIoU and per-class IoU; mIoU is NaN (reported as null) when no pixel could be scored,
+        not the 0 of an empty confusion matrix."""
+        if not self.seen.any():
+            return {"miou": float("nan"), "iou": {}}
         per = self.per_class.compute().numpy()
         return {"miou": float(self.macro.compute()),
                 "iou": {int(v): float(per[i]) for i, v in enumerate(self.values) if self.seen[i]}}
@@ -85,17 +89,23 @@ def _coco_gt(gts: list[list[Instance]], sizes, categories: list[dict], keypoints
 
 
 def _coco_eval(gt, dets: list[dict], iou_type: str) -> np.ndarray:
+    """COCOeval's 12 summary figures; NaN where there is nothing to score (no ground truth that
+    counts: none at all, or, for keypoints, no person with a labelled keypoint), which the
+    evaluation reports as null, not as an AP of 0."""
     from pycocotools.cocoeval import COCOeval
 
-    if not dets or not gt.getAnnIds():
-        return np.zeros(12)
+    if not gt.getAnnIds():
+        return np.full(12, np.nan)
+    if not dets:
+        scorable = any(a.get("num_keypoints", 1) > 0 for a in gt.dataset["annotations"])
+        return np.zeros(12) if scorable else np.full(12, np.nan)
     with contextlib.redirect_stdout(io.StringIO()):
         dt = gt.loadRes(dets)
         ev = COCOeval(gt, dt, iou_type)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    return np.maximum(ev.stats, 0)  # -1 = "no ground truth in this area range"
+    return np.where(ev.stats < 0, np.nan, ev.stats)  # -1 = "no ground truth (in this area range)"
 
 
 def mask_ap(gts: list[list[Instance]], preds: list[list[Instance]], sizes, categories: list[dict]) -> dict:

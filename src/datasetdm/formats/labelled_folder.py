@@ -28,7 +28,6 @@ loads every sample to run them all at once. Every problem is a ``DatasetdmError`
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -50,7 +49,7 @@ from datasetdm.formats.png import (
     write_semantic_png,
 )
 from datasetdm.formats.sample import IGNORE_INDEX, Category, Instance, LabelledSample
-from datasetdm.io import write_json_atomic
+from datasetdm.io import atomic_folder, output_lock, write_json_atomic
 
 ANNOTATIONS_FILE = "annotations.json"
 CATEGORIES_FILE = "categories.json"
@@ -67,9 +66,14 @@ FORMAT_VERSION = 1
 class LabelledFolderWriter:
     """Write ``LabelledSample``s to a labelled folder; use as a context manager or call ``close()``.
 
-    Each image and label PNG is written atomically by ``add``; annotations.json is written
-    atomically by ``close``. If the ``with`` block raises, annotations.json is not written, so a
-    half-finished folder is never mistaken for a complete one.
+    The folder is built in a hidden temporary sibling (``.{name}.tmp-{pid}-…``) and renamed onto
+    ``out_dir`` by ``close`` once annotations.json is written, so readers see no folder (or the
+    previous one) until the new one is complete; if the ``with`` block raises, or the process is
+    killed, no half-written folder is left under ``out_dir`` and a rerun removes the temporary.
+    The writer holds ``out_dir``'s lock (``io.output_lock``) from construction to close.
+
+    ``out_dir`` may be new or empty; a labelled folder there is replaced as a whole only with
+    ``overwrite`` (the CLI's ``--overwrite``); a folder holding anything else is never replaced.
 
     The first sample fixes which label kinds (semantic, instances, depth) the folder carries;
     every later sample must carry the same ones, because the reader requires that too.
@@ -87,8 +91,6 @@ class LabelledFolderWriter:
                 )
         self.categories = list(categories)
         self._by_id = {c.id: c for c in categories}
-        self._prepare_dir(overwrite)
-
         self._kinds: frozenset[str] | None = None
         self._ids: set[str] = set()
         self._images: list[dict] = []
@@ -96,21 +98,10 @@ class LabelledFolderWriter:
         self._has_keypoints = False
         self._has_captions = False
         self._closed = False
-
-    def _prepare_dir(self, overwrite: bool) -> None:
-        owned = [self.out_dir / n for n in ("images", "semantic", "depth", ANNOTATIONS_FILE, CATEGORIES_FILE)]
-        existing = [p for p in owned if p.exists() and (p.is_file() or any(p.iterdir()))]
-        if existing and not overwrite:
-            raise DatasetdmError(
-                f"{existing[0]}: already exists; choose an empty output folder or pass overwrite=True"
-            )
-        # Stale files from an earlier run would otherwise mix with the new samples.
-        for p in existing:
-            if p.is_dir():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._building = atomic_folder(self.out_dir)
+        with output_lock(self.out_dir):  # checked under the lock: no other run is replacing it meanwhile
+            check_replaceable(self.out_dir, overwrite)
+            self._dir = self._building.__enter__()  # takes the lock again (re-entrant) until close
 
     def __enter__(self) -> "LabelledFolderWriter":
         return self
@@ -119,7 +110,17 @@ class LabelledFolderWriter:
         if exc_type is None:
             self.close()
         else:
-            self._closed = True
+            self.abort()
+
+    def _file(self, *parts: str) -> Path:
+        return self._dir.joinpath(*parts)
+
+    def _final_name(self, err: OSError) -> OSError:
+        """The OSError naming the file's place in ``out_dir``, not in the temporary sibling."""
+        name = str(err.filename) if err.filename else str(self._dir)
+        if name.startswith(str(self._dir)):
+            name = str(self.out_dir) + name[len(str(self._dir)):]
+        return OSError(err.errno, err.strerror or str(err), name)
 
     def add(self, sample: LabelledSample) -> None:
         if self._closed:
@@ -136,11 +137,14 @@ class LabelledFolderWriter:
 
         height, width = sample.size
         image_id = len(self._images) + 1
-        write_image_png(self.out_dir / "images" / f"{sid}.png", sample.image)
-        if sample.semantic is not None:
-            write_semantic_png(self.out_dir / "semantic" / f"{sid}.png", sample.semantic)
-        if sample.depth is not None:
-            write_depth_png(self.out_dir / "depth" / f"{sid}.png", sample.depth)
+        try:
+            write_image_png(self._file("images", f"{sid}.png"), sample.image)
+            if sample.semantic is not None:
+                write_semantic_png(self._file("semantic", f"{sid}.png"), sample.semantic)
+            if sample.depth is not None:
+                write_depth_png(self._file("depth", f"{sid}.png"), sample.depth)
+        except OSError as err:
+            raise self._final_name(err) from None
 
         entry = {
             "id": image_id,
@@ -213,9 +217,31 @@ class LabelledFolderWriter:
         return sid
 
     def close(self) -> None:
-        """Write annotations.json. Safe to call twice."""
+        """Write annotations.json and put the folder in place. Safe to call twice."""
         if self._closed:
             return
+        try:
+            self._write_annotations()
+        except BaseException as err:
+            self.abort()
+            if isinstance(err, OSError):
+                raise self._final_name(err) from None
+            raise
+        self._closed = True
+        try:
+            self._building.__exit__(None, None, None)  # rename onto out_dir, release the lock
+        except OSError as err:
+            raise self._final_name(err) from None
+
+    def abort(self) -> None:
+        """Remove what was written (the temporary sibling) and release the lock; ``out_dir`` keeps
+        whatever it held before."""
+        if self._closed:
+            return
+        self._closed = True
+        self._building.__exit__(DatasetdmError, DatasetdmError("aborted"), None)
+
+    def _write_annotations(self) -> None:
         kinds = set(self._kinds or ())
         if self._has_keypoints:
             kinds.add("keypoints")
@@ -227,7 +253,7 @@ class LabelledFolderWriter:
             info["depth_scale"] = DEPTH_SCALE  # metres per unit of the depth PNGs
             info["depth_unit"] = "mm"
         write_json_atomic(
-            self.out_dir / ANNOTATIONS_FILE,
+            self._file(ANNOTATIONS_FILE),
             {
                 "info": info,
                 "images": self._images,
@@ -235,7 +261,27 @@ class LabelledFolderWriter:
                 "categories": [coco.category_to_coco(c) for c in self.categories],
             },
         )
-        self._closed = True
+
+
+OWNED_ENTRIES = ("images", "semantic", "depth", ANNOTATIONS_FILE, CATEGORIES_FILE)
+
+
+def check_replaceable(out_dir: Path, overwrite: bool) -> None:
+    """Refuse, before anything is written, an output folder that must not be replaced: one that
+    holds files without ``overwrite``, and with it, one that is not a labelled folder (none of
+    images/, semantic/, depth/, annotations.json, categories.json: a home folder given as --out)."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise DatasetdmError(f"{out_dir}: exists and is not a folder; choose another output folder")
+    entries = sorted(p.name for p in out_dir.iterdir())
+    if not entries:
+        return
+    if not any(name in OWNED_ENTRIES for name in entries):
+        raise DatasetdmError(f"{out_dir}: holds other files ({', '.join(entries[:3])}) and is not a labelled "
+                             "folder; not replacing it: choose an empty or new output folder")
+    if not overwrite:
+        raise DatasetdmError(f"{out_dir}: already exists; pass --overwrite to replace it, or choose another output folder")
 
 
 # --------------------------------------------------------------------------------------------
@@ -547,4 +593,23 @@ def _attach_annotations(
             raise DatasetdmError(
                 f"{where}: has {len(kp)} keypoint values; category {cat.name!r} expects {expected}"
             )
+        if kp:
+            _check_keypoints(kp, cat, entry, where)
         entry.annotations.append(ann)
+
+
+def _check_keypoints(values: list, cat: Category, entry: _Entry, where: str) -> None:
+    """COCO keypoints (x, y, v): v is 0 (not labelled), 1 (labelled, hidden) or 2 (visible), and a
+    labelled point lies in the image. The range takes both conventions in use: pixel centres
+    (x from -0.5 to width - 0.5, the world and the decoders) and COCO's continuous [0, width]."""
+    try:
+        points = np.asarray(values, dtype=np.float64).reshape(-1, 3)
+    except (TypeError, ValueError):
+        raise DatasetdmError(f"{where}: keypoints must be numbers (x, y, v per joint)") from None
+    for k, (x, y, v) in enumerate(points):
+        name = cat.keypoints[k] if cat.keypoints and k < len(cat.keypoints) else str(k)
+        if v not in (0, 1, 2):
+            raise DatasetdmError(f"{where}: keypoint {k} ({name}) has visibility {v:g}; COCO allows 0, 1 or 2")
+        if v > 0 and not (-0.5 <= x <= entry.width and -0.5 <= y <= entry.height):
+            raise DatasetdmError(f"{where}: keypoint {k} ({name}) at ({x:g}, {y:g}) lies outside the "
+                                 f"{entry.width}x{entry.height} image {entry.image_path.name}")

@@ -26,6 +26,7 @@ ids, so a resumed run writes byte-identical shards to an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -41,7 +42,7 @@ from datasetdm.errors import DatasetdmError
 from datasetdm.formats import coco
 from datasetdm.formats.png import DEPTH_SCALE, encode_depth_png, encode_image_png, encode_semantic_png
 from datasetdm.formats.sample import Category, LabelledSample
-from datasetdm.io import atomic_path, write_json_atomic
+from datasetdm.io import atomic_path, naming_path, write_json_atomic
 
 RUN_FILE = "run.json"
 MANIFEST_FILE = "manifest.parquet"
@@ -249,6 +250,12 @@ class ShardWriter:
 
     def _start(self, resume: bool) -> None:
         run_path = self.out_dir / RUN_FILE
+        self._fresh = False  # set when this writer starts the run (abort then removes what it made)
+        self._made_out = not self.out_dir.exists()
+        if run_path.exists() and self._completed_nothing():
+            # a run killed before its first shard: nothing to continue, nothing to lose (the caller
+            # holds the folder's lock, so it is not live); start over, with or without --resume
+            self._remove_leftovers()
         if not run_path.exists():
             if self.shard_dir.exists() and any(self.shard_dir.iterdir()):
                 raise DatasetdmError(f"{self.shard_dir}: has files but {run_path} is missing; choose an empty output folder")
@@ -257,6 +264,7 @@ class ShardWriter:
                 raise DatasetdmError(f"{self.out_dir}: holds other files ({', '.join(others[:3])}) and no {RUN_FILE}; "
                                      f"it is not a generate run{' to resume' if resume else ''}: choose an empty or new output folder")
             self.shard_dir.mkdir(parents=True, exist_ok=True)
+            self._fresh = True
             write_json_atomic(run_path, self._run_info())
             return
         if not resume:
@@ -281,6 +289,25 @@ class ShardWriter:
             raise DatasetdmError(f"{self.out_dir / MANIFEST_FILE}: sample ids are not 0..{len(ids) - 1} in order; the manifest was edited")
         self._next_id = len(ids)
         self._remove_unlisted_shards()
+
+    def _completed_nothing(self) -> bool:
+        if (self.out_dir / MANIFEST_FILE).exists():
+            return False
+        shards = list(self.shard_dir.iterdir()) if self.shard_dir.is_dir() else []
+        return all(p.name.startswith(".") and p.name.endswith(".tmp") for p in shards)
+
+    def _remove_leftovers(self) -> None:
+        """Remove what a run that completed nothing wrote: temporary shards, run.json, shards/ and
+        the output folder itself when this writer made it and it is empty."""
+        if self.shard_dir.is_dir():
+            for p in self.shard_dir.iterdir():
+                if p.name.startswith(".") and p.name.endswith(".tmp"):
+                    p.unlink(missing_ok=True)
+            if not any(self.shard_dir.iterdir()):
+                self.shard_dir.rmdir()
+        (self.out_dir / RUN_FILE).unlink(missing_ok=True)
+        if self._made_out and self.out_dir.is_dir() and not any(self.out_dir.iterdir()):
+            self.out_dir.rmdir()
 
     def _listed_shards(self) -> set[int]:
         return set(range((self._next_id + self.samples_per_shard - 1) // self.samples_per_shard))
@@ -356,8 +383,9 @@ class ShardWriter:
             info = {k: v for k, v in row.items() if k != "dropped_reason"}
             info["scores"] = record["scores"]
             files = encode_sample(sample_id, sample, info, self.categories, extras)
-            for ext, data in files.items():
-                _tar_member(self._open.tar, f"{record['key']}.{ext}", data)
+            with naming_path(self.shard_dir / shard_name(index)):
+                for ext, data in files.items():
+                    _tar_member(self._open.tar, f"{record['key']}.{ext}", data)
         self._open.rows.append(record)
         self._next_id += 1
         if self._next_id % self.samples_per_shard == 0:
@@ -365,16 +393,21 @@ class ShardWriter:
 
     def _begin(self, index: int) -> None:
         tmp = self.shard_dir / f".{shard_name(index)}.tmp"
-        self._open = _OpenShard(index, tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT))
+        with naming_path(self.shard_dir / shard_name(index)):
+            self._open = _OpenShard(index, tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT))
 
     def _finish(self) -> None:
         shard = self._open
-        shard.tar.close()
-        with open(shard.tmp, "rb+") as f:
-            os.fsync(f.fileno())  # the data must be on disk before the rename makes it visible
-        os.replace(shard.tmp, self.shard_dir / shard_name(shard.index))
-        self._rows += shard.rows
-        self._write_manifest()
+        final = self.shard_dir / shard_name(shard.index)
+        with naming_path(final):
+            shard.tar.close()
+            with open(shard.tmp, "rb+") as f:
+                os.fsync(f.fileno())  # the data must be on disk before the rename makes it visible
+            os.replace(shard.tmp, final)
+        rows = self._rows + shard.rows
+        with naming_path(self.out_dir / MANIFEST_FILE):
+            self._write_manifest(rows)
+        self._rows = rows  # only now: abort() trusts _rows to be what the manifest on disk lists
         self._open = None
 
     def close(self) -> None:
@@ -383,11 +416,23 @@ class ShardWriter:
             self._finish()
 
     def abort(self) -> None:
-        """Drop the open shard (its temporary file); what was finished stays."""
+        """Undo what is not complete: the open shard's temporary file, a shard renamed before its
+        manifest rows were written; for a run this writer started that completed no shard, also
+        run.json, shards/ and the output folder it made. A rerun then starts cleanly (or, after a
+        completed shard, continues with --resume). Never raises: it runs while an error is raised."""
         if self._open is not None:
-            self._open.tar.close()
-            self._open.tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError, tarfile.TarError):
+                self._open.tar.close()  # on a full disk closing fails too; the file goes anyway
+            with contextlib.suppress(OSError):
+                self._open.tmp.unlink(missing_ok=True)
             self._open = None
+        with contextlib.suppress(OSError):
+            listed = {shard_name(k) for k in range((len(self._rows) + self.samples_per_shard - 1) // self.samples_per_shard)}
+            for p in self.shard_dir.iterdir() if self.shard_dir.is_dir() else ():
+                if p.name.startswith("shard-") and p.name not in listed:
+                    p.unlink()
+            if self._fresh and not self._rows and not (self.out_dir / MANIFEST_FILE).exists():
+                self._remove_leftovers()
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -395,13 +440,14 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close() if exc_type is None else self.abort()
 
-    def _write_manifest(self) -> None:
+    def _write_manifest(self, rows: list[dict] | None = None) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        columns = {name: [r.get(name) for r in self._rows] for name in BASE_COLUMNS}
+        rows = self._rows if rows is None else rows
+        columns = {name: [r.get(name) for r in rows] for name in BASE_COLUMNS}
         for name in self._score_names:
-            columns[f"score_{name}"] = [r["scores"].get(name) for r in self._rows]
+            columns[f"score_{name}"] = [r["scores"].get(name) for r in rows]
         schema = pa.schema(
             [
                 ("id", pa.int64()),
@@ -469,35 +515,58 @@ def shard_paths(out_dir: str | os.PathLike) -> list[Path]:
 
 
 def iter_shard_files(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) per sample of one tar shard, in order."""
+    """(key, {extension: bytes}) per sample of one tar shard, in order; a DatasetdmError naming
+    the shard when it is not a tar or is cut short (a truncated copy, a full disk)."""
     try:
-        tar = tarfile.open(path, "r")
+        tar = tarfile.open(path, "r:")  # shards are never compressed: one plain error, not one per codec
     except (OSError, tarfile.TarError) as e:
         raise DatasetdmError(f"{path}: not a readable tar shard ({e})") from None
     with tar:
         key, files = None, {}
-        for member in tar:
-            if not member.isfile():
-                continue
+        members = iter(tar)
+        while True:
+            try:
+                member = next(members, None)
+                if member is None:
+                    break
+                if not member.isfile():
+                    continue
+                data = tar.extractfile(member).read()
+            except (OSError, EOFError, tarfile.TarError) as e:
+                raise DatasetdmError(f"{path}: truncated or damaged tar shard ({e})") from None
             name = member.name.rsplit("/", 1)[-1]
             k, _, ext = name.partition(".")
             if k != key and files:
                 yield key, files
                 files = {}
             key = k
-            files[ext] = tar.extractfile(member).read()
+            files[ext] = data
         if files:
             yield key, files
 
 
 def read_shards(out_dir: str | os.PathLike, with_extras: bool = False) -> Iterator:
-    """Kept samples of a shard folder in id order: ``LabelledSample``s, or (sample, extras)."""
-    for path in shard_paths(out_dir):
+    """Kept samples of a shard folder in id order: ``LabelledSample``s, or (sample, extras).
+
+    Each shard must hold exactly the kept samples the manifest lists for it: a tar cut at a member
+    boundary reads without a tar error, and would otherwise lose samples silently."""
+    paths = shard_paths(out_dir)  # run.json first: a folder that is no run says so
+    expected: dict[str, list[str]] = {}
+    for row in read_manifest(out_dir).select(["key", "shard", "kept"]).to_pylist():
+        if row["kept"]:
+            expected.setdefault(row["shard"], []).append(row["key"])
+    for path in paths:
         if not path.exists():
             raise DatasetdmError(f"{path}: listed in the manifest but missing")
+        keys = []
         for key, files in iter_shard_files(path):
+            keys.append(key)
             sample, extras = decode_sample(files, f"{path}:{key}")
             yield (sample, extras) if with_extras else sample
+        want = expected.get(path.name, [])
+        if keys != want:
+            raise DatasetdmError(f"{path}: holds {len(keys)} samples but the manifest lists {len(want)} kept ones; "
+                                 "the shard is truncated or damaged")
 
 
 def is_shard_folder(path: str | os.PathLike) -> bool:

@@ -6,6 +6,10 @@ hypercolumns), and every annotator labels each image from those same hypercolumn
 computed per sample, filters drop bad ones (recorded in the manifest with the reason), and the
 rest go into WebDataset shards.
 
+Prompts longer than the text encoder's window (77 tokens) are cut by the model: a warning says
+so, and a class named only past the cut is dropped from that sample's labels (its pixels become
+ignore, 255; its instances go) and from its agreement score, since the model never read it.
+
 Nothing depends on the batch size: prompts and seeds come from the sample id, and the backbone
 draws each sample's noise from its own seed. Shards are written atomically and ``resume=True``
 continues an interrupted run with exactly the samples an uninterrupted run would write.
@@ -25,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -36,13 +41,17 @@ import numpy as np
 from datasetdm.errors import DatasetdmError
 from datasetdm.formats.sample import IGNORE_INDEX, Category, LabelledSample
 from datasetdm.formats.shards import ShardWriter, read_manifest
-from datasetdm.io import sample_seed
+from datasetdm.io import output_lock, sample_seed
 from datasetdm.progress import progress_bar, rate_column
-from datasetdm.prompts.base import Prompt, PromptSource
+from datasetdm.prompts.base import Prompt, PromptSource, classes_in_text
 
 GenerateFn = Callable[[list[str], list[int]], tuple]
 Annotator = Callable[[np.ndarray, object, list[Prompt]], list[LabelledSample]]
 LABEL_FIELDS = ("semantic", "instances", "depth")
+# ``read_prompt(text)`` -> what the model reads of it (``backbone.tokens.PromptFit``: .text,
+# .tokens, .limit, .truncated); the labeler knows the exact text it generates from
+ReadPrompt = Callable[[str], object]
+log = logging.getLogger("datasetdm")
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,6 +231,28 @@ def _merge_keypoints(instances: list, people: list) -> list:
     return merged
 
 
+def classes_past_limit(prompt: Prompt, fit, names: Sequence[str]) -> list[str]:
+    """The classes ``prompt`` names only in the words the model did not read (``fit``: what
+    ``read_prompt`` says the model read of it)."""
+    if fit is None or not fit.truncated:
+        return []
+    read = set(classes_in_text(fit.text, names))
+    return [c for c in classes_in_text(prompt.text, names) if c not in read]
+
+
+def drop_classes(label: LabelledSample, category_ids: set[int]) -> None:
+    """Remove classes from a sample's labels: their pixels become ignore (255: unknown, not
+    background, since the image may show something there), their instances go."""
+    if not category_ids:
+        return
+    if label.semantic is not None:
+        semantic = np.array(label.semantic, copy=True)
+        semantic[np.isin(semantic, sorted(category_ids))] = IGNORE_INDEX
+        label.semantic = semantic
+    if label.instances is not None:
+        label.instances = [i for i in label.instances if i.category_id not in category_ids]
+
+
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
@@ -266,12 +297,22 @@ def generate_dataset(
     config: Mapping | None = None,
     resume: bool = False,
     progress: bool = True,
+    read_prompt: ReadPrompt | None = None,
 ) -> GenerationSummary:
     """Generate sample ids 0..n-1 into shards under ``out`` (see the module doc).
 
     ``config`` adds run settings that must match on resume (image size, steps, guidance,
     decoder checkpoints); seed, prompts, annotators and filters are always checked.
+    ``read_prompt`` (from the labeler) says what the model reads of a prompt; without it no
+    token-limit check is made. Holds ``out``'s lock (``io.output_lock``) while it runs.
     """
+    with output_lock(out):
+        return _generate(out, generate_fn, annotators, prompts, categories, n, seed, batch_size, samples_per_shard,
+                         filters, backbone, config, resume, progress, read_prompt)
+
+
+def _generate(out, generate_fn, annotators, prompts, categories, n, seed, batch_size, samples_per_shard, filters,
+              backbone, config, resume, progress, read_prompt) -> GenerationSummary:
     if n < 0:
         raise DatasetdmError(f"--n must be >= 0, got {n}")
     if batch_size < 1:
@@ -281,6 +322,9 @@ def generate_dataset(
     filters = filters or Filters()
     categories = list(categories)
     category_ids = {c.id for c in categories}
+    names = [c.name for c in categories]
+    id_of = {c.name: c.id for c in categories}
+    warned: set[str] = set()
     run_config = {
         "seed": seed,
         "prompts": prompts_fingerprint(prompts),
@@ -320,17 +364,30 @@ def generate_dataset(
                 labels = {name: outputs[name][b] for name in annotators}
                 sample, extras, source = merge_labels(images[b], labels)
                 sample.id = str(sample_id)
-                sample.caption = batch_prompts[b].text
+                prompt = batch_prompts[b]
+                sample.caption = prompt.text
+                fit = read_prompt(prompt.text) if read_prompt is not None else None
+                unread = classes_past_limit(prompt, fit, names)
+                if fit is not None and fit.truncated and prompt.text not in warned:
+                    warned.add(prompt.text)
+                    dropped = f"; {', '.join(unread)} named only past it: dropped from its labels" if unread else ""
+                    log.warning(f"warning: the prompt of sample {sample_id} is {fit.tokens} tokens; the model reads "
+                                f"the first {fit.limit}{dropped} ({prompt.text[:60]!r}...)")
+                for label in (sample, *extras.values()):
+                    drop_classes(label, {id_of[c] for c in unread})
+                scored = dataclasses.replace(prompt, classes=tuple(c for c in prompt.classes if c not in unread))
                 confidences = [c for c in map(_confidence, labels.values()) if c is not None]
-                scores = quality_scores(sample, batch_prompts[b], categories, confidences)
+                scores = quality_scores(sample, scored, categories, confidences)
                 reason = filters.reason(scores)
                 row = {
-                    "prompt": batch_prompts[b].text,
-                    "classes": list(batch_prompts[b].classes),
+                    "prompt": prompt.text,
+                    "classes": list(prompt.classes),
                     "seed": seeds[b],
                     "scores": scores,
                     "annotators": source,
                 }
+                if unread:
+                    row["unread_classes"] = unread  # in the sample's JSON: named past the token limit
                 if reason is not None:
                     row["dropped_reason"] = reason
                     writer.add(sample_id, row, None)

@@ -44,4 +44,5 @@ def generate_labelled(out: Path, *, labeler: str = "decoder", backbone: str | No
         batch_size=batch_size, samples_per_shard=samples_per_shard, filters=filters or Filters(),
         backbone=f"{bb.name}@{bb.fingerprint}", config=labeling.config,
         resume=(Path(out) / "run.json").exists() if resume is None else resume, progress=show_progress,
+        read_prompt=labeling.read_prompt,
     )

@@ -101,6 +101,13 @@ class AttentionLabeler:
         """The run's classes named in a prompt (what gets appended and labelled)."""
         return classes_in_text(text, self.names)
 
+    def read_prompt(self, text: str):
+        """What the model reads of the prompt it generates from (the prompt with its classes
+        appended): a class named only past the token limit was never read, and is not labelled."""
+        from datasetdm.backbone.tokens import fit_prompt
+
+        return fit_prompt(self.backbone.tokenizer, appended_prompt(text, self.classes_of(text)), self.backbone.max_tokens)
+
     def generate_fn(self, num_inference_steps: int = 50, guidance_scale: float = 7.5):
         from datasetdm.backbone.capture import generate
 

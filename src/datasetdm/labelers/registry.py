@@ -21,6 +21,7 @@ class Labeling:
     annotators: dict[str, Callable]  # name -> annotate(images, hypercolumns, prompts)
     generate_fn: Callable  # (prompts, seeds) -> (images, hypercolumns)
     config: dict = field(default_factory=dict)  # goes into run.json; a resume must match it
+    read_prompt: Callable | None = None  # text -> PromptFit: what the model reads of the prompt it is given
 
 
 def create_labeler(name: str, backbone, *, steps: int, guidance: float, decoders: Sequence[Path] = (),
@@ -42,7 +43,8 @@ def create_labeler(name: str, backbone, *, steps: int, guidance: float, decoders
     config.update(decoders=[], attention_labeler={k: v for k, v in asdict(settings).items()
                                                   if k in ("tau", "label_threshold", "ignore_threshold")})
     return Labeling(list(labeler.categories), {"attention": labeler.annotator},
-                    labeler.generate_fn(num_inference_steps=steps, guidance_scale=guidance), config)
+                    labeler.generate_fn(num_inference_steps=steps, guidance_scale=guidance), config,
+                    read_prompt=labeler.read_prompt)
 
 
 def check_labeler_args(name: str, decoders: Sequence[Path] = (), categories: Sequence[Category] = (),
@@ -94,4 +96,9 @@ def _decoder_labeling(backbone, decoders, config: dict, min_pixel_confidence, mi
     def generate_fn(texts, seeds):
         return generate(backbone, texts, seeds, num_inference_steps=steps, guidance_scale=guidance)
 
-    return Labeling(decoder_categories(loaded), annotators, generate_fn, config)
+    def read_prompt(text):
+        from datasetdm.backbone.tokens import fit_prompt
+
+        return fit_prompt(backbone.tokenizer, text, backbone.max_tokens)
+
+    return Labeling(decoder_categories(loaded), annotators, generate_fn, config, read_prompt=read_prompt)

@@ -32,7 +32,7 @@ from datasetdm.decoder.heads import TASKS
 from datasetdm.decoder.inputs import RAW_PIXELS, DecoderInput
 from datasetdm.errors import DatasetdmError
 from datasetdm.formats.sample import LabelledSample
-from datasetdm.io import load_state, sample_seed, save_state
+from datasetdm.io import load_state, output_lock, sample_seed, save_state
 from datasetdm.training.features import (
     FeatureSource,
     _cache_key,
@@ -42,6 +42,7 @@ from datasetdm.training.features import (
 from datasetdm.training.views import (
     build_views,
     check_task_data,
+    check_task_labels,
     folder_categories,
     prompt_for,
     resolve_prompt_mode,
@@ -191,6 +192,7 @@ def prepare(data_dir, opts: TrainOptions, backbone_source=None, work_dir: Path |
         raise DatasetdmError("--held-out-classes only applies to --task open-vocab")
     n = min(opts.n_images, len(folder))
     samples = [folder[i] for i in range(n)]  # pixel-level checks (corrupt data, unknown ids) run here
+    check_task_labels(samples, opts.task, data_dir)
     source = load_feature_source(opts.features, categories, backbone_source, need_text=opts.task == "open-vocab",
                                  device=opts.device)
     size = source.train_size({s.size for s in samples})
@@ -240,28 +242,37 @@ def check_options(opts: TrainOptions) -> None:
         raise DatasetdmError(f"--seed must be ≥ 0, got {opts.seed}")
 
 
-def check_out(out: Path, task: str) -> None:
-    """``out`` may be new or a checkpoint of the same task (retraining replaces it); anything else is
-    refused before any work is done, and never overwritten."""
+def check_out(out: Path, task: str, overwrite: bool = False) -> None:
+    """``out`` may be new; a decoder checkpoint there is replaced only with ``overwrite`` (the
+    CLI's ``--overwrite``); anything else is refused before any work is done, and never replaced."""
     if not out.exists():
         return
     if not is_checkpoint(out):
         raise DatasetdmError(f"{out}: exists and is not a decoder checkpoint; not overwriting it (choose another --out)")
-    have = decoder_config(out).task
-    if have != task:
-        raise DatasetdmError(f"{out}: is a checkpoint for task {have!r}, not {task!r}; choose another --out or remove it")
+    if not overwrite:
+        have = decoder_config(out).task
+        raise DatasetdmError(f"{out}: already holds a decoder checkpoint (task {have!r}); pass --overwrite to "
+                             "replace it, or choose another --out")
 
 
-def train_decoder(data_dir, out, opts: TrainOptions, backbone_source=None, show_progress: bool = True) -> dict:
+def train_decoder(data_dir, out, opts: TrainOptions, backbone_source=None, show_progress: bool = True,
+                  overwrite: bool = False) -> dict:
     """Train a decoder on a labelled folder and write the checkpoint directory ``out``.
 
     Resumable: ``{out}.work/`` holds the feature cache and a training state saved every
     ``checkpoint_every`` steps; running the same command again continues from there. The work
     folder is removed once the checkpoint is written (``keep_cache`` keeps the feature cache).
+    An existing checkpoint at ``out`` is replaced only with ``overwrite``. Holds ``out``'s lock
+    (``io.output_lock``) while it runs: a second run on the same ``out`` would share the work folder.
     """
     out = Path(out)
     check_options(opts)
-    check_out(out, opts.task)
+    with output_lock(out):
+        check_out(out, opts.task, overwrite)
+        return _train(data_dir, out, opts, backbone_source, show_progress)
+
+
+def _train(data_dir, out: Path, opts: TrainOptions, backbone_source, show_progress: bool) -> dict:
     work = out.parent / f"{out.name}.work"
     t0 = time.time()
     from datasetdm.progress import progress_bar

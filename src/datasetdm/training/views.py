@@ -41,6 +41,29 @@ def check_task_data(folder, task: str, data_dir) -> None:
         raise DatasetdmError(f"{data_dir}: task 'pose' needs a category with keypoints (COCO 'person')")
 
 
+def check_task_labels(samples, task: str, data_dir) -> None:
+    """Refuse, before anything is computed or written, training data with nothing to learn from:
+    no labelled instance (instance), no person with a visible keypoint (pose), only ignore (255)
+    pixels (semantic, open-vocab), no depth > 0 (depth). Otherwise training runs, writes a
+    checkpoint, and evaluation later scores a decoder that never saw a label."""
+    n = len(samples)
+    used = f"the {n} image{'s' if n != 1 else ''} used"
+    if task == "instance" and not any(np.asarray(i.mask).any() for s in samples for i in s.instances or []):
+        raise DatasetdmError(f"{data_dir}: --task instance needs at least one labelled instance; {used} have none")
+    if task == "pose":
+        visible = any(i.keypoints is not None and (np.asarray(i.keypoints)[:, 2] > 0).any()
+                      for s in samples for i in s.instances or [])
+        if not visible:
+            people = sum(i.keypoints is not None for s in samples for i in s.instances or [])
+            raise DatasetdmError(f"{data_dir}: --task pose needs at least one person with a visible keypoint "
+                                 f"(v = 1 or 2); {used} have {people} people with keypoints, none visible")
+    if task in ("semantic", "open-vocab") and not any((np.asarray(s.semantic) != IGNORE_INDEX).any() for s in samples):
+        raise DatasetdmError(f"{data_dir}: --task {task} needs labelled pixels; every semantic pixel of {used} is "
+                             f"{IGNORE_INDEX} (ignore)")
+    if task == "depth" and not any((np.asarray(s.depth) > 0).any() for s in samples):
+        raise DatasetdmError(f"{data_dir}: --task depth needs depth > 0 somewhere; every depth pixel of {used} is 0 (no depth)")
+
+
 def present_category_ids(sample: LabelledSample) -> list[int]:
     ids: set[int] = set()
     if sample.semantic is not None:

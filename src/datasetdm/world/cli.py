@@ -18,6 +18,7 @@ def render(
     out: Path = typer.Option(..., help="Output labelled folder."),
     preset: str = typer.Option("default", help="World preset: default (v2: 1-3 large objects, VOC-like) "
                                "or crowded (v1: 1-6 small objects, COCO-like)."),
+    overwrite: bool = typer.Option(False, help="Replace a labelled folder already in OUT."),
 ) -> None:
     """Render scenes with images, captions, semantic and instance masks, keypoints and depth."""
     from datasetdm.progress import progress_bar
@@ -27,7 +28,7 @@ def render(
 
     _check(split, preset)
     samples = []
-    with progress_bar() as progress, LabelledFolderWriter(out, list(CATEGORIES)) as writer:
+    with progress_bar() as progress, LabelledFolderWriter(out, list(CATEGORIES), overwrite=overwrite) as writer:
         task = progress.add_task(f"rendering {split}", total=n)
         for index in range(start, start + n):
             sample = render_scene(split, seed, index, preset)
