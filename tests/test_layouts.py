@@ -622,3 +622,41 @@ def test_cli_data_import_export_and_merge(tmp_path):
     assert_nothing_written(tmp_path / "cs")
     result = runner.invoke(app, ["data", "import", "--format", "pascal", str(voc), "--out", str(tmp_path / "y")])
     assert isinstance(result.exception, DatasetdmError) and "--format 'pascal'" in str(result.exception)
+
+
+def test_cached_import_reuses_a_matching_import(tmp_path):
+    from datasetdm.formats.layouts import cached_import
+
+    voc, _ = make_voc(tmp_path)
+    first = cached_import("voc", voc, tmp_path / "cache", ImportOptions(n_images=2))
+    stamp = (first / "annotations.json").stat().st_mtime_ns
+    assert cached_import("voc", voc, tmp_path / "cache", ImportOptions(n_images=2)) == first
+    assert (first / "annotations.json").stat().st_mtime_ns == stamp  # not imported again
+    other = cached_import("voc", voc, tmp_path / "cache", ImportOptions(n_images=3))
+    assert other != first and len(read_labelled_folder(other)) == 3
+
+
+def test_imported_photos_train_generate_export(tmp_path, tiny_clip_path):
+    """Real-photo sizes (JPEG, portrait and landscape) and VOC classes the world does not have,
+    end to end: import -> train a decoder (2 iterations) -> generate from caption prompts -> export."""
+    from datasetdm.generation.setup import generate_labelled
+    from datasetdm.training import TrainOptions, train_decoder
+
+    voc, _ = make_voc(tmp_path)
+    make_coco(tmp_path / "coco")
+    import_dataset("voc", voc, tmp_path / "voc")
+    import_dataset("coco", tmp_path / "coco", tmp_path / "captions")
+    train_decoder(tmp_path / "voc", tmp_path / "semantic",
+                  TrainOptions(task="semantic", iterations=2, views=1, batch_size=2, dim=16, num_queries=4),
+                  backbone_source=str(tiny_clip_path), show_progress=False)
+    summary = generate_labelled(tmp_path / "run", backbone=str(tiny_clip_path), n=2, seed=0, steps=1, guidance=1.0,
+                                batch_size=2, prompts=tmp_path / "captions", decoders=[tmp_path / "semantic"],
+                                show_progress=False)
+    assert summary.kept + summary.dropped == 2
+    from datasetdm.formats.shards import read_manifest
+
+    prompts = read_manifest(tmp_path / "run").column("prompt").to_pylist()
+    assert all(p.endswith(("; person dog", "; dog")) for p in prompts)  # caption + appended classes
+    export = export_dataset(tmp_path / "run", tmp_path / "synthetic-voc", "voc")
+    assert export.samples == summary.kept
+    assert len((tmp_path / "synthetic-voc" / "ImageSets" / "Segmentation" / "train.txt").read_text().split()) == summary.kept

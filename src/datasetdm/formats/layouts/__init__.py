@@ -10,7 +10,7 @@ layout's conventions are in its module's docstring.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -19,6 +19,7 @@ from datasetdm.formats.labelled_folder import ANNOTATIONS_FILE, LabelledFolderWr
 from datasetdm.formats.layouts.common import (
     IMPORT_RECORD,
     ScannedDataset,
+    SourceItem,
     check_output,
     open_samples,
     staged_output,
@@ -34,7 +35,7 @@ EXPORT_FORMATS = ("folder", "voc", "coco", "cityscapes", "hf")
 
 __all__ = [
     "EXPORT_FORMATS", "IMPORT_FORMATS", "ExportSummary", "ImportOptions", "ImportSummary", "MergeSummary",
-    "export_dataset", "import_dataset", "merge_folders", "scan_dataset",
+    "cached_import", "export_dataset", "import_dataset", "merge_folders", "scan_dataset",
 ]
 
 
@@ -111,6 +112,19 @@ def _restrict(sample: LabelledSample, keep: set[int]) -> LabelledSample:
     return sample
 
 
+def _read_classes_once(items: list[SourceItem], fmt: str, show_progress: bool) -> list[SourceItem]:
+    """Items whose classes are read now, once (a label PNG per image for most layouts), with a
+    progress bar: selection and the class filter both ask for them."""
+    known = []
+    with progress_bar(enabled=show_progress) as bar:
+        task = bar.add_task(f"read {fmt} classes", total=len(items))
+        for item in items:
+            class_ids = item.class_ids()
+            known.append(replace(item, class_ids=lambda class_ids=class_ids: class_ids))
+            bar.advance(task)
+    return known
+
+
 def import_dataset(
     fmt: str,
     src: str | os.PathLike,
@@ -133,6 +147,8 @@ def import_dataset(
         raise DatasetdmError("--per-class and --n-images: choose one")
     dataset = scan_dataset(fmt, src, options)
     categories, items, notes = dataset.categories, dataset.items, list(dataset.notes)
+    if categories and (options.classes is not None or options.per_class is not None):
+        items = _read_classes_once(items, fmt, show_progress)
     keep = None
     if options.classes is not None:
         if not categories:
@@ -161,6 +177,39 @@ def import_dataset(
         record.update(samples=len(items), available=len(dataset.items), shortfall=shortfall, notes=notes)
         write_json_atomic(stage / IMPORT_RECORD, record)
     return ImportSummary(out, fmt, len(items), len(dataset.items), categories, shortfall, notes)
+
+
+def cached_import(
+    fmt: str,
+    src: str | os.PathLike,
+    cache_dir: str | os.PathLike,
+    options: ImportOptions = ImportOptions(),
+    *,
+    show_progress: bool = False,
+) -> Path:
+    """The labelled folder of importing ``src`` with ``options``, under ``cache_dir``; imported
+    on the first call and reused while its ``import.json`` records the same format, source and
+    options (what ``train --data SRC --format F`` trains on).
+
+    Each set of options has its own folder (``{fmt}-{hash of the options}``); an import that
+    failed leaves nothing, so the next call imports again.
+    """
+    import hashlib
+    import json
+
+    record = options.record(fmt, Path(src))
+    digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:12]
+    folder = Path(cache_dir) / f"{fmt}-{digest}"
+    recorded = folder / IMPORT_RECORD
+    if recorded.is_file() and (folder / ANNOTATIONS_FILE).is_file():
+        try:
+            previous = json.loads(recorded.read_text())
+        except (OSError, ValueError):
+            previous = None
+        if isinstance(previous, dict) and all(previous.get(k) == v for k, v in record.items()):
+            return folder
+    import_dataset(fmt, src, folder, options, overwrite=True, show_progress=show_progress)
+    return folder
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,7 +277,6 @@ def export_dataset(
 
 
 def _limited(source, limit: int):
-    from dataclasses import replace
     from itertools import islice
 
     if limit < 0:
