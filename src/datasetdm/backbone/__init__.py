@@ -2,12 +2,13 @@
 
 from datasetdm.backbone.capture import capture_hypercolumns, capture_real, generate, preprocess_images
 from datasetdm.backbone.hypercolumns import Hypercolumns
-from datasetdm.backbone.loader import Backbone, embedded_backbone_path, load_backbone
+from datasetdm.backbone.loader import Backbone, PromptEmbeddings, embedded_backbone_path, load_backbone
 from datasetdm.backbone.tokens import average_token_maps, token_positions
 
 __all__ = [
     "Backbone",
     "Hypercolumns",
+    "PromptEmbeddings",
     "average_token_maps",
     "capture_hypercolumns",
     "capture_real",

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from datasetdm.backbone.hypercolumns import Hypercolumns
-from datasetdm.backbone.loader import Backbone
+from datasetdm.backbone.loader import Backbone, PromptEmbeddings
 from datasetdm.errors import DatasetdmError
 
 _BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.|^mid_block\.")
@@ -156,13 +156,26 @@ class _Recorder:
         return torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * attn.scale, dim=-1).mean(1)
 
     def _maps(self, store: dict, count: dict, what: str) -> list[torch.Tensor]:
+        """(B, T, h, w) per feature resolution. A resolution without cross-attention layers (SDXL's
+        highest: its first down and last up block have none) gets the map of the nearest
+        resolution that has them, bilinearly upsampled: a per-pixel convex mix of distributions,
+        so it still sums to one over the tokens."""
+        features = self._features()
+        sizes = [tuple(f.shape[-2:]) for f in features]
+        own = {}
+        for h, w in sizes:
+            if h * w in store:
+                a = store[h * w] / count[h * w]
+                own[(h, w)] = a.transpose(1, 2).reshape(a.shape[0], a.shape[2], h, w)
+        if not own:
+            raise DatasetdmError(f"the UNet has no cross-attention layer at any feature resolution ({what})")
         out = []
-        for f in self._features():
-            h, w = f.shape[-2:]
-            if h * w not in store:
-                raise DatasetdmError(f"the UNet has no cross-attention layer at resolution {h}x{w} ({what})")
-            a = store[h * w] / count[h * w]
-            out.append(a.transpose(1, 2).reshape(a.shape[0], a.shape[2], h, w))
+        for h, w in sizes:
+            if (h, w) in own:
+                out.append(own[(h, w)])
+                continue
+            nearest = min(own, key=lambda hw: abs(hw[0] * hw[1] - h * w))
+            out.append(F.interpolate(own[nearest], size=(h, w), mode="bilinear", align_corners=False))
         return out
 
     def _features(self) -> list[torch.Tensor]:
@@ -212,10 +225,12 @@ class capture_hypercolumns:
     last block, which has none). These are the decoder-side maps DatasetDM collects: they have
     mixed the skip connections (spatial detail) with the deepest, most semantic features, and the
     block outputs proper would give two maps at the highest resolution and none at the lowest
-    (each upsampler doubles the size). For SD at 512 px: 64, 32, 16, 8 latent px.
+    (each upsampler doubles the size). One per UNet resolution: for SD 1.x at 512 px 64, 32, 16,
+    8 latent px; SD 2.x-v at 768 px 96, 48, 24, 12; SDXL at 1024 px 128, 64, 32.
 
-    Cross-attention: every cross-attention layer (down, mid and up blocks; 16 in SD) grouped by
-    resolution and averaged over layers and heads, as in §3.3. Self-attention: only the layers at
+    Cross-attention: every cross-attention layer (down, mid and up blocks; 16 in SD, 70 in SDXL)
+    grouped by resolution and averaged over layers and heads, as in §3.3. A resolution without
+    such layers (SDXL's highest) gets the nearest resolution's map upsampled (``_Recorder._maps``). Self-attention: only the layers at
     the sides in ``self_attention_res`` are wrapped for it. ``class_prompt_embeds`` (B or 1, Tc, D):
     the class-prompt side branch (``Hypercolumns.class_attention``); it can also be set later as
     ``recorder.class_context``.
@@ -417,7 +432,9 @@ def capture_real(
     ``images``: PIL images, uint8/uint16/float arrays (H, W[, C]) or float tensors (C, H, W) in
     [0, 1]; any size, resized to ``size`` (default the model's native size). ``prompts``: one per
     image (or one string for all). ``seeds``: one per image for the added noise (default 0 each).
-    The VAE posterior mean is used, so only the timestep noise is random.
+    The VAE posterior mean is used, so only the timestep noise is random. The noising is
+    q(x_t | x_0) of the training schedule, the same for every prediction type (epsilon or
+    v-prediction): the UNet's output is never read here, only its features and attention.
     ``self_attention_res``: latent sides whose self-attention maps to keep (default none).
     ``class_prompt_embeds`` (B or 1, Tc, D): class-prompt side branch, see ``generate``.
     """
@@ -431,8 +448,8 @@ def capture_real(
     class_context = _class_context(backbone, class_prompt_embeds, len(prompts))
 
     device, dtype = backbone.device, backbone.dtype
-    latents = backbone.vae.encode(pixels.to(device=device, dtype=dtype)).latent_dist.mode()
-    latents = _scale_latents(backbone, latents)
+    latents = backbone.vae.encode(pixels.to(device=device, dtype=backbone.vae_dtype)).latent_dist.mode()
+    latents = _scale_latents(backbone, latents).to(dtype)
     noise, _ = _noise(latents.shape[1:], seeds, device, dtype)
     # the training noise schedule (shared by every scheduler config) defines q(x_t | x_0)
     from diffusers import DDPMScheduler
@@ -441,11 +458,12 @@ def capture_real(
     timesteps = torch.full((len(prompts),), int(t), dtype=torch.long, device=device)
     noisy = ddpm.add_noise(latents, noise, timesteps)
 
-    context, input_ids = backbone.encode_prompt(prompts)
+    emb = backbone.embed_prompts(prompts)
+    conditioning = backbone.unet_conditioning(emb, (h, w))
     with capture_hypercolumns(backbone.unet, noisy.shape[-2:], self_attention_res, class_context) as rec:
         with rec.capturing():
-            backbone.unet(noisy, timesteps, encoder_hidden_states=context)
-        return rec.hypercolumns(input_ids, prompts, t)
+            backbone.unet(noisy, timesteps, **conditioning)
+        return rec.hypercolumns(emb.input_ids, prompts, t)
 
 
 @torch.no_grad()
@@ -468,7 +486,11 @@ def generate(
     Returns images as uint8 (B, H, W, 3) and the hypercolumns (``None`` if ``capture=False``)
     of the UNet forward at step ``capture_step`` (Python indexing over the denoising steps;
     default the last, as DatasetDM does). Classifier-free guidance when ``guidance_scale > 1``;
-    then only the conditional half is captured. Each sample's initial noise and any scheduler
+    then only the conditional half is captured. Every conditioning input of the family is
+    doubled for guidance: SDXL's pooled embedding and time ids as well as the text states (an
+    empty ``negative_prompt`` is zero conditioning where the model asks for it, as SDXL does).
+    The scheduler, built from the model's config, reads the UNet output as its
+    ``prediction_type`` says (epsilon, or v for SD 2.x 768-v). Each sample's initial noise and any scheduler
     noise come from its own generator seeded with its seed, so it does not depend on its batch.
 
     ``class_prompt_embeds`` (B or 1, Tc, D), e.g. ``backbone.encode_prompt(["dog cat bus"])[0]``:
@@ -492,9 +514,12 @@ def generate(
     device, dtype = backbone.device, backbone.dtype
     b = len(prompts)
     class_context = _class_context(backbone, class_prompt_embeds, b)
-    cond, input_ids = backbone.encode_prompt(prompts)
+    emb = backbone.embed_prompts(prompts)
+    input_ids = emb.input_ids
     do_cfg = guidance_scale > 1.0
-    context = torch.cat([backbone.encode_prompt([negative_prompt] * b)[0], cond]) if do_cfg else cond
+    if do_cfg:
+        emb = PromptEmbeddings.cat([backbone.negative_embeddings(negative_prompt, b), emb])
+    conditioning = backbone.unet_conditioning(emb, (height, width))
 
     # a fresh scheduler per call: set_timesteps and multistep solvers keep state
     scheduler = type(backbone.scheduler).from_config(backbone.scheduler.config)
@@ -519,16 +544,17 @@ def generate(
             # the UNet exactly as without capture, at no cost
             with cap as rec:
                 with rec.capturing(rows):
-                    eps = backbone.unet(x, t, encoder_hidden_states=context).sample
+                    out = backbone.unet(x, t, **conditioning).sample
                 hc = rec.hypercolumns(input_ids, prompts, t)
         else:
-            eps = backbone.unet(x, t, encoder_hidden_states=context).sample
+            out = backbone.unet(x, t, **conditioning).sample
         if do_cfg:
-            uncond, text = eps.chunk(2)
-            eps = uncond + guidance_scale * (text - uncond)
-        latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample
+            # linear in the output, so the same for a noise or a velocity (v) prediction
+            uncond, text = out.chunk(2)
+            out = uncond + guidance_scale * (text - uncond)
+        latents = scheduler.step(out, t, latents, **step_kwargs).prev_sample
 
-    images = backbone.vae.decode(_unscale_latents(backbone, latents)).sample
+    images = backbone.vae.decode(_unscale_latents(backbone, latents).to(backbone.vae_dtype)).sample
     images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return images.permute(0, 2, 3, 1).cpu().numpy(), hc
 

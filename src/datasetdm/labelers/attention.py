@@ -43,8 +43,9 @@ class AttentionLabelerConfig:
     # latent side of the self-attention used for exponentiation; None: the highest resolution
     # that has attention layers
     self_attention_side: int | None = None
-    # cross-attention resolutions averaged, as latent sides; None: every resolution at least half
-    # the self-attention side (for SD at 512: 64 and 32; for the embedded backbone: 16 and 8)
+    # cross-attention resolutions averaged, as latent sides; None: every resolution from half the
+    # self-attention side up to it (for SD at 512: 64 and 32; SDXL at 1024: 64 and 32, its 128
+    # level has no attention layers; for the embedded backbone: 16 and 8)
     cross_attention_sides: tuple[int, ...] | None = None
 
     def __post_init__(self):
@@ -129,8 +130,10 @@ class AttentionLabeler:
             raise DatasetdmError("hypercolumns have no class-prompt attention; generate with AttentionLabeler.generate_fn")
         if self.side not in hc.self_attention:
             raise DatasetdmError(f"hypercolumns have no {self.side}x{self.side} self-attention")
+        # finer than the self-attention side (the finest with attention layers) is only an
+        # upsampled copy of a coarser map (SDXL's highest resolution), so it is left out
         sides = self.config.cross_attention_sides or tuple(
-            a.shape[-1] for a in hc.class_attention if a.shape[-1] * 2 >= self.side
+            a.shape[-1] for a in hc.class_attention if a.shape[-1] * 2 >= self.side >= a.shape[-1]
         )
         levels = [a for a in hc.class_attention if a.shape[-1] in sides]
         if not levels:
