@@ -660,3 +660,21 @@ def test_imported_photos_train_generate_export(tmp_path, tiny_clip_path):
     export = export_dataset(tmp_path / "run", tmp_path / "synthetic-voc", "voc")
     assert export.samples == summary.kept
     assert len((tmp_path / "synthetic-voc" / "ImageSets" / "Segmentation" / "train.txt").read_text().split()) == summary.kept
+
+
+def test_train_imports_a_layout_on_the_fly(tmp_path, tiny_clip_path):
+    from typer.testing import CliRunner
+
+    from datasetdm.decoder.cli import app
+
+    voc, _ = make_voc(tmp_path)
+    args = ["train", "--data", str(voc), "--format", "voc", "--per-class", "1", "--task", "semantic",
+            "--backbone", str(tiny_clip_path), "--iterations", "1", "--views", "1", "--batch-size", "2", "--no-progress"]
+    result = CliRunner().invoke(app, args + ["--out", str(tmp_path / "ckpt")])
+    assert result.exit_code == 0, result.output
+    imports = list((tmp_path / "ckpt.data").iterdir())
+    assert len(imports) == 1 and (imports[0] / "import.json").is_file()
+    assert json.loads(result.stdout.strip().splitlines()[-1])["checkpoint"] == str(tmp_path / "ckpt")
+    result = CliRunner().invoke(app, args + ["--out", str(tmp_path / "ckpt"), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert list((tmp_path / "ckpt.data").iterdir()) == imports  # the import is reused

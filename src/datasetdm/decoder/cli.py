@@ -18,10 +18,17 @@ from datasetdm.errors import DatasetdmError
 
 
 def train(
-    data: Path = typer.Option(..., "--data", help="labelled folder (images/, semantic/, depth/, annotations.json)"),
+    data: Path = typer.Option(..., "--data", help="labelled folder (images/, semantic/, depth/, annotations.json), "
+                              "or a data set as it ships with --format"),
     task: str = typer.Option(..., "--task", help=f"one of: {', '.join(TASKS)}"),
     out: Path = typer.Option(..., "--out", help="checkpoint directory to write (atomically)"),
-    n_images: int = typer.Option(100, "--n-images", help="labelled images to train on (the first N)"),
+    n_images: int = typer.Option(100, "--n-images", help="labelled images to train on (the first N; with --format, "
+                                 "N drawn by --seed unless --per-class)"),
+    data_format: str = typer.Option("folder", "--format", help="folder, or voc | coco | cityscapes | ade20k | nyu: "
+                                    "import --data on the fly (as `datasetdm data import`), cached in {out}.data/"),
+    split: str = typer.Option("train", "--split", help="with --format: the split to import"),
+    per_class: Optional[int] = typer.Option(None, "--per-class", min=1,
+                                            help="with --format: train on K images per class (VOC 5 -> 100)"),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="diffusers folder or hub id; default: embedded"),
     held_out_classes: Optional[str] = typer.Option(None, "--held-out-classes", help="open-vocab: a,b kept out of training"),
     features: str = typer.Option("hypercolumns", "--features", help="hypercolumns | raw-pixels (paper's baseline)"),
@@ -47,6 +54,16 @@ def train(
     {out}.work/; an interrupted run continues from there when run again."""
     from datasetdm.training import TrainOptions, train_decoder
 
+    if data_format != "folder":
+        from datasetdm.formats.layouts import ImportOptions, cached_import
+
+        # the import draws the few-shot set (seeded); training then uses all of it
+        options = ImportOptions(split=split, per_class=per_class, n_images=None if per_class else n_images, seed=seed)
+        data = cached_import(data_format, data, out.parent / f"{out.name}.data", options, show_progress=progress)
+        n_images = json.loads((data / "import.json").read_text())["samples"]
+    elif per_class is not None:
+        raise DatasetdmError("--per-class: selects from a data set imported with --format; "
+                             "for a labelled folder use `datasetdm data import` or --n-images")
     held = [h.strip() for h in held_out_classes.split(",") if h.strip()] if held_out_classes else []
     opts = TrainOptions(task=task, n_images=n_images, views=views, iterations=iterations, batch_size=batch_size,
                         lr=lr, seed=seed, features=features, attention=attention, use_image=use_image,
