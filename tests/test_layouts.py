@@ -678,3 +678,11 @@ def test_train_imports_a_layout_on_the_fly(tmp_path, tiny_clip_path):
     result = CliRunner().invoke(app, args + ["--out", str(tmp_path / "ckpt"), "--overwrite"])
     assert result.exit_code == 0, result.output
     assert list((tmp_path / "ckpt.data").iterdir()) == imports  # the import is reused
+
+
+def test_a_killed_import_leaves_nothing_the_next_one_keeps(tmp_path):
+    voc, _ = make_voc(tmp_path)
+    stale = tmp_path / ".out.tmp-999999-abc"  # what a kill -9 during an import leaves
+    (stale / "images").mkdir(parents=True)
+    import_dataset("voc", voc, tmp_path / "out")
+    assert leftovers(tmp_path, "out") == [] and len(read_labelled_folder(tmp_path / "out")) == 5

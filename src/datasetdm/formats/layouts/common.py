@@ -7,7 +7,8 @@ An importer *scans* the data set as it ships (lists, file pairs, JSON) and retur
 images are decoded.
 
 Outputs are *staged*: everything is written to a hidden sibling folder first and moved into place
-only when complete, so a failure (a corrupt file halfway through) leaves no half-written output.
+only when complete, so a failure (a corrupt file halfway through) leaves no half-written output,
+and the output folder's lock is held meanwhile.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 from datasetdm.errors import DatasetdmError
 from datasetdm.formats.png import load_pixels
 from datasetdm.formats.sample import Category, Instance, LabelledSample
+from datasetdm.io import output_lock, sibling_temporaries
 
 IMPORT_RECORD = "import.json"
 """Written into every imported folder: the format, source and options (what ``train --format``
@@ -178,28 +180,37 @@ def staged_output(out: str | os.PathLike, *, overwrite: bool, last: Sequence[str
     ``out`` must be new or empty unless ``overwrite``; then only the entries the new output has
     are replaced (other files in ``out`` stay). Entries named in ``last`` move last, so the file
     that marks a folder complete (annotations.json) appears only after everything else.
+
+    Holds ``out``'s lock (``io.output_lock``) throughout, so a second run on the same ``out`` is
+    refused; the staging folder is named like ``io.atomic_folder``'s temporaries, so one left by a
+    killed run is removed by the next run on ``out``.
     """
     out = Path(out)
-    check_output(out, (), overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs are readable like any folder
-    try:
-        yield stage
-        if not out.exists():
-            os.replace(stage, out)
-            return
-        names = sorted(os.listdir(stage), key=lambda n: (n in last, last.index(n) if n in last else 0, n))
-        for name in names:
-            target = out / name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            elif target.exists() or target.is_symlink():
-                target.unlink()
-            os.replace(stage / name, target)
-    finally:
-        if stage.exists():
-            shutil.rmtree(stage, ignore_errors=True)
+    with output_lock(out):
+        check_output(out, (), overwrite)
+        mine = f"-{os.getpid()}-"
+        for stale in sibling_temporaries(out):
+            if mine not in stale.name:
+                shutil.rmtree(stale, ignore_errors=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+        os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs are readable like any folder
+        try:
+            yield stage
+            if not out.exists():
+                os.replace(stage, out)
+                return
+            names = sorted(os.listdir(stage), key=lambda n: (n in last, last.index(n) if n in last else 0, n))
+            for name in names:
+                target = out / name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                elif target.exists() or target.is_symlink():
+                    target.unlink()
+                os.replace(stage / name, target)
+        finally:
+            if stage.exists():
+                shutil.rmtree(stage, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------
