@@ -15,15 +15,13 @@ the weights only mean something for the features they were trained on.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
 from datasetdm.decoder.build import DecoderConfig, PDecoder, build_decoder, check_backbone
 from datasetdm.errors import DatasetdmError
+from datasetdm.io import atomic_folder
 
 FORMAT = "datasetdm-decoder"
 VERSION = 1
@@ -43,27 +41,17 @@ def save_decoder(decoder: PDecoder, path, info: dict | None = None) -> Path:
     """Write ``decoder`` to the checkpoint directory ``path`` (replacing a previous checkpoint there).
 
     Refuses to replace anything that is not a decoder checkpoint (a data folder given as --out).
+    Built in a temporary sibling that replaces ``path`` when complete (``io.atomic_folder``); the
+    temporary of a save killed earlier is removed.
     """
     path = Path(path)
     if path.exists() and not is_checkpoint(path):
         raise DatasetdmError(f"{path}: exists and is not a decoder checkpoint; not overwriting it (choose another --out)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
+    with atomic_folder(path) as tmp:
         tensors = {k: v.detach().contiguous().cpu() for k, v in decoder.state_dict().items()}
         save_file(tensors, tmp / WEIGHTS, metadata={"format": FORMAT, "task": decoder.cfg.task})
         config = {"format": FORMAT, "version": VERSION, "decoder": decoder.cfg.to_dict(), "info": info or {}}
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / path.name)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

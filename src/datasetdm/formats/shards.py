@@ -541,6 +541,10 @@ def iter_shard_files(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
                 files = {}
             key = k
             files[ext] = data
+        # tarfile ends quietly where a cut falls on a member header; a complete tar ends with two
+        # zero blocks, so a file shorter than that was cut (and its last sample may miss files)
+        if os.path.getsize(path) < tar.offset + 2 * tarfile.BLOCKSIZE:
+            raise DatasetdmError(f"{path}: truncated or damaged tar shard (it ends without the end-of-archive blocks)")
         if files:
             yield key, files
 
