@@ -613,3 +613,28 @@ def test_an_image_whose_size_disagrees_with_annotations_json(world, tmp_path, ca
                            tmp_path / "ckpt", *FAST_TRAIN)
     assert_one_line_error(code, err, first, "image is 32x32 but annotations.json says 64x64")
     nothing_beside(tmp_path, "data")
+
+
+# --------------------------------------------------------------------- permissions
+
+
+def test_outputs_are_readable_like_any_file(shard_run, semantic_ckpt, tmp_path, capsys, monkeypatch):
+    """Under umask 022 every file a command writes is 0644 and every folder 0755 (the temporary
+    siblings are made 0600/0700 by mkstemp/mkdtemp and must not keep that once renamed)."""
+    from datasetdm.decoder.checkpoint import load_decoder, save_decoder
+
+    old = os.umask(0o022)
+    try:
+        assert run_cli(capsys, monkeypatch, "export", shard_run, "--out", tmp_path / "export")[0] == 0
+        assert run_cli(capsys, monkeypatch, "world", "render", "--n", "1", "--out", tmp_path / "world")[0] == 0
+        assert run_cli(capsys, monkeypatch, "view", tmp_path / "export")[0] == 0
+        save_decoder(load_decoder(semantic_ckpt), tmp_path / "ckpt")
+        with ShardWriter(tmp_path / "run", list(CATEGORIES), {"seed": 0}) as writer:  # what generate writes
+            writer.add(0, {"prompt": "a ball", "seed": 0, "scores": {}}, render_scene("val", 0, 0))
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in tmp_path.rglob("*")}
+    wrong = {name: mode for name, mode in modes.items()
+             if mode != (oct(0o755) if (tmp_path / name).is_dir() else oct(0o644))}
+    assert not wrong, wrong
+    assert {"export/gallery/assets", "ckpt/model.safetensors", "run/manifest.parquet", "run/shards/shard-000000.tar"} <= set(modes)

@@ -29,10 +29,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are readable like any file
     try:
         with naming_path(path):
             yield tmp_path
+        # mkstemp makes 0600, and some writers (safetensors) make their file anew with 0600 too:
+        # set the mode last, so outputs are readable like any file the user's umask allows
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from datasetdm.decoder.build import DecoderConfig, PDecoder, build_decoder, check_backbone
 from datasetdm.errors import DatasetdmError
-from datasetdm.io import atomic_folder
+from datasetdm.io import atomic_folder, atomic_path
 
 FORMAT = "datasetdm-decoder"
 VERSION = 1
@@ -49,7 +49,8 @@ def save_decoder(decoder: PDecoder, path, info: dict | None = None) -> Path:
         raise DatasetdmError(f"{path}: exists and is not a decoder checkpoint; not overwriting it (choose another --out)")
     with atomic_folder(path) as tmp:
         tensors = {k: v.detach().contiguous().cpu() for k, v in decoder.state_dict().items()}
-        save_file(tensors, tmp / WEIGHTS, metadata={"format": FORMAT, "task": decoder.cfg.task})
+        with atomic_path(tmp / WEIGHTS) as weights:  # safetensors writes 0600; atomic_path applies the umask
+            save_file(tensors, weights, metadata={"format": FORMAT, "task": decoder.cfg.task})
         config = {"format": FORMAT, "version": VERSION, "decoder": decoder.cfg.to_dict(), "info": info or {}}
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return path
