@@ -108,11 +108,13 @@ register(app)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run ``app`` like ``datasetdm.cli.main`` does: a DatasetdmError prints plainly and exits 2."""
+    """Run ``app`` like ``datasetdm.cli.main`` does: a DatasetdmError or an OSError (named by its
+    path) prints as one line and exits 2."""
     try:
         app(args=argv)
-    except DatasetdmError as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    except (DatasetdmError, OSError) as err:
+        message = str(err) if isinstance(err, DatasetdmError) else f"{err.filename or 'datasetdm'}: {err.strerror or err}"
+        typer.secho(f"error: {' '.join(message.split())}", fg=typer.colors.RED, err=True)
         sys.exit(2)
 
 
