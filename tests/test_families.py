@@ -254,3 +254,16 @@ def test_sdxl_config_mismatches_are_named(family, tmp_path):
     mixed = dataclasses.replace(bb, tokenizer_2=BertTokenizer(vocab=str(vocab), model_max_length=77))
     with pytest.raises(DatasetdmError, match="tokenizer and tokenizer_2 split 'a hedgehog' differently"):
         mixed.embed_prompts(["a hedgehog"])
+
+
+@pytest.mark.parametrize("family", ["sdxl"], indirect=True)
+def test_sdxl_vae_stays_float32_in_half_precision(family):
+    """SDXL's VAE overflows in float16 (its config says force_upcast): it is loaded in float32
+    while the UNet and encoders run in float16, and images and capture go through."""
+    _, path, _ = family
+    bb = load_backbone(path, dtype=torch.float16)
+    assert bb.vae_dtype == torch.float32 and bb.unet.dtype == bb.text_encoder_2.dtype == torch.float16
+    images, hc = generate(bb, PROMPTS[:1], [0], num_inference_steps=2, guidance_scale=3.0)
+    assert images.shape == (1, *bb.native_size, 3) and hc.features[0].dtype == torch.float16
+    real = capture_real(bb, list(images), PROMPTS[:1])
+    assert all(torch.isfinite(f).all() for f in real.features)

@@ -11,8 +11,10 @@ import torch
 class Hypercolumns:
     """Multi-scale UNet features and attention maps for a batch.
 
-    ``features[i]`` and ``cross_attention[i]`` share a resolution; index 0 is the highest
-    (for SD at 512 px: 64, 32, 16, 8 latent px).
+    ``features[i]`` and ``cross_attention[i]`` share a resolution; index 0 is the highest. One
+    entry per UNet resolution: four for SD 1.x/2.x (at 512 px: 64, 32, 16, 8 latent px), three
+    for SDXL (at 1024 px: 128, 64, 32; its 128 level has no attention layers, so its maps are the
+    64 level's, upsampled).
     """
 
     features: list[torch.Tensor]  # each (B, C_i, H_i, W_i)

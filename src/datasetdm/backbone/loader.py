@@ -212,7 +212,7 @@ class Backbone:
         return self
 
     def _vae_upcast(self, dtype: torch.dtype) -> bool:
-        return self.family == SDXL and dtype == torch.float16 and bool(getattr(self.vae.config, "force_upcast", False))
+        return self.family == SDXL and dtype == torch.float16 and bool(getattr(self.vae.config, "force_upcast", True))
 
 
 def package_dir(package: str) -> Path:
@@ -487,7 +487,8 @@ def load_backbone(source: str | Path | None = None, device="cpu", dtype: torch.d
     # the UNet and VAE configs decide the family, so they are read before the other components
     dirs = {name: _component_dir(root, name) for name in ("unet", "vae")}
     unet_cfg = _read_json(dirs["unet"] / "config.json")
-    family = _check_unet(dirs["unet"], unet_cfg, _read_json(dirs["vae"] / "config.json"), cls)
+    vae_cfg = _read_json(dirs["vae"] / "config.json")
+    family = _check_unet(dirs["unet"], unet_cfg, vae_cfg, cls)
     names = COMPONENTS + (SDXL_COMPONENTS if family == SDXL else ())
     dirs.update({name: _component_dir(root, name) for name in names if name not in dirs})
     _check_widths(dirs, unet_cfg, family)
@@ -503,7 +504,9 @@ def load_backbone(source: str | Path | None = None, device="cpu", dtype: torch.d
     try:
         # dtype at load time (casting afterwards makes diffusers warn); low_cpu_mem_usage needs accelerate
         unet = UNet2DConditionModel.from_pretrained(dirs["unet"], torch_dtype=dtype, low_cpu_mem_usage=False)
-        vae = AutoencoderKL.from_pretrained(dirs["vae"], torch_dtype=dtype, low_cpu_mem_usage=False)
+        upcast = family == SDXL and dtype == torch.float16 and vae_cfg.get("force_upcast", True)
+        vae_dtype = torch.float32 if upcast else dtype  # see Backbone.to
+        vae = AutoencoderKL.from_pretrained(dirs["vae"], torch_dtype=vae_dtype, low_cpu_mem_usage=False)
         text_encoder = _transformers_class(index, "text_encoder").from_pretrained(dirs["text_encoder"], dtype=dtype)
         tokenizer = transformers.AutoTokenizer.from_pretrained(dirs["tokenizer"])
         scheduler = sched_cls.from_pretrained(dirs["scheduler"])
