@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from datasetdm.errors import DatasetdmError
+from datasetdm.io import load_state, save_state
 from datasetdm.formats.sample import IGNORE_INDEX, LabelledSample
 from datasetdm.world.render import CATEGORIES, COLOURS, IMAGE_SIZE, render_scene
 
@@ -162,14 +163,6 @@ class ReferenceConfig:
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    from datasetdm.io import atomic_path
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
 # The default config's segmenter ships with the package (fp16, 16 MB): it is a measuring
 # instrument, not a product weight, and training it takes minutes on a GPU but hours on 2 cores.
 PACKAGED_REFERENCE_DIR = Path(__file__).resolve().parent.parent / "assets" / "reference"
@@ -215,12 +208,17 @@ def reference_segmenter(
     """
     from datasetdm.evaluation.segmenter import SegmenterTrainConfig, UNetSegmenter, train_segmenter
 
-    path = Path(cache_dir) / f"segmenter-{config.key()}.pt"
+    # safetensors, not a pickle (issue 18); a legacy .pt cache is read with weights_only
+    path = Path(cache_dir) / f"segmenter-{config.key()}.safetensors"
+    legacy = path.with_suffix(".pt")
     packaged = packaged_reference_path(config, packaged_dir)
-    if not retrain and (path.exists() or packaged.exists()):
+    if not retrain and (path.exists() or legacy.exists() or packaged.exists()):
         model = UNetSegmenter(NUM_CLASSES, base=config.base, depth=config.depth)
         if path.exists():
-            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
+            model.load_state_dict(load_state(path)["state_dict"])
+        elif legacy.exists():
+            model.load_state_dict(torch.load(legacy, map_location="cpu", weights_only=True)["state_dict"])
+            path = legacy
         else:
             from safetensors.torch import load_file
 
@@ -252,7 +250,8 @@ def reference_segmenter(
         callback=callback if held_out is not None and eval_every else None, callback_every=eval_every,
         device=device,
     )
-    _atomic_torch_save({"config": asdict(config), "state_dict": model.state_dict()}, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_state(path, {"config": asdict(config), "state_dict": model.state_dict()})
     log(f"reference segmenter: trained in {time.time() - t1:.0f} s, saved {path}")
     return model
 
