@@ -25,14 +25,20 @@ work done, which a job sharing the cores does not inflate the way it inflates wa
 the same UNet forward took 6.6 to 8.6 s of wall time from one call to the next while a training
 job ran); the wall-time ratio is reported beside it (``wall_time_ratio``). On a GPU the ratio is
 of wall time, synchronised. Capture installs its processors and hooks only around the captured
-forward, so the other steps cost exactly the same.
+forward, so the other steps cost exactly the same; ``forward_ratio`` times that one forward
+alone (alternated plain/captured, ``--forward-repeats``), the overhead without the noise of the
+identical steps. Even CPU time drifts by up to ±10 % between whole generations on a shared
+machine (page faults, the other job's phases); a ``time_ratio`` below 1 is that noise, since
+capture only adds work. Recording recomputes each cross-attention layer's query and key for the
+conditional half (the wrapped processor's own output stays untouched, so images are
+bit-identical): a few percent of the captured forward, one forward of the whole run.
 Memory: each mode runs once in a fresh subprocess; peak resident set size (RSS, read from
 /proc/self/statm every millisecond by a thread, and ru_maxrss) during generation, with glibc's
 mmap threshold fixed (``MALLOC_MMAP_THRESHOLD_``) so freed tensors leave the RSS. ``memory_ratio``
 compares the process peak; ``working_memory_ratio`` compares the peak above the RSS just before
 generation (weights excluded), the stricter figure.
 
-    python bench/capture_overhead.py --family sd15         # about 2-3 min on 2 CPU cores
+    python bench/capture_overhead.py --family sd15         # about 4 min on 2 shared CPU cores
     python bench/capture_overhead.py --family sd15,sd21,sdxl
     python bench/capture_overhead.py --family tiny         # seconds
     python bench/capture_overhead.py --family sdxl --size 1024 --width-divisor 1 --device cuda
@@ -113,6 +119,45 @@ def run_once(bb, size, steps, capture, device):
     return (time.perf_counter() - t0, time.process_time() - c0), images, hc
 
 
+def forward_times(bb, size, args) -> dict:
+    """The one place the two modes differ, alone: the UNet forward of the captured step (CFG batch
+    of 2, conditional half recorded, hypercolumns assembled) against the same forward plain,
+    alternated ``--forward-repeats`` times. Its overhead is what capture adds to a generation of
+    any length, without the noise of the steps that are identical in both modes."""
+    import torch
+
+    from datasetdm.backbone.capture import capture_hypercolumns
+
+    f = bb.vae_scale_factor
+    emb = bb.embed_prompts([PROMPT] * 2)
+    conditioning = bb.unet_conditioning(emb, size)
+    x = torch.randn((2, bb.unet.config.in_channels, size[0] // f, size[1] // f),
+                    generator=torch.Generator().manual_seed(0)).to(bb.device, bb.dtype)
+    t = torch.tensor(bb.scheduler.config.num_train_timesteps // 2, device=bb.device)
+
+    def plain():
+        bb.unet(x, t, **conditioning)
+
+    def captured():
+        with capture_hypercolumns(bb.unet, x.shape[-2:]) as rec:
+            with rec.capturing(slice(1, 2)):
+                bb.unet(x, t, **conditioning)
+            rec.hypercolumns(emb.input_ids[1:], [PROMPT], int(t))
+
+    out = {"forward_plain_cpu": [], "forward_capture_cpu": [], "forward_plain": [], "forward_capture": []}
+    with torch.no_grad():
+        captured()  # warm-up
+        for r in range(args.forward_repeats):
+            for name, fn in (("plain", plain), ("capture", captured)) if r % 2 == 0 else (("capture", captured), ("plain", plain)):
+                w, c = time.perf_counter(), time.process_time()
+                fn()
+                if args.device != "cpu":
+                    torch.cuda.synchronize()
+                out[f"forward_{name}"].append(time.perf_counter() - w)
+                out[f"forward_{name}_cpu"].append(time.process_time() - c)
+    return out
+
+
 def worker(args) -> dict:
     import torch
 
@@ -128,6 +173,7 @@ def worker(args) -> dict:
                 (wall, cpu), _, _ = run_once(bb, size, args.steps, mode == "capture", args.device)
                 times[mode].append(wall)
                 times[f"{mode}_cpu"].append(cpu)
+        times.update(forward_times(bb, size, args))
         return times
     capture = args.worker == "mem-capture"
     if args.device != "cpu":
@@ -154,7 +200,8 @@ def worker(args) -> dict:
 def sub(args, model, what) -> dict:
     cmd = [sys.executable, __file__, "--worker", what, "--model", model, "--steps", str(args.steps[model]),
            "--repeats", str(args.repeats[model]), "--threads", str(args.threads), "--device", args.device,
-           "--size", str(args.size), "--width-divisor", str(args.width_divisors[model])]
+           "--size", str(args.size), "--width-divisor", str(args.width_divisors[model]),
+           "--forward-repeats", str(args.forward_repeats)]
     env = dict(os.environ)
     if what.startswith("mem") and args.device == "cpu":
         # glibc keeps freed blocks of a growing heap (its mmap threshold rises with each large
@@ -178,6 +225,8 @@ def bench_model(args, model) -> dict:
     # CPU time is the work itself when one thread does it; with more threads (or on a GPU) wall time
     use_cpu_time = args.device == "cpu" and args.threads == 1
     ratio = cpu_c / cpu_p if use_cpu_time else tc / tp
+    suffix = "_cpu" if use_cpu_time else ""
+    fp, fc = min(times[f"forward_plain{suffix}"]), min(times[f"forward_capture{suffix}"])
     key = "gpu" if args.device != "cpu" else "rss"
     pp, pc = mem["plain"][f"{key}_peak"], mem["capture"][f"{key}_peak"]
     wp = pp - mem["plain"][f"{key}_start"]
@@ -190,6 +239,8 @@ def bench_model(args, model) -> dict:
         "time_ratio": round(ratio, 4), "wall_time_ratio": round(tc / tp, 4),
         "time_plain_s": round(tp, 3), "time_capture_s": round(tc, 3),
         "cpu_time_plain_s": round(cpu_p, 3), "cpu_time_capture_s": round(cpu_c, 3),
+        "forward_plain_s": round(fp, 3), "forward_capture_s": round(fc, 3), "forward_ratio": round(fc / fp, 4),
+        "forward_repeats": args.forward_repeats,
         "peak_plain_mib": round(pp / mib, 1), "peak_capture_mib": round(pc / mib, 1),
         "memory_ratio": round(pc / pp, 4),
         "working_plain_mib": round(wp / mib, 1), "working_capture_mib": round(wc / mib, 1),
@@ -202,6 +253,8 @@ def bench_model(args, model) -> dict:
     print(f"  time  ratio {r['time_ratio']:.3f} ({r['time_measure']}; min of {args.repeats[model]} each): "
           f"CPU plain {cpu_p:.3f}s capture {cpu_c:.3f}s; wall plain {tp:.3f}s capture {tc:.3f}s ratio {tc / tp:.3f} "
           f"(all wall plain {[round(t, 2) for t in times['plain']]}, capture {[round(t, 2) for t in times['capture']]})")
+    print(f"  captured step's UNet forward alone: plain {fp:.3f}s capture {fc:.3f}s ratio {fc / fp:.3f} "
+          f"(min of {args.forward_repeats} each, alternated)")
     print(f"  peak {key.upper()} plain {pp / mib:.0f} MiB  capture {pc / mib:.0f} MiB  ratio {r['memory_ratio']:.3f}; "
           f"above pre-run: plain {wp / mib:.1f} MiB  capture {wc / mib:.1f} MiB  ratio {r['working_memory_ratio']:.3f}")
     print(f"  captured {r['captured']}")
@@ -215,7 +268,8 @@ def main():
     p.add_argument("--width-divisor", type=int, default=None,
                    help="divide UNet and text-encoder widths by this (default: sd15 1, sd21 1, sdxl 2)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: 2; tiny 10)")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per mode (default: 2; tiny 30)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per mode (default: 4; tiny 30)")
+    p.add_argument("--forward-repeats", type=int, default=6, help="timed captured-step forwards per mode")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch default); 1 keeps timings stable on shared cores")
     p.add_argument("--device", default="cpu")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -231,7 +285,7 @@ def main():
     if args.size % 64:
         p.error(f"--size {args.size}: must be a multiple of 64 (VAE factor 8 x the UNet's downsamplings)")
     args.steps = {m: args.steps or (10 if m == "tiny" else 2) for m in models}
-    args.repeats = {m: args.repeats or (30 if m == "tiny" else 2) for m in models}
+    args.repeats = {m: args.repeats or (30 if m == "tiny" else 4) for m in models}
     args.width_divisors = {m: args.width_divisor or DEFAULT_WIDTH_DIVISOR[m] for m in models}
     results = {m: bench_model(args, m) for m in models}
     worst = lambda key: max(r[key] for r in results.values())  # noqa: E731

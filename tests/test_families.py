@@ -227,7 +227,8 @@ DIT_PARTS = {"transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["dif
      r"unet/config.json: an inpainting UNet .* in_channels 9 but the VAE's latents have 4"),
     (_index("StableDiffusionPipeline", **SD_PARTS), {"in_channels": 4, "addition_embed_type": "image"},
      r"addition_embed_type 'image'.* is not supported"),
-])
+], ids=["sd3", "flux", "pixart", "other-dit", "inpainting", "instruct-pix2pix", "sdxl-refiner",
+        "inpainting-unet-under-a-plain-name", "image-embedding-unet"])
 def test_unsupported_families_are_refused_before_loading(tmp_path, index, unet, message):
     root = _write_folder(tmp_path / "model", index, unet, {"latent_channels": 4} if unet else None)
     with pytest.raises(DatasetdmError, match=message) as err:
