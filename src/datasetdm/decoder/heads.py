@@ -352,7 +352,7 @@ class DepthHead(Head):
         return {"log_depth": resize_logits(self.out(pixel_embed), inp.image_size)[:, 0], "image_size": inp.image_size}
 
     def targets(self, sample):
-        return {"depth": torch.as_tensor(np.asarray(sample.depth, dtype=np.float32))}
+        return {"depth": torch.from_numpy(np.array(sample.depth, dtype=np.float32))}  # a copy: read-only inputs
 
     def loss(self, out, targets):
         depth = torch.stack([t["depth"] for t in targets]).to(out["log_depth"])
