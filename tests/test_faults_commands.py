@@ -459,6 +459,8 @@ WRITERS = {
                  "--n", "1", "--steps", "1"],
     "demo": ["demo", "--out", "OUT", "--backbone", "BACKBONE", "--n-samples", "1", "--n-test", "1", "--iterations", "1"],
     "view": ["view", "RUN", "--out", "OUT"],
+    "downstream": ["downstream", "--test-seed", "0", "--out", "OUT", "--real", "WORLD", "--synthetic", "WORLD",
+                   "--n-test", "1", "--steps", "1"],
 }
 
 

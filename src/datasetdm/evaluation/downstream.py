@@ -169,7 +169,17 @@ def build_and_run(out: str | Path, test_seed: int, n_test: int = 500, real: Path
                   backbone: str | None = None, config: DownstreamConfig | None = None,
                   decoder_iterations: int = 1500, seed: int = 0, cache_dir: Path | None = None,
                   min_pixel_confidence: float | None = None) -> dict:
-    """The `datasetdm downstream` command: build what is not given, run, write ``downstream.json``."""
+    """The `datasetdm downstream` command: build what is not given, run, write ``downstream.json``.
+    Holds ``out``'s lock (``io.output_lock``): two runs would share its caches."""
+    from datasetdm.io import output_lock
+
+    with output_lock(out):
+        return _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler, backbone, config,
+                              decoder_iterations, seed, cache_dir, min_pixel_confidence)
+
+
+def _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler, backbone, config,
+                   decoder_iterations, seed, cache_dir, min_pixel_confidence) -> dict:
     from rich.console import Console
 
     from datasetdm.backbone.loader import embedded_backbone_path
