@@ -168,8 +168,8 @@ def test_run_checks_on_a_tiny_backbone(tiny_backbone_64, tmp_path):
     assert recall["category_recall"] and set(recall["category_recall"]) == set(recall["real_category_recall"])
     assert all(0.0 <= v <= 1.0 for v in recall["category_recall"].values())
     json.dumps(result)
-    cached = list((tmp_path / "ref").glob("segmenter-*.pt"))
-    assert [p.name for p in cached] == [f"segmenter-{TINY.reference.key()}.pt"]
+    cached = list((tmp_path / "ref").glob("segmenter-*.safetensors"))
+    assert [p.name for p in cached] == [f"segmenter-{TINY.reference.key()}.safetensors"]
     # a second run loads the cached segmenter instead of training again, with the same figures
     logs2 = []
     again = gates.run_checks(tiny_backbone_64, TINY, cache_dir=tmp_path / "ref", log=logs2.append)
@@ -236,7 +236,7 @@ def test_packaged_reference_is_loaded_when_not_cached(tmp_path):
     logs = []
     gates.reference_segmenter(other, tmp_path / "empty", log=logs.append, packaged_dir=tmp_path / "assets")
     assert not any("loaded" in m for m in logs) and any("trained" in m for m in logs)
-    assert (tmp_path / "empty" / f"segmenter-{other.key()}.pt").exists()
+    assert (tmp_path / "empty" / f"segmenter-{other.key()}.safetensors").exists()
     # retrain: trained again although both a cached and a packaged copy exist
     logs = []
     gates.reference_segmenter(config, tmp_path / "cache", log=logs.append, packaged_dir=tmp_path / "assets",
