@@ -179,7 +179,8 @@ class PoseHead(InstanceHead):
     already assigns instances assigns people, so no grouping heuristic (associative embeddings,
     part affinity fields) is needed; every person comes out with a score, which COCO keypoint AP
     ranks by; and a generated sample gets a person mask with its keypoints.
-    Loss: matched queries' heatmaps against Gaussians with σ = 1 px (paper §3.4), MSE.
+    Loss: matched queries' heatmaps against Gaussians (σ = ``keypoint_sigma``, 2 px; the paper's §3.4
+    uses 1 px at 512 px), MSE.
     """
 
     task = "pose"
@@ -201,7 +202,7 @@ class PoseHead(InstanceHead):
                for i in t["instances"]]
         kp = torch.as_tensor(np.stack(kps), dtype=torch.float32) if kps else torch.zeros(0, NUM_KEYPOINTS, 3)
         t["keypoints"] = kp
-        t["heatmaps"] = gaussian_heatmaps(kp, sample.size)
+        t["heatmaps"] = gaussian_heatmaps(kp, sample.size, sigma=self.cfg.keypoint_sigma)
         return t
 
     def forward(self, levels, pixel_embed, inp, **kw):

@@ -113,7 +113,7 @@ def heatmap_peaks(heatmaps: torch.Tensor) -> torch.Tensor:
 
     Sub-pixel position: the vertex of a parabola through the log-heatmap at the argmax and its two
     neighbours, per axis (the Taylor step of DARK, Zhang et al. 2020). A Gaussian's log is a
-    parabola, so this is exact for the σ = 1 targets of ``gaussian_heatmaps``; a centroid of the
+    parabola, so this is exact for the Gaussian targets of ``gaussian_heatmaps``; a centroid of the
     3×3 window is not (it is pulled towards the argmax pixel by up to 0.2 px at σ = 1). Values are
     floored at 1e-3 × peak before the log, steps are clipped to ±0.5 px, and a border argmax keeps
     its integer position along the axis it touches.
