@@ -245,6 +245,19 @@ def sibling_temporaries(out: str | os.PathLike) -> list[Path]:
                   if p.name.startswith((f".{out.name}.tmp-", f".{out.name}.old-")))
 
 
+def new_staging_folder(out: Path) -> Path:
+    """A new hidden sibling of ``out`` to build it in, after removing the temporaries a killed
+    earlier run (another process id) left. Call with ``out``'s lock held."""
+    mine = f"-{os.getpid()}-"
+    for stale in sibling_temporaries(out):
+        if mine not in stale.name:
+            shutil.rmtree(stale, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the output is readable like any folder
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
     """Yield a new hidden sibling folder of ``out`` to build the output in; when the block
@@ -257,13 +270,7 @@ def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
     """
     out = Path(out)
     with output_lock(out):
-        mine = f"-{os.getpid()}-"
-        for stale in sibling_temporaries(out):
-            if mine not in stale.name:
-                shutil.rmtree(stale, ignore_errors=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the output is readable like any folder
+        tmp = new_staging_folder(out)
         try:
             yield tmp
             if out.exists() or out.is_symlink():

@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -27,7 +26,7 @@ import numpy as np
 from datasetdm.errors import DatasetdmError
 from datasetdm.formats.png import load_pixels
 from datasetdm.formats.sample import Category, Instance, LabelledSample
-from datasetdm.io import output_lock, sibling_temporaries
+from datasetdm.io import new_staging_folder, output_lock
 
 IMPORT_RECORD = "import.json"
 """Written into every imported folder: the format, source and options (what ``train --format``
@@ -152,12 +151,6 @@ def semantic_from_instances(instances: Sequence[Instance], shape: tuple[int, int
 # --------------------------------------------------------------------------------------------
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def check_output(out: Path, sources: Sequence[Path], overwrite: bool) -> None:
     """Refuse an output folder that is (or lies inside) a source, or that holds files (without
     ``overwrite``)."""
@@ -188,13 +181,7 @@ def staged_output(out: str | os.PathLike, *, overwrite: bool, last: Sequence[str
     out = Path(out)
     with output_lock(out):
         check_output(out, (), overwrite)
-        mine = f"-{os.getpid()}-"
-        for stale in sibling_temporaries(out):
-            if mine not in stale.name:
-                shutil.rmtree(stale, ignore_errors=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-        os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs are readable like any folder
+        stage = new_staging_folder(out)
         try:
             yield stage
             if not out.exists():
