@@ -85,14 +85,25 @@ def downstream(
         None, min=0.0, max=1.0, help="Decoder labels: pixels below this class-score share are ignore (see generate)."),
     cache: Optional[Path] = typer.Option(None, help="Folder of finished models' figures (default OUT/cache): "
                                          "a rerun resumes; share it between runs to train the real-only model once."),
+    task: str = typer.Option("semantic", help="semantic (mIoU), instance (mask AP), depth (AbsRel, delta1) or pose "
+                             "(keypoint AP): the decoder that labels the synthetic data and the ordinary model trained."),
+    class_quota: Optional[int] = typer.Option(None, min=1, help="Generate with prompts planned so every class is "
+                                              "named by at least this many samples (see generate --class-quota)."),
+    long_tail: Optional[str] = typer.Option(None, help="Comma-separated tail classes: the real set becomes long-tailed "
+                                            "(--head-images per head class, --tail-images per tail class), prompts "
+                                            "are its captions, and head / tail mIoU are reported (Table 7)."),
+    head_images: int = typer.Option(20, min=1, help="--long-tail: images showing each head class."),
+    tail_images: int = typer.Option(2, min=1, help="--long-tail: images showing each tail class."),
 ) -> None:
-    """Train an ordinary segmenter on real, synthetic and both; score each on world test scenes (Table 4)."""
+    """Train an ordinary model on real, synthetic and both; score each on world test scenes (Tables 2, 4, 7)."""
     from datasetdm.evaluation.downstream import DownstreamConfig, build_and_run
 
     result = build_and_run(out, test_seed=test_seed, n_test=n_test, real=real, synthetic=synthetic,
                            n_synthetic=n_synthetic, labeler=labeler, backbone=backbone,
                            config=DownstreamConfig(steps=steps), cache_dir=cache,
-                           min_pixel_confidence=min_pixel_confidence)
+                           min_pixel_confidence=min_pixel_confidence, task=task,
+                           class_quota=class_quota, head_images=head_images, tail_images=tail_images,
+                           long_tail=[c.strip() for c in long_tail.split(",") if c.strip()] if long_tail else ())
     typer.echo(result.pop("table"))
     typer.echo(json.dumps(result))
 

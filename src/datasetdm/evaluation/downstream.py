@@ -6,6 +6,16 @@ synthetic dataset only, (c) both, with every batch drawn half from each so the 1
 are not drowned by thousands of synthetic ones. Each is evaluated on held-out world test scenes.
 Synthetic class ids are matched to the real ones by class name; classes the real data does not
 have are ignored (255) in training.
+
+Every task of the paper's Table 2 is measured the same way (``--task``): semantic segmentation
+with the segmenter above (mIoU), and depth, instances and pose with the ordinary models of
+``task_models`` (AbsRel/δ1, mask AP/AP50, keypoint AP), trained on real, synthetic and joint data
+with one recipe and scored by ``evaluate``'s metrics on held-out world test scenes.
+
+Long-tail (paper §4, Table 7): ``long_tail`` makes the real few-shot set long-tailed (head classes
+in 20 images, tail classes in 2: ``world.folders.long_tail_scenes``), prompts the generation with
+that set's captions (so the synthetic data inherits the imbalance) unless ``class_quota`` plans
+them so every class is named by that many samples; the result adds head and tail mIoU.
 """
 
 from __future__ import annotations
@@ -14,7 +24,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 from datasetdm.errors import DatasetdmError
@@ -143,6 +153,121 @@ def run_downstream(
     }
 
 
+# the metrics each task reports for real / synthetic / joint; the first is the headline
+TASK_METRICS = {"semantic": ("miou",), "instance": ("mask_ap", "mask_ap50"), "depth": ("abs_rel", "delta1"),
+                "pose": ("keypoint_ap", "keypoint_ap50")}
+DOWNSTREAM_TASKS = tuple(TASK_METRICS)
+
+
+def world_test_samples(seed: int, n: int, preset: str = "default") -> list:
+    """World test-split scenes with every label (instances, keypoints, depth)."""
+    from datasetdm.world.render import render_scene
+
+    return [render_scene("test", seed, i, preset) for i in range(n)]
+
+
+def _id_map(folder: LabelledFolder, reference: list[Category]) -> dict[int, int]:
+    by_name = {c.name: c.id for c in reference}
+    return {c.id: by_name[c.name] for c in folder.categories if c.name in by_name}
+
+
+def _folder_data(path, task: str, reference: list[Category], what: str):
+    from datasetdm.evaluation.task_models import task_data
+
+    folder = read_labelled_folder(path)
+    return task_data(list(folder), task, reference, _id_map(folder, reference), where=f"{folder.root}: {what} data")
+
+
+def run_task_downstream(
+    task: str,
+    real: str | Path,
+    synthetic: str | Path,
+    test_samples: list,
+    categories: list[Category],
+    config=None,
+    progress: Callable[[str, int, int], None] | None = None,
+    cache_dir: str | Path | None = None,
+) -> dict:
+    """Depth, instance or pose: train the task's ordinary model (``task_models``) on (a) real,
+    (b) synthetic, (c) joint data, every joint batch drawn half from each; score each on
+    ``test_samples`` with ``evaluate``'s metrics. The per-model cache works as in
+    ``run_downstream`` (figures stored under a hash of the training data, test set and recipe)."""
+    from datasetdm.evaluation.task_models import (
+        TaskModelConfig,
+        concat_data,
+        predict_task,
+        score_task,
+        task_data,
+        train_task_model,
+    )
+
+    if task not in TASK_METRICS or task == "semantic":
+        raise DatasetdmError(f"--task {task!r}: choose one of {', '.join(DOWNSTREAM_TASKS)}")
+    config = config or TaskModelConfig()
+    real_d = _folder_data(real, task, categories, "real")
+    syn_d = _folder_data(synthetic, task, categories, "synthetic")
+    test_d = task_data(test_samples, task, categories, where="test scenes")
+    if real_d.images.shape[1:3] != syn_d.images.shape[1:3] or real_d.images.shape[1:3] != test_d.images.shape[1:3]:
+        raise DatasetdmError(f"{synthetic}: image size {syn_d.images.shape[1:3]} differs from real "
+                             f"{real_d.images.shape[1:3]} or test {test_d.images.shape[1:3]}")
+    people = [c.id for c in categories if c.keypoints]
+    class_ids = [c.id for c in categories] if task == "instance" else people[:1]
+    num_classes = max(c.id for c in categories) + 1
+    if task == "instance" and class_ids != list(range(1, num_classes)):
+        raise DatasetdmError(f"categories {class_ids}: the instance model needs ids 1..{len(class_ids)}")
+    scored_on = _digest(*test_d.arrays(), extra={"task": task, "ids": [c.id for c in categories],
+                                                 "config": asdict(config), "version": 1})
+    joint = concat_data([real_d, syn_d])
+    half = np.concatenate([np.full(len(real_d), 0.5 / len(real_d)), np.full(len(syn_d), 0.5 / len(syn_d))])
+    results = {}
+    for name, (data, weights) in {"real": (real_d, None), "synthetic": (syn_d, None), "joint": (joint, half)}.items():
+        key = _digest(*data.arrays(), extra={"scored_on": scored_on, "half_real": weights is not None})
+        cached = Path(cache_dir) / f"{task}-{key}.json" if cache_dir is not None else None
+        if cached is not None and cached.exists():
+            results[name] = json.loads(cached.read_text())
+            continue
+        report = (lambda step, loss, name=name: progress(name, step + 1, config.steps)) if progress else None
+        model = train_task_model(data, num_classes, config, weights=weights, progress=report)
+        preds = predict_task(model, task, test_d.images, class_ids, config)
+        metrics = score_task(task, preds, test_samples, categories)
+        results[name] = {"images": int(len(data)), **{k: v for k, v in metrics.items() if k != "task"}}
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(cached, results[name])
+    out = {"task": task, "metric": TASK_METRICS[task][0]}
+    for name in ("real", "synthetic", "joint"):
+        for m in TASK_METRICS[task]:
+            out[f"{name}_{m}"] = results[name].get(m)
+    out.update({"n_real": len(real_d), "n_synthetic": len(syn_d), "n_test": len(test_samples), "models": results,
+                "config": asdict(config)})
+    return out
+
+
+def format_task_table(result: dict) -> str:
+    """Table 2's layout for one task: one row per training set, the task's metrics."""
+    metrics = TASK_METRICS[result["task"]]
+    head = f"{'training data':<22}{'images':>8}" + "".join(f"{m:>14}" for m in metrics)
+    rows = [head, "-" * len(head)]
+    for key, label in (("real", "real"), ("synthetic", "synthetic only"), ("joint", "real + synthetic")):
+        n = {"real": result["n_real"], "synthetic": result["n_synthetic"]}.get(key, result["n_real"] + result["n_synthetic"])
+        cells = "".join(f"{'-':>14}" if result[f"{key}_{m}"] is None else f"{result[f'{key}_{m}']:>14.4f}"
+                        for m in metrics)
+        rows.append(f"{label:<22}{n:>8}{cells}")
+    return "\n".join(rows)
+
+
+def head_tail_miou(per_class: dict, categories: list[Category], tail: list[str]) -> dict:
+    """Mean IoU over the head and the tail classes (background counts for neither), per model."""
+    tail_ids = {c.id for c in categories if c.name in tail}
+    out = {}
+    for model, ious in per_class.items():
+        head = [v for k, v in ious.items() if k != 0 and k not in tail_ids]
+        rare = [v for k, v in ious.items() if k in tail_ids]
+        out[f"{model}_head_miou"] = float(np.mean(head)) if head else None
+        out[f"{model}_tail_miou"] = float(np.mean(rare)) if rare else None
+    return out
+
+
 def world_test_set(seed: int, n: int) -> tuple[np.ndarray, np.ndarray, list[Category]]:
     """World test-split scenes rendered in memory: images, semantic masks, categories."""
     from datasetdm.world.render import CATEGORIES, render_scene
@@ -168,18 +293,34 @@ def build_and_run(out: str | Path, test_seed: int, n_test: int = 500, real: Path
                   synthetic: Path | None = None, n_synthetic: int = 1000, labeler: str = "decoder",
                   backbone: str | None = None, config: DownstreamConfig | None = None,
                   decoder_iterations: int = 1500, seed: int = 0, cache_dir: Path | None = None,
-                  min_pixel_confidence: float | None = None) -> dict:
-    """The `datasetdm downstream` command: build what is not given, run, write ``downstream.json``.
-    Holds ``out``'s lock (``io.output_lock``): two runs would share its caches."""
+                  min_pixel_confidence: float | None = None, task: str = "semantic", task_config=None,
+                  class_quota: int | None = None, long_tail: Sequence[str] = (), head_images: int = 20,
+                  tail_images: int = 2, device: str = "auto", dtype: str | None = None) -> dict:
+    """The `datasetdm downstream` command: build what is not given, run, write ``downstream.json``
+    (``downstream-{task}.json`` for the other tasks). Holds ``out``'s lock (``io.output_lock``):
+    two runs would share its caches. ``task_config`` (``task_models.TaskModelConfig``) is the
+    depth / instance / pose recipe; without it those take ``config``'s steps, batch, lr and seed.
+    ``device``/``dtype``: where the decoders train and the backbone generates (the ordinary models
+    train on the CPU)."""
     from datasetdm.io import output_lock
 
+    if task not in DOWNSTREAM_TASKS:
+        raise DatasetdmError(f"--task {task!r}: choose one of {', '.join(DOWNSTREAM_TASKS)}")
+    if task != "semantic" and labeler != "decoder":
+        raise DatasetdmError(f"--labeler {labeler}: labels semantic masks only; --task {task} needs --labeler decoder")
+    if long_tail and task != "semantic":
+        raise DatasetdmError("--long-tail: measured on semantic segmentation (head / tail mIoU); use --task semantic")
+    if long_tail and real is not None:
+        raise DatasetdmError("--long-tail makes the real few-shot set itself; drop --real")
     with output_lock(out):
         return _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler, backbone, config,
-                              decoder_iterations, seed, cache_dir, min_pixel_confidence)
+                              decoder_iterations, seed, cache_dir, min_pixel_confidence, task, task_config,
+                              class_quota, list(long_tail), head_images, tail_images, device, dtype)
 
 
 def _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler, backbone, config,
-                   decoder_iterations, seed, cache_dir, min_pixel_confidence) -> dict:
+                   decoder_iterations, seed, cache_dir, min_pixel_confidence, task, task_config, class_quota,
+                   long_tail, head_images, tail_images, device, dtype) -> dict:
     from rich.console import Console
 
     from datasetdm.backbone.loader import embedded_backbone_path
@@ -189,47 +330,113 @@ def _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler
     from datasetdm.labelers.registry import LABELERS
     from datasetdm.io import write_json_atomic
     from datasetdm.training import train_decoders
-    from datasetdm.world.folders import render_world_folder, world_prompt_file
+    from datasetdm.world.folders import render_long_tail_folder, render_world_folder, world_prompt_file
     from datasetdm.world.render import CATEGORIES
 
     say = Console(stderr=True).print
+    # an explicit placement is passed on; the default leaves the callees their own ("auto")
+    placement = {} if device == "auto" and dtype is None else {"device": device, "dtype": dtype}
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if labeler not in LABELERS:
         raise DatasetdmError(f"--labeler {labeler!r}: choose one of {', '.join(LABELERS)}")
+    tag = ""  # names what differs from the default setting in the folders built here
+    if long_tail:
+        tag = f"-lt-{'_'.join(long_tail)}-{head_images}-{tail_images}"
+        say(f"downstream: long-tail real set (tail {', '.join(long_tail)}: {tail_images} images each; "
+            f"head classes {head_images})")
+        real = render_long_tail_folder(out / f"real{tag}", "train", seed, long_tail, head_images, tail_images)
     real = Path(real) if real else render_world_folder(out / "real", "train", seed, 100)
     if synthetic is None:
         source = backbone or str(embedded_backbone_path())
-        prompts = world_prompt_file(out / "prompts.txt", n_synthetic, seed)
-        shards = out / f"shards-{labeler}"
+        # long-tail: prompts are the real set's captions, so they share its imbalance (unless quotas)
+        prompts = real if long_tail else world_prompt_file(out / "prompts.txt", n_synthetic, seed)
+        kind = labeler if task == "semantic" else f"{labeler}-{task}"
+        run_tag = tag + (f"-quota{class_quota}" if class_quota else "")
+        shards = out / f"shards-{kind}{run_tag}"
         decoders = []
         if labeler == "decoder":
-            decoders = list(train_decoders(real, out / "decoders", ["semantic"], source, decoder_iterations,
-                                           log=say).values())
+            decoders = list(train_decoders(real, out / f"decoders{tag}", [task], source, decoder_iterations,
+                                           log=say, **placement).values())
         generate_labelled(shards, labeler=labeler, backbone=source, decoders=decoders,
                           categories=list(CATEGORIES) if labeler == "attention" else (), prompts=prompts,
                           n=n_synthetic, seed=seed, steps=GENERATION_STEPS, guidance=GUIDANCE_SCALE,
-                          batch_size=GENERATION_BATCH, min_pixel_confidence=min_pixel_confidence)
-        synthetic = out / f"synthetic-{labeler}"
+                          batch_size=GENERATION_BATCH, min_pixel_confidence=min_pixel_confidence,
+                          class_quota=class_quota, **placement)
+        synthetic = out / f"synthetic-{kind}{run_tag}"
         export_shards(shards, synthetic, overwrite=True)
-    test_images, test_masks, categories = world_test_set(test_seed, n_test)
-    say(f"downstream: real {real}, synthetic {synthetic}, {n_test} test scenes (seed {test_seed})")
+    say(f"downstream ({task}): real {real}, synthetic {synthetic}, {n_test} test scenes (seed {test_seed})")
     from datasetdm.progress import progress_bar
 
+    cache = cache_dir if cache_dir is not None else out / "cache"
     with progress_bar(transient=True) as bar:
         tasks = {}
 
         def report(name, step, total):
             if name not in tasks:
-                tasks[name] = bar.add_task(f"segmenter on {name}", total=total)
+                tasks[name] = bar.add_task(f"{task} model on {name}", total=total)
             bar.update(tasks[name], completed=step)
 
-        result = run_downstream(real, synthetic, test_images, test_masks, categories, config, progress=report,
-                                cache_dir=cache_dir if cache_dir is not None else out / "cache")
+        if task == "semantic":
+            test_images, test_masks, categories = world_test_set(test_seed, n_test)
+            result = run_downstream(real, synthetic, test_images, test_masks, categories, config, progress=report,
+                                    cache_dir=cache)
+        else:
+            from datasetdm.evaluation.task_models import TaskModelConfig
+
+            if task_config is None:
+                c = config or DownstreamConfig()
+                task_config = TaskModelConfig(steps=c.steps, batch_size=c.batch_size, lr=c.lr, seed=c.seed)
+            categories = list(CATEGORIES)
+            result = run_task_downstream(task, real, synthetic, world_test_samples(test_seed, n_test), categories,
+                                         task_config, progress=report, cache_dir=cache)
     result.update({"test_seed": test_seed, "labeler": labeler, "real": str(real), "synthetic": str(synthetic)})
-    write_json_atomic(out / "downstream.json", result)
-    headline = {k: round(result[k], 4) for k in ("real_miou", "synthetic_miou", "joint_miou")}
+    headline: dict = {"task": task}
+    if task == "semantic":
+        table = format_table(result, categories)
+        headline.update({k: round(result[k], 4) for k in ("real_miou", "synthetic_miou", "joint_miou")})
+    else:
+        table = format_task_table(result)
+        headline.update({k: None if result[k] is None else round(result[k], 4)
+                         for k in result if k.split("_", 1)[0] in ("real", "synthetic", "joint")})
+    if long_tail:
+        result["tail_classes"] = long_tail
+        result["class_quota"] = class_quota
+        result.update(head_tail_miou(result["per_class"], categories, long_tail))
+        result["synthetic_class_images"] = _class_images(synthetic, categories)
+        headline.update({k: None if result[k] is None else round(result[k], 4)
+                         for k in result if k.endswith(("_head_miou", "_tail_miou"))})
+        headline.update({"tail_classes": long_tail, "class_quota": class_quota})
+        table += "\n" + format_head_tail(result)
+    write_json_atomic(out / ("downstream.json" if task == "semantic" and not long_tail and not class_quota
+                             else f"downstream-{task}{tag}{f'-quota{class_quota}' if class_quota else ''}.json"),
+                      result)
     headline.update({"n_real": result["n_real"], "n_synthetic": result["n_synthetic"], "n_test": n_test,
                      "test_seed": test_seed, "labeler": labeler})
-    return {"table": format_table(result, categories), **headline}
+    return {"table": table, **headline}
+
+
+def _class_images(folder, categories: list[Category]) -> dict[str, int]:
+    """Images of a labelled folder whose semantic masks show each class (by name)."""
+    data = read_labelled_folder(folder)
+    names = {c.id: c.name for c in data.categories}
+    counts = {c.name: 0 for c in categories}
+    for sample in data:
+        if sample.semantic is None:
+            continue
+        for v in np.unique(sample.semantic):
+            name = names.get(int(v))
+            if name in counts:
+                counts[name] += 1
+    return counts
+
+
+def format_head_tail(result: dict) -> str:
+    """Head / tail mIoU per model (Table 7's long-tail columns)."""
+    rows = [f"{'training data':<22}{'head mIoU':>11}{'tail mIoU':>11}"]
+    for key, label in (("real", "real"), ("synthetic", "synthetic only"), ("joint", "real + synthetic")):
+        cells = "".join(f"{'-':>11}" if result[f"{key}_{p}_miou"] is None else f"{result[f'{key}_{p}_miou']:>11.4f}"
+                        for p in ("head", "tail"))
+        rows.append(f"{label:<22}{cells}")
+    return "\n".join(rows)

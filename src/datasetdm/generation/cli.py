@@ -40,6 +40,9 @@ def generate(
     min_instance_score: Optional[float] = typer.Option(
         None, min=0.0, max=1.0, help="Instance and pose decoders: keep instances scoring at least this (default 0.5)."),
     device: str = typer.Option("cpu", help="torch device, e.g. cuda."),
+    class_quota: Optional[int] = typer.Option(
+        None, min=1, help="Plan the prompts so every class (--classes, default all) is named by at least this many "
+        "samples (long-tail data; the plan's class counts go into run.json)."),
 ) -> None:
     """Generate annotated images: every decoder labels each image from the same hypercolumns
     (or, with --labeler attention, the model's own attention labels them)."""
@@ -64,7 +67,7 @@ def generate(
         decoders=decoder, categories=categories, attention=attention, min_pixel_confidence=min_pixel_confidence,
         min_instance_score=min_instance_score,
         filters=Filters(min_confidence, min_area, min_agreement, max_ignore), samples_per_shard=samples_per_shard,
-        resume=resume, device=device,
+        resume=resume, device=device, class_quota=class_quota,
     )
     typer.echo(
         f"{out}: {summary.kept} kept, {summary.dropped} dropped {json.dumps(summary.drop_reasons)}; "

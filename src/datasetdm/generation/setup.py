@@ -16,10 +16,14 @@ def generate_labelled(out: Path, *, labeler: str = "decoder", backbone: str | No
                       categories: Sequence[Category] = (), attention=None, min_pixel_confidence: float | None = None,
                       min_instance_score: float | None = None,
                       filters: Filters | None = None, samples_per_shard: int = 1000, resume: bool | None = None,
-                      device: str = "cpu", show_progress: bool = True) -> GenerationSummary:
+                      device: str = "cpu", show_progress: bool = True,
+                      class_quota: int | None = None) -> GenerationSummary:
     """Generate ``n`` labelled samples into ``out``. Prompts come from the file or folder
     ``prompts``, else from templates over ``classes`` (default: every labelled class).
-    ``resume=None`` resumes when ``out`` holds an interrupted run."""
+    ``resume=None`` resumes when ``out`` holds an interrupted run. ``class_quota``: prompts
+    planned so that every class (``classes``, default every labelled class) is named by at least
+    that many samples (``prompts.quota.QuotaPrompts``); the plan's class counts go into run.json
+    (``config.class_quota``) and the manifest's metadata."""
     from datasetdm.backbone.loader import load_backbone
     from datasetdm.errors import DatasetdmError
     from datasetdm.labelers.registry import check_labeler_args, create_labeler
@@ -39,10 +43,19 @@ def generate_labelled(out: Path, *, labeler: str = "decoder", backbone: str | No
         if unknown:
             raise DatasetdmError(f"--classes: {', '.join(unknown)} not among the labelled classes ({', '.join(names)})")
         source = TemplatePrompts(chosen, seed=seed)
+    config = labeling.config
+    if class_quota is not None:
+        from datasetdm.prompts.quota import QuotaPrompts
+
+        quota_classes = list(classes) if classes else names
+        pool = source.prompts if hasattr(source, "prompts") else [source.prompt(i) for i in range(max(n, len(names)))]
+        source = QuotaPrompts(source, pool, quota_classes, n, class_quota, seed=seed,
+                              where=str(prompts) if prompts is not None else "template prompts")
+        config = {**config, "class_quota": source.record()}
     return generate_dataset(
         out, labeling.generate_fn, labeling.annotators, source, labeling.categories, n=n, seed=seed,
         batch_size=batch_size, samples_per_shard=samples_per_shard, filters=filters or Filters(),
-        backbone=f"{bb.name}@{bb.fingerprint}", config=labeling.config,
+        backbone=f"{bb.name}@{bb.fingerprint}", config=config,
         resume=(Path(out) / "run.json").exists() if resume is None else resume, progress=show_progress,
         read_prompt=labeling.read_prompt,
     )

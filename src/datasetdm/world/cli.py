@@ -40,6 +40,36 @@ def render(
                f"{100 * stats['median_instance_area']:.1f}% of the image")
 
 
+@world_app.command("long-tail")
+def long_tail(
+    out: Path = typer.Option(..., help="Output labelled folder."),
+    tail: str = typer.Option(..., help="Comma-separated tail classes (e.g. ball,star,barrel)."),
+    head_images: int = typer.Option(20, min=1, help="Images showing each head class (the paper's 20)."),
+    tail_images: int = typer.Option(2, min=1, help="Images showing each tail class (the paper's 2)."),
+    split: str = typer.Option("train", help="train, val or test."),
+    seed: int = typer.Option(0, min=0, help="Scene seed."),
+    preset: str = typer.Option("default", help="World preset."),
+    overwrite: bool = typer.Option(False, help="Replace a labelled folder already in OUT."),
+) -> None:
+    """A long-tail few-shot set (paper Table 7): scenes taken in order while every class they show
+    is below its cap, until each head class shows in --head-images and each tail class in
+    --tail-images of them. The last line is JSON with the class counts."""
+    import json
+
+    from datasetdm.formats.labelled_folder import LabelledFolderWriter
+    from datasetdm.world.folders import class_image_counts, long_tail_scenes
+    from datasetdm.world.render import CATEGORIES
+
+    _check(split, preset)
+    names = [c.strip() for c in tail.split(",") if c.strip()]
+    scenes = long_tail_scenes(split, seed, names, head_images, tail_images, preset)
+    with LabelledFolderWriter(out, list(CATEGORIES), overwrite=overwrite) as writer:
+        for scene in scenes:
+            writer.add(scene)
+    typer.echo(f"wrote {len(scenes)} scenes to {out}")
+    typer.echo(json.dumps({"images": len(scenes), "tail": names, "class_images": class_image_counts(scenes)}))
+
+
 def _check(split: str, preset: str) -> None:
     from datasetdm.world.render import PRESETS, SPLITS
 

@@ -4,6 +4,9 @@ world-style captions (what an LLM prompt file would hold)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
+
+import numpy as np
 
 from datasetdm.formats.labelled_folder import LabelledFolderWriter, read_labelled_folder
 from datasetdm.io import atomic_path
@@ -31,3 +34,62 @@ def world_prompt_file(path: Path, n: int, seed: int = 0, preset: str = "default"
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     return path
+
+
+def long_tail_scenes(split: str, seed: int, tail: Sequence[str], head_images: int = 20, tail_images: int = 2,
+                     preset: str = "default", max_scenes: int = 100_000) -> list:
+    """The scenes (``LabelledSample``s) of a long-tail few-shot set (paper §4 and Table 7: head classes in 20 images
+    each, tail classes in 2): scenes of (split, seed) in index order, a scene taken only while every
+    class it shows is below its cap (``tail_images`` for the ``tail`` classes, ``head_images`` for
+    the others), until every class has reached its cap. So each class shows in exactly its cap of
+    images; empty scenes are skipped. Deterministic in (split, seed, tail, caps, preset)."""
+    from datasetdm.errors import DatasetdmError
+
+    names = [c.name for c in CATEGORIES]
+    unknown = [t for t in tail if t not in names]
+    if unknown:
+        raise DatasetdmError(f"--tail {','.join(unknown)}: not a world class ({', '.join(names)})")
+    if not tail:
+        raise DatasetdmError("--tail: name at least one tail class")
+    if head_images < 1 or tail_images < 1:
+        raise DatasetdmError(f"--head-images {head_images} / --tail-images {tail_images}: must be at least 1")
+    by_id = {c.id: c.name for c in CATEGORIES}
+    caps = {n: (tail_images if n in tail else head_images) for n in names}
+    counts = dict.fromkeys(names, 0)
+    chosen = []
+    for index in range(max_scenes):
+        scene = render_scene(split, seed, index, preset)
+        shown = {by_id[int(v)] for v in np.unique(scene.semantic) if int(v) in by_id}
+        if not shown or any(counts[n] >= caps[n] for n in shown):
+            continue
+        chosen.append(scene)
+        for n in shown:
+            counts[n] += 1
+        if counts == caps:
+            return chosen
+    short = {n: counts[n] for n in names if counts[n] < caps[n]}
+    raise DatasetdmError(f"long-tail set: after {max_scenes} {split} scenes, classes below their cap: {short}")
+
+
+def render_long_tail_folder(out: Path, split: str, seed: int, tail: Sequence[str], head_images: int = 20,
+                            tail_images: int = 2, preset: str = "default") -> Path:
+    """The scenes of ``long_tail_scenes`` as a labelled folder; skipped when ``out`` holds them."""
+    out = Path(out)
+    scenes = long_tail_scenes(split, seed, tail, head_images, tail_images, preset)
+    if (out / "annotations.json").exists() and read_labelled_folder(out).ids == [s.id for s in scenes]:
+        return out
+    with LabelledFolderWriter(out, list(CATEGORIES), overwrite=True) as writer:
+        for scene in scenes:
+            writer.add(scene)
+    return out
+
+
+def class_image_counts(samples) -> dict[str, int]:
+    """Images showing each world class (semantic masks), in category order."""
+    by_id = {c.id: c.name for c in CATEGORIES}
+    counts = dict.fromkeys(by_id.values(), 0)
+    for s in samples:
+        for v in np.unique(s.semantic):
+            if int(v) in by_id:
+                counts[by_id[int(v)]] += 1
+    return counts

@@ -1,0 +1,203 @@
+"""Downstream for depth, instances and pose (issue 22, paper Table 2): the ordinary models, their
+targets and decoding, the scorer, and the real / synthetic / joint harness with its cache."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from datasetdm.errors import DatasetdmError
+from datasetdm.evaluation.downstream import format_task_table, run_task_downstream, world_test_samples
+from datasetdm.evaluation.task_models import (
+    TaskModelConfig,
+    group_instances,
+    instance_targets,
+    keypoint_targets,
+    perfect_predictions,
+    predict_task,
+    score_task,
+    task_data,
+    train_task_model,
+    _joint_positions,
+)
+from datasetdm.formats.labelled_folder import LabelledFolderWriter
+from datasetdm.formats.sample import Instance, LabelledSample
+from datasetdm.world.render import CATEGORIES, render_scene
+
+TINY = dict(steps=3, batch_size=4, base=8, depth=3)
+
+
+def _scenes(split, seed, n):
+    return [render_scene(split, seed, i) for i in range(n)]
+
+
+def _folder(path, split, seed, n, strip=None):
+    with LabelledFolderWriter(path, list(CATEGORIES)) as w:
+        for s in _scenes(split, seed, n):
+            if strip == "depth":
+                s = LabelledSample(id=s.id, image=s.image, semantic=s.semantic, instances=s.instances, caption=s.caption)
+            if strip == "keypoints":
+                s.instances = [Instance(i.category_id, i.mask) for i in s.instances]
+            w.add(s)
+    return path
+
+
+@pytest.mark.parametrize("task", ["depth", "instance", "pose"])
+def test_the_scorer_rates_ground_truth_perfect(task):
+    test = world_test_samples(seed=4, n=12)
+    metrics = score_task(task, perfect_predictions(task, test, CATEGORIES), test, CATEGORIES)
+    if task == "depth":
+        assert metrics["abs_rel"] == 0.0 and metrics["rmse"] == 0.0 and metrics["delta1"] == 1.0
+    elif task == "instance":
+        assert metrics["mask_ap"] == 1.0 and metrics["mask_ap50"] == 1.0
+    else:
+        assert metrics["keypoint_ap"] == 1.0 and metrics["mask_ap"] == 1.0
+    # and a prediction that misses everything scores what it should: nothing
+    empty = [{"depth": np.asarray(s.depth) * 2} if task == "depth" else {"instances": []} for s in test]
+    worse = score_task(task, empty, test, CATEGORIES)
+    if task == "depth":
+        assert worse["abs_rel"] == pytest.approx(1.0) and worse["delta1"] == 0.0
+    else:
+        assert worse["mask_ap"] == 0.0
+
+
+def _heads_from_targets(data, b, task):
+    """The heads a perfect model would output for image ``b``: one-hot classes, the centre
+    heatmap and offsets the training targets hold."""
+    inst = torch.from_numpy(data.inst[b: b + 1])
+    classes = torch.from_numpy(data.classes[b: b + 1])
+    if task == "pose":
+        classes = (classes > 0).long()
+    semantic, heat, offsets, _ = instance_targets(inst, classes, sigma=2.0)
+    n = 10 if task == "instance" else 2
+    prob = torch.nn.functional.one_hot(semantic[0].clamp(max=n - 1), n).permute(2, 0, 1).float()
+    return prob, heat[0, 0], offsets[0]
+
+
+def test_instance_targets_decode_back_to_the_ground_truth():
+    """Panoptic-DeepLab's encoding round trip: the centre heatmap and offsets built from the labels,
+    grouped again, give back every instance (mask AP 1 on scenes whose centres lie apart)."""
+    scenes = world_test_samples(seed=2, n=16)
+    data = task_data(scenes, "instance", CATEGORIES)
+    cfg = TaskModelConfig()
+    preds = []
+    for b in range(len(scenes)):
+        prob, heat, offsets = _heads_from_targets(data, b, "instance")
+        found = group_instances(prob, heat, offsets, cfg)
+        preds.append({"instances": [Instance(int(cls), mask, score=score) for mask, cls, score in found]})
+    counts = [len(p["instances"]) for p in preds], [len(s.instances) for s in scenes]
+    assert counts[0] == counts[1]
+    metrics = score_task("instance", preds, scenes, CATEGORIES)
+    assert metrics["mask_ap50"] == 1.0 and metrics["mask_ap"] == 1.0
+
+
+def test_keypoint_heatmaps_decode_back_to_the_joints():
+    scenes = [s for s in (render_scene("test", 3, i) for i in range(80))
+              if any(i.keypoints is not None and (i.keypoints[:, 2] > 0).sum() >= 5 for i in s.instances)][:6]
+    assert scenes
+    data = task_data(scenes, "pose", CATEGORIES)
+    heat = keypoint_targets(torch.from_numpy(data.keypoints), (64, 64), sigma=2.0)
+    preds = []
+    for b, s in enumerate(scenes):
+        people = [i for i in s.instances if i.keypoints is not None]
+        insts = []
+        for person in people:
+            kp = _joint_positions(heat[b], np.asarray(person.mask))
+            visible = person.keypoints[:, 2] > 0
+            # each labelled joint found within the quarter-pixel refinement (unless two people's
+            # same joints overlap)
+            if len(people) == 1:
+                assert np.abs(kp[visible, :2] - person.keypoints[visible, :2]).max() <= 0.25 + 1e-6
+            insts.append(Instance(person.category_id, person.mask, keypoints=kp, score=1.0))
+        preds.append({"instances": insts})
+    metrics = score_task("pose", preds, scenes, CATEGORIES)
+    assert metrics["keypoint_ap"] >= 0.95 and metrics["mask_ap"] == 1.0
+
+
+def test_flipped_batches_mirror_offsets_and_swap_left_and_right():
+    from datasetdm.evaluation.task_models import _flip_batch
+
+    kp = torch.zeros(1, 1, 17, 3)
+    kp[0, 0, 5] = torch.tensor([10.0, 20.0, 2.0])  # left shoulder at x = 10
+    inst = torch.zeros(1, 8, 16, dtype=torch.uint8)
+    inst[0, 2:4, 1:3] = 1
+    batch = {"images": torch.zeros(1, 3, 8, 16), "inst": inst, "keypoints": kp}
+    out = _flip_batch(batch, torch.tensor([True]), width=16)
+    assert out["keypoints"][0, 0, 6].tolist() == [5.0, 20.0, 2.0]  # now the right shoulder, at 15 - 10
+    assert out["keypoints"][0, 0, 5, 2] == 0
+    assert out["inst"][0, 2:4, 13:15].all() and out["inst"].sum() == 4
+
+
+@pytest.mark.parametrize("task", ["depth", "instance", "pose"])
+def test_each_task_model_learns(task):
+    """A few dozen steps on a handful of scenes: the training loss falls by half, and the model's
+    predictions come out in the scorer's form."""
+    scenes = _scenes("train", 0, 12)
+    data = task_data(scenes, task, CATEGORIES)
+    losses = []
+    cfg = TaskModelConfig(steps=60, batch_size=8, base=8, depth=3, lr=1e-2)
+    model = train_task_model(data, 10, cfg, progress=lambda step, loss: losses.append(loss))
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+    preds = predict_task(model, task, data.images[:4], [c.id for c in CATEGORIES] if task == "instance" else [1], cfg)
+    assert len(preds) == 4
+    if task == "depth":
+        assert all(p["depth"].shape == (64, 64) and (p["depth"] > 0).all() for p in preds)
+    else:
+        for p in preds:
+            for inst in p["instances"]:
+                assert inst.mask.shape == (64, 64) and 0 <= inst.score <= 1
+                assert (inst.keypoints is not None) == (task == "pose")
+
+
+@pytest.mark.parametrize("task", ["depth", "instance", "pose"])
+def test_harness_trains_three_models_and_resumes_from_its_cache(task, tmp_path, monkeypatch):
+    from datasetdm.evaluation import task_models
+
+    real = _folder(tmp_path / "real", "train", 0, 6)
+    syn_a = _folder(tmp_path / "a", "val", 0, 6)
+    syn_b = _folder(tmp_path / "b", "val", 1, 6)
+    test = world_test_samples(seed=5, n=4)
+    cfg = TaskModelConfig(**TINY)
+    first = run_task_downstream(task, real, syn_a, test, list(CATEGORIES), cfg, cache_dir=tmp_path / "cache")
+    metric = {"depth": "abs_rel", "instance": "mask_ap", "pose": "keypoint_ap"}[task]
+    assert first["task"] == task and first["metric"] == metric
+    for name in ("real", "synthetic", "joint"):
+        value = first[f"{name}_{metric}"]
+        assert value is None or value >= 0.0  # AP may be null where nothing is scored, never made up
+    assert (first["n_real"], first["n_synthetic"], first["n_test"]) == (6, 6, 4)
+    assert len(list((tmp_path / "cache").glob(f"{task}-*.json"))) == 3
+    assert "real + synthetic" in format_task_table(first)
+    trained = []
+    original = task_models.train_task_model
+    monkeypatch.setattr(task_models, "train_task_model",
+                        lambda data, *a, **k: trained.append(len(data)) or original(data, *a, **k))
+    again = run_task_downstream(task, real, syn_a, test, list(CATEGORIES), cfg, cache_dir=tmp_path / "cache")
+    assert trained == [] and json.dumps(again, sort_keys=True) == json.dumps(first, sort_keys=True)
+    run_task_downstream(task, real, syn_b, test, list(CATEGORIES), cfg, cache_dir=tmp_path / "cache")
+    assert trained == [6, 12]  # the real-only model came from the cache
+
+
+def test_task_data_names_what_is_missing(tmp_path):
+    real = _folder(tmp_path / "real", "train", 0, 6)  # people among them
+    test = world_test_samples(seed=5, n=2)
+    cfg = TaskModelConfig(**TINY)
+    no_depth = _folder(tmp_path / "no-depth", "val", 0, 2, strip="depth")
+    with pytest.raises(DatasetdmError, match="no-depth.*no depth maps"):
+        run_task_downstream("depth", real, no_depth, test, list(CATEGORIES), cfg)
+    no_kp = _folder(tmp_path / "no-kp", "val", 0, 6, strip="keypoints")
+    with pytest.raises(DatasetdmError, match="no-kp.*no person keypoints"):
+        run_task_downstream("pose", real, no_kp, test, list(CATEGORIES), cfg)
+    with pytest.raises(DatasetdmError, match="--task 'panoptic'"):
+        run_task_downstream("panoptic", real, real, test, list(CATEGORIES), cfg)
+
+
+def test_build_and_run_checks_its_options_first(tmp_path):
+    from datasetdm.evaluation.downstream import build_and_run
+
+    with pytest.raises(DatasetdmError, match="--task 'edges'"):
+        build_and_run(tmp_path / "a", test_seed=1, task="edges")
+    with pytest.raises(DatasetdmError, match="--task depth needs --labeler decoder"):
+        build_and_run(tmp_path / "b", test_seed=1, task="depth", labeler="attention")
+    with pytest.raises(DatasetdmError, match="--long-tail.*semantic"):
+        build_and_run(tmp_path / "c", test_seed=1, task="pose", long_tail=["star"])
