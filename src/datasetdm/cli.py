@@ -108,6 +108,33 @@ def downstream(
     typer.echo(json.dumps(result))
 
 
+@app.command()
+def edit(
+    run: Path = typer.Argument(..., help="A generate run (shard folder) labelled by decoders."),
+    sample: int = typer.Option(..., "--sample", min=0, help="Sample id to edit (a kept one)."),
+    swap: list[str] = typer.Option(..., "--swap", help="OLD=NEW word swap in the prompt, e.g. red=blue; repeatable."),
+    out: Path = typer.Option(..., help="Output folder: samples/ (before, after), edit.json, gallery/."),
+    decoder: list[Path] = typer.Option([], "--decoder", help="The run's decoder checkpoints, in its order."),
+    backbone: Optional[str] = typer.Option(None, help="The run's backbone (default: the embedded backbone)."),
+    cross_steps: float = typer.Option(0.8, min=0.0, max=1.0, help="Share of the first steps whose cross-attention "
+                                      "maps come from the source prompt (prompt-to-prompt)."),
+    self_steps: float = typer.Option(0.4, min=0.0, max=1.0, help="Share of the first steps whose self-attention "
+                                     "comes from the source."),
+    overwrite: bool = typer.Option(False, help="Replace OUT."),
+) -> None:
+    """Edit a generated sample with labels (paper Fig. 4): the same seed, a word of its prompt swapped,
+    the layout kept through the source's attention maps (prompt-to-prompt), relabelled by the run's
+    decoders. The last line is JSON (semantic agreement of the edit with the original)."""
+    from datasetdm.generation.edit import edit_sample, parse_swaps, summary_line, write_edit
+    from datasetdm.view import write_gallery
+
+    result = edit_sample(run, sample, parse_swaps(swap), decoder, backbone=backbone, cross_fraction=cross_steps,
+                         self_fraction=self_steps)
+    write_edit(out, result, overwrite=overwrite, gallery=write_gallery)
+    typer.echo(f"{out}: {result.prompt!r} -> {result.edited_prompt!r}; gallery {out / 'gallery' / 'index.html'}")
+    typer.echo(summary_line(result))
+
+
 def main() -> None:
     """Every user-facing failure is one line and exit status 2: a DatasetdmError (bad input), or an
     OSError (read-only or full disk, missing permission) named by its path. DATASETDM_DEBUG=1 shows
