@@ -106,3 +106,27 @@ def test_head_and_tail_miou():
     assert out["real_head_miou"] == pytest.approx(0.7) and out["real_tail_miou"] == pytest.approx(0.3)
     assert out["joint_tail_miou"] is None and out["joint_head_miou"] == pytest.approx(0.8)
     assert np.isfinite(out["real_head_miou"])
+
+
+def test_domain_scenes_split_by_setting_and_lighting():
+    """Domain shift (supplementary Table 9): source scenes from one setting and lighting, target
+    scenes from every other."""
+    from datasetdm.world.folders import domain_scenes, parse_domain
+
+    assert parse_domain("grass:sunny") == ("grass", "sunny") and parse_domain("night") == (None, "night")
+    with pytest.raises(DatasetdmError, match="'moon' is not a setting"):
+        parse_domain("grass:moon")
+    inside = domain_scenes("train", 0, 5, "grass", "sunny")
+    assert all(s.meta["setting"] == "grass" and s.meta["lighting"] == "sunny" for s in inside)
+    outside = domain_scenes("test", 0, 12, "grass", "sunny", inside=False)
+    assert all(not (s.meta["setting"] == "grass" and s.meta["lighting"] == "sunny") for s in outside)
+    assert len({s.meta["setting"] for s in outside}) > 1
+
+
+def test_downstream_domain_option_is_checked_first(tmp_path):
+    from datasetdm.evaluation.downstream import build_and_run
+
+    with pytest.raises(DatasetdmError, match="--domain"):
+        build_and_run(tmp_path / "a", test_seed=1, domain="lava")
+    with pytest.raises(DatasetdmError, match="drop --real"):
+        build_and_run(tmp_path / "b", test_seed=1, domain="grass", real=tmp_path)

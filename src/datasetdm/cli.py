@@ -94,6 +94,9 @@ def downstream(
                                             "are its captions, and head / tail mIoU are reported (Table 7)."),
     head_images: int = typer.Option(20, min=1, help="--long-tail: images showing each head class."),
     tail_images: int = typer.Option(2, min=1, help="--long-tail: images showing each tail class."),
+    domain: Optional[str] = typer.Option(None, help="Domain shift (supplementary Table 9): real scenes from this "
+                                         "setting:lighting only (e.g. grass:sunny), synthetic prompted across all, "
+                                         "tested on the other settings and lightings."),
 ) -> None:
     """Train an ordinary model on real, synthetic and both; score each on world test scenes (Tables 2, 4, 7)."""
     from datasetdm.evaluation.downstream import DownstreamConfig, build_and_run
@@ -103,7 +106,8 @@ def downstream(
                            config=DownstreamConfig(steps=steps), cache_dir=cache,
                            min_pixel_confidence=min_pixel_confidence, task=task,
                            class_quota=class_quota, head_images=head_images, tail_images=tail_images,
-                           long_tail=[c.strip() for c in long_tail.split(",") if c.strip()] if long_tail else ())
+                           long_tail=[c.strip() for c in long_tail.split(",") if c.strip()] if long_tail else (),
+                           domain=domain)
     typer.echo(result.pop("table"))
     typer.echo(json.dumps(result))
 

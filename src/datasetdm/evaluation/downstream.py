@@ -16,6 +16,10 @@ Long-tail (paper §4, Table 7): ``long_tail`` makes the real few-shot set long-t
 in 20 images, tail classes in 2: ``world.folders.long_tail_scenes``), prompts the generation with
 that set's captions (so the synthetic data inherits the imbalance) unless ``class_quota`` plans
 them so every class is named by that many samples; the result adds head and tail mIoU.
+
+Domain shift (supplementary Table 9): ``domain`` ("grass:sunny") takes the real few-shot scenes
+from that setting and lighting only, prompts the generation across all settings (the world's
+captions) and scores every model on test scenes from the other settings and lightings.
 """
 
 from __future__ import annotations
@@ -295,7 +299,8 @@ def build_and_run(out: str | Path, test_seed: int, n_test: int = 500, real: Path
                   decoder_iterations: int = 1500, seed: int = 0, cache_dir: Path | None = None,
                   min_pixel_confidence: float | None = None, task: str = "semantic", task_config=None,
                   class_quota: int | None = None, long_tail: Sequence[str] = (), head_images: int = 20,
-                  tail_images: int = 2, device: str = "auto", dtype: str | None = None) -> dict:
+                  tail_images: int = 2, device: str = "auto", dtype: str | None = None,
+                  domain: str | None = None) -> dict:
     """The `datasetdm downstream` command: build what is not given, run, write ``downstream.json``
     (``downstream-{task}.json`` for the other tasks). Holds ``out``'s lock (``io.output_lock``):
     two runs would share its caches. ``task_config`` (``task_models.TaskModelConfig``) is the
@@ -312,15 +317,21 @@ def build_and_run(out: str | Path, test_seed: int, n_test: int = 500, real: Path
         raise DatasetdmError("--long-tail: measured on semantic segmentation (head / tail mIoU); use --task semantic")
     if long_tail and real is not None:
         raise DatasetdmError("--long-tail makes the real few-shot set itself; drop --real")
+    if domain is not None and (real is not None or long_tail):
+        raise DatasetdmError("--domain makes the real few-shot set itself; drop --real and --long-tail")
+    if domain is not None:
+        from datasetdm.world.folders import parse_domain
+
+        parse_domain(domain)  # checked before anything is built
     with output_lock(out):
         return _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler, backbone, config,
                               decoder_iterations, seed, cache_dir, min_pixel_confidence, task, task_config,
-                              class_quota, list(long_tail), head_images, tail_images, device, dtype)
+                              class_quota, list(long_tail), head_images, tail_images, device, dtype, domain)
 
 
 def _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler, backbone, config,
                    decoder_iterations, seed, cache_dir, min_pixel_confidence, task, task_config, class_quota,
-                   long_tail, head_images, tail_images, device, dtype) -> dict:
+                   long_tail, head_images, tail_images, device, dtype, domain) -> dict:
     from rich.console import Console
 
     from datasetdm.backbone.loader import embedded_backbone_path
@@ -330,7 +341,14 @@ def _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler
     from datasetdm.labelers.registry import LABELERS
     from datasetdm.io import write_json_atomic
     from datasetdm.training import train_decoders
-    from datasetdm.world.folders import render_long_tail_folder, render_world_folder, world_prompt_file
+    from datasetdm.world.folders import (
+        domain_scenes,
+        parse_domain,
+        render_domain_folder,
+        render_long_tail_folder,
+        render_world_folder,
+        world_prompt_file,
+    )
     from datasetdm.world.render import CATEGORIES
 
     say = Console(stderr=True).print
@@ -347,6 +365,13 @@ def _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler
         say(f"downstream: long-tail real set (tail {', '.join(long_tail)}: {tail_images} images each; "
             f"head classes {head_images})")
         real = render_long_tail_folder(out / f"real{tag}", "train", seed, long_tail, head_images, tail_images)
+    setting = lighting = None
+    if domain is not None:
+        setting, lighting = parse_domain(domain)
+        tag = f"-domain-{setting or 'any'}-{lighting or 'any'}"
+        say(f"downstream: real set from {setting or 'any setting'} / {lighting or 'any lighting'} only; "
+            "tested on the other settings and lightings")
+        real = render_domain_folder(out / f"real{tag}", "train", seed, 100, setting, lighting)
     real = Path(real) if real else render_world_folder(out / "real", "train", seed, 100)
     if synthetic is None:
         source = backbone or str(embedded_backbone_path())
@@ -378,8 +403,16 @@ def _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler
                 tasks[name] = bar.add_task(f"{task} model on {name}", total=total)
             bar.update(tasks[name], completed=step)
 
+        test_samples = None
+        if domain is not None:  # the target domains: every test scene outside the source domain
+            test_samples = domain_scenes("test", test_seed, n_test, setting, lighting, inside=False)
         if task == "semantic":
-            test_images, test_masks, categories = world_test_set(test_seed, n_test)
+            if test_samples is None:
+                test_images, test_masks, categories = world_test_set(test_seed, n_test)
+            else:
+                test_images = np.stack([s.image for s in test_samples])
+                test_masks = np.stack([s.semantic for s in test_samples])
+                categories = list(CATEGORIES)
             result = run_downstream(real, synthetic, test_images, test_masks, categories, config, progress=report,
                                     cache_dir=cache)
         else:
@@ -389,8 +422,10 @@ def _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler
                 c = config or DownstreamConfig()
                 task_config = TaskModelConfig(steps=c.steps, batch_size=c.batch_size, lr=c.lr, seed=c.seed)
             categories = list(CATEGORIES)
-            result = run_task_downstream(task, real, synthetic, world_test_samples(test_seed, n_test), categories,
-                                         task_config, progress=report, cache_dir=cache)
+            if test_samples is None:
+                test_samples = world_test_samples(test_seed, n_test)
+            result = run_task_downstream(task, real, synthetic, test_samples, categories, task_config,
+                                         progress=report, cache_dir=cache)
     result.update({"test_seed": test_seed, "labeler": labeler, "real": str(real), "synthetic": str(synthetic)})
     headline: dict = {"task": task}
     if task == "semantic":
@@ -409,7 +444,10 @@ def _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler
                          for k in result if k.endswith(("_head_miou", "_tail_miou"))})
         headline.update({"tail_classes": long_tail, "class_quota": class_quota})
         table += "\n" + format_head_tail(result)
-    write_json_atomic(out / ("downstream.json" if task == "semantic" and not long_tail and not class_quota
+    if domain is not None:
+        result["domain"] = {"setting": setting, "lighting": lighting, "test": "outside"}
+        headline["domain"] = domain
+    write_json_atomic(out / ("downstream.json" if task == "semantic" and not tag and not class_quota
                              else f"downstream-{task}{tag}{f'-quota{class_quota}' if class_quota else ''}.json"),
                       result)
     headline.update({"n_real": result["n_real"], "n_synthetic": result["n_synthetic"], "n_test": n_test,

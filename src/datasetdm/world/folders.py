@@ -93,3 +93,56 @@ def class_image_counts(samples) -> dict[str, int]:
             if int(v) in by_id:
                 counts[by_id[int(v)]] += 1
     return counts
+
+
+def parse_domain(text: str) -> tuple[str | None, str | None]:
+    """"grass:sunny", "grass" or "night" -> (setting, lighting): each part a world setting or
+    lighting name."""
+    from datasetdm.errors import DatasetdmError
+    from datasetdm.world.render import LIGHTING, SETTINGS
+
+    setting = lighting = None
+    parts = [p.strip() for p in text.split(":") if p.strip()]
+    for part in parts:
+        if part in SETTINGS and setting is None:
+            setting = part
+        elif part in LIGHTING and lighting is None:
+            lighting = part
+        else:
+            raise DatasetdmError(f"--domain {text!r}: {part!r} is not a setting ({', '.join(SETTINGS)}) or a "
+                                 f"lighting ({', '.join(LIGHTING)}), or is given twice")
+    if not parts:
+        raise DatasetdmError(f"--domain {text!r}: name a setting and/or a lighting, e.g. grass:sunny")
+    return setting, lighting
+
+
+def domain_scenes(split: str, seed: int, n: int, setting: str | None = None, lighting: str | None = None,
+                  inside: bool = True, preset: str = "default", max_scenes: int = 100_000) -> list:
+    """The first ``n`` scenes of (split, seed) in the domain (the given setting and lighting), or with
+    ``inside=False`` outside it (any other setting or lighting): domain generalisation's source
+    and target data (DatasetDM supplementary, Table 9)."""
+    from datasetdm.errors import DatasetdmError
+
+    chosen = []
+    for index in range(max_scenes):
+        scene = render_scene(split, seed, index, preset)
+        match = (setting is None or scene.meta["setting"] == setting) and \
+                (lighting is None or scene.meta["lighting"] == lighting)
+        if match == inside:
+            chosen.append(scene)
+            if len(chosen) == n:
+                return chosen
+    raise DatasetdmError(f"domain {setting}:{lighting}: only {len(chosen)} of {n} {split} scenes in {max_scenes}")
+
+
+def render_domain_folder(out: Path, split: str, seed: int, n: int, setting: str | None, lighting: str | None,
+                         preset: str = "default") -> Path:
+    """``domain_scenes`` (inside) as a labelled folder; skipped when ``out`` holds them."""
+    out = Path(out)
+    scenes = domain_scenes(split, seed, n, setting, lighting, True, preset)
+    if (out / "annotations.json").exists() and read_labelled_folder(out).ids == [s.id for s in scenes]:
+        return out
+    with LabelledFolderWriter(out, list(CATEGORIES), overwrite=True) as writer:
+        for scene in scenes:
+            writer.add(scene)
+    return out
