@@ -130,3 +130,26 @@ def test_downstream_domain_option_is_checked_first(tmp_path):
         build_and_run(tmp_path / "a", test_seed=1, domain="lava")
     with pytest.raises(DatasetdmError, match="drop --real"):
         build_and_run(tmp_path / "b", test_seed=1, domain="grass", real=tmp_path)
+
+
+def test_zero_shot_real_set_and_seen_unseen_miou(tmp_path):
+    """Zero-shot (Table 7): the unseen classes' labels are gone from the real set; seen, unseen and
+    harmonic mIoU from per-class IoU."""
+    from datasetdm.evaluation.downstream import build_and_run, seen_unseen_miou
+    from datasetdm.formats.labelled_folder import read_labelled_folder
+    from datasetdm.world.folders import render_seen_only_folder
+    from datasetdm.world.render import CATEGORIES, render_scene
+
+    folder = read_labelled_folder(render_seen_only_folder(tmp_path / "seen", "train", 0, 12, ["person", "car"]))
+    for i, sample in enumerate(folder):
+        original = render_scene("train", 0, i)
+        gone = np.isin(original.semantic, [1, 9])
+        assert (sample.semantic[gone] == 255).all() and (sample.semantic[~gone] == original.semantic[~gone]).all()
+        assert all(inst.category_id not in (1, 9) for inst in sample.instances)
+    out = seen_unseen_miou({"real": {0: 0.9, 1: 0.0, 2: 0.6, 3: 0.8, 9: 0.2}}, list(CATEGORIES), ["person", "car"])
+    assert out["real_seen_miou"] == pytest.approx(0.7) and out["real_unseen_miou"] == pytest.approx(0.1)
+    assert out["real_harmonic_miou"] == pytest.approx(2 * 0.7 * 0.1 / 0.8)
+    with pytest.raises(DatasetdmError, match="--zero-shot dragon"):
+        build_and_run(tmp_path / "a", test_seed=1, zero_shot=["dragon"])
+    with pytest.raises(DatasetdmError, match="--zero-shot: semantic"):
+        build_and_run(tmp_path / "b", test_seed=1, zero_shot=["car"], task="depth")

@@ -97,6 +97,9 @@ def downstream(
     domain: Optional[str] = typer.Option(None, help="Domain shift (supplementary Table 9): real scenes from this "
                                          "setting:lighting only (e.g. grass:sunny), synthetic prompted across all, "
                                          "tested on the other settings and lightings."),
+    zero_shot: Optional[str] = typer.Option(None, help="Zero-shot (Table 7): comma-separated unseen classes, their "
+                                            "labels removed from the real set and held out of an open-vocab decoder; "
+                                            "seen / unseen / harmonic mIoU reported."),
 ) -> None:
     """Train an ordinary model on real, synthetic and both; score each on world test scenes (Tables 2, 4, 7)."""
     from datasetdm.evaluation.downstream import DownstreamConfig, build_and_run
@@ -107,7 +110,8 @@ def downstream(
                            min_pixel_confidence=min_pixel_confidence, task=task,
                            class_quota=class_quota, head_images=head_images, tail_images=tail_images,
                            long_tail=[c.strip() for c in long_tail.split(",") if c.strip()] if long_tail else (),
-                           domain=domain)
+                           domain=domain,
+                           zero_shot=[c.strip() for c in zero_shot.split(",") if c.strip()] if zero_shot else ())
     typer.echo(result.pop("table"))
     typer.echo(json.dumps(result))
 

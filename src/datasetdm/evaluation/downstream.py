@@ -17,6 +17,12 @@ in 20 images, tail classes in 2: ``world.folders.long_tail_scenes``), prompts th
 that set's captions (so the synthetic data inherits the imbalance) unless ``class_quota`` plans
 them so every class is named by that many samples; the result adds head and tail mIoU.
 
+Zero-shot (paper §4, Table 7): ``zero_shot`` names unseen classes. The real few-shot set keeps
+the labels of the seen classes only (unseen pixels ignore), an open-vocabulary decoder is trained
+on it with the unseen classes held out, the generation is prompted with every class (the world's
+captions) and labelled by that decoder with every class name; the result adds seen, unseen and
+harmonic mIoU per model.
+
 Domain shift (supplementary Table 9): ``domain`` ("grass:sunny") takes the real few-shot scenes
 from that setting and lighting only, prompts the generation across all settings (the world's
 captions) and scores every model on test scenes from the other settings and lightings.
@@ -300,7 +306,7 @@ def build_and_run(out: str | Path, test_seed: int, n_test: int = 500, real: Path
                   min_pixel_confidence: float | None = None, task: str = "semantic", task_config=None,
                   class_quota: int | None = None, long_tail: Sequence[str] = (), head_images: int = 20,
                   tail_images: int = 2, device: str = "auto", dtype: str | None = None,
-                  domain: str | None = None) -> dict:
+                  domain: str | None = None, zero_shot: Sequence[str] = ()) -> dict:
     """The `datasetdm downstream` command: build what is not given, run, write ``downstream.json``
     (``downstream-{task}.json`` for the other tasks). Holds ``out``'s lock (``io.output_lock``):
     two runs would share its caches. ``task_config`` (``task_models.TaskModelConfig``) is the
@@ -319,6 +325,17 @@ def build_and_run(out: str | Path, test_seed: int, n_test: int = 500, real: Path
         raise DatasetdmError("--long-tail makes the real few-shot set itself; drop --real")
     if domain is not None and (real is not None or long_tail):
         raise DatasetdmError("--domain makes the real few-shot set itself; drop --real and --long-tail")
+    if zero_shot and (task != "semantic" or real is not None or long_tail or domain is not None
+                      or labeler != "decoder"):
+        raise DatasetdmError("--zero-shot: semantic segmentation with decoder labels on the world's own real set; "
+                             "drop --task, --real, --long-tail, --domain and --labeler")
+    if zero_shot:
+        from datasetdm.world.render import CATEGORIES as WORLD
+
+        names = {c.name for c in WORLD}
+        unknown = [c for c in zero_shot if c not in names]
+        if unknown:
+            raise DatasetdmError(f"--zero-shot {','.join(unknown)}: not a world class ({', '.join(sorted(names))})")
     if domain is not None:
         from datasetdm.world.folders import parse_domain
 
@@ -326,12 +343,13 @@ def build_and_run(out: str | Path, test_seed: int, n_test: int = 500, real: Path
     with output_lock(out):
         return _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler, backbone, config,
                               decoder_iterations, seed, cache_dir, min_pixel_confidence, task, task_config,
-                              class_quota, list(long_tail), head_images, tail_images, device, dtype, domain)
+                              class_quota, list(long_tail), head_images, tail_images, device, dtype, domain,
+                              list(zero_shot))
 
 
 def _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler, backbone, config,
                    decoder_iterations, seed, cache_dir, min_pixel_confidence, task, task_config, class_quota,
-                   long_tail, head_images, tail_images, device, dtype, domain) -> dict:
+                   long_tail, head_images, tail_images, device, dtype, domain, zero_shot) -> dict:
     from rich.console import Console
 
     from datasetdm.backbone.loader import embedded_backbone_path
@@ -346,6 +364,7 @@ def _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler
         parse_domain,
         render_domain_folder,
         render_long_tail_folder,
+        render_seen_only_folder,
         render_world_folder,
         world_prompt_file,
     )
@@ -372,6 +391,10 @@ def _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler
         say(f"downstream: real set from {setting or 'any setting'} / {lighting or 'any lighting'} only; "
             "tested on the other settings and lightings")
         real = render_domain_folder(out / f"real{tag}", "train", seed, 100, setting, lighting)
+    if zero_shot:
+        tag = f"-zs-{'_'.join(zero_shot)}"
+        say(f"downstream: zero-shot, unseen {', '.join(zero_shot)} (labels removed from the real set)")
+        real = render_seen_only_folder(out / f"real{tag}", "train", seed, 100, zero_shot)
     real = Path(real) if real else render_world_folder(out / "real", "train", seed, 100)
     if synthetic is None:
         source = backbone or str(embedded_backbone_path())
@@ -381,7 +404,17 @@ def _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler
         run_tag = tag + (f"-quota{class_quota}" if class_quota else "")
         shards = out / f"shards-{kind}{run_tag}"
         decoders = []
-        if labeler == "decoder":
+        if zero_shot:  # an open-vocabulary decoder that never saw the unseen classes' labels or names
+            from datasetdm.training import TrainOptions, train_decoder
+
+            ckpt = out / f"decoders{tag}" / "open-vocab"
+            if not (ckpt / "config.json").exists():
+                say(f"training the open-vocab decoder on {real}, holding out {', '.join(zero_shot)}")
+                train_decoder(real, ckpt, TrainOptions(task="open-vocab", iterations=decoder_iterations,
+                                                       held_out=zero_shot, cache_dir=str(ckpt.parent / "features"),
+                                                       **placement), backbone_source=source)
+            decoders = [ckpt]
+        elif labeler == "decoder":
             decoders = list(train_decoders(real, out / f"decoders{tag}", [task], source, decoder_iterations,
                                            log=say, **placement).values())
         generate_labelled(shards, labeler=labeler, backbone=source, decoders=decoders,
@@ -444,6 +477,13 @@ def _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler
                          for k in result if k.endswith(("_head_miou", "_tail_miou"))})
         headline.update({"tail_classes": long_tail, "class_quota": class_quota})
         table += "\n" + format_head_tail(result)
+    if zero_shot:
+        result["unseen_classes"] = zero_shot
+        result.update(seen_unseen_miou(result["per_class"], categories, zero_shot))
+        headline.update({k: None if result[k] is None else round(result[k], 4)
+                         for k in result if k.endswith(("_seen_miou", "_unseen_miou", "_harmonic_miou"))})
+        headline["unseen_classes"] = zero_shot
+        table += "\n" + format_seen_unseen(result)
     if domain is not None:
         result["domain"] = {"setting": setting, "lighting": lighting, "test": "outside"}
         headline["domain"] = domain
@@ -453,6 +493,30 @@ def _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler
     headline.update({"n_real": result["n_real"], "n_synthetic": result["n_synthetic"], "n_test": n_test,
                      "test_seed": test_seed, "labeler": labeler})
     return {"table": table, **headline}
+
+
+def seen_unseen_miou(per_class: dict, categories: list[Category], unseen: list[str]) -> dict:
+    """Seen, unseen and harmonic mIoU per model (Table 7's zero-shot columns; background counts for
+    neither); harmonic = 2 seen unseen / (seen + unseen)."""
+    unseen_ids = {c.id for c in categories if c.name in unseen}
+    out = {}
+    for model, ious in per_class.items():
+        seen = [v for k, v in ious.items() if k != 0 and k not in unseen_ids]
+        new = [v for k, v in ious.items() if k in unseen_ids]
+        s = float(np.mean(seen)) if seen else None
+        u = float(np.mean(new)) if new else None
+        out[f"{model}_seen_miou"], out[f"{model}_unseen_miou"] = s, u
+        out[f"{model}_harmonic_miou"] = None if s is None or u is None else (2 * s * u / (s + u) if s + u > 0 else 0.0)
+    return out
+
+
+def format_seen_unseen(result: dict) -> str:
+    rows = [f"{'training data':<22}{'seen':>9}{'unseen':>9}{'harmonic':>10}"]
+    for key, label in (("real", "real"), ("synthetic", "synthetic only"), ("joint", "real + synthetic")):
+        cells = "".join(f"{'-':>{w}}" if result[f"{key}_{p}_miou"] is None else f"{result[f'{key}_{p}_miou']:>{w}.4f}"
+                        for p, w in (("seen", 9), ("unseen", 9), ("harmonic", 10)))
+        rows.append(f"{label:<22}{cells}")
+    return "\n".join(rows)
 
 
 def _class_images(folder, categories: list[Category]) -> dict[str, int]:

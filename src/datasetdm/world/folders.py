@@ -146,3 +146,34 @@ def render_domain_folder(out: Path, split: str, seed: int, n: int, setting: str 
         for scene in scenes:
             writer.add(scene)
     return out
+
+
+def seen_only(sample, unseen_ids: set[int]):
+    """A copy of ``sample`` with the unseen classes' labels removed: their pixels ignore (255),
+    their instances dropped (zero-shot's labelled data, paper §4 and Table 7)."""
+    from dataclasses import replace
+
+    semantic = np.asarray(sample.semantic).copy()
+    semantic[np.isin(semantic, sorted(unseen_ids))] = 255
+    instances = [i for i in (sample.instances or []) if i.category_id not in unseen_ids]
+    return replace(sample, semantic=semantic, instances=instances)
+
+
+def render_seen_only_folder(out: Path, split: str, seed: int, n: int, unseen: Sequence[str],
+                            preset: str = "default") -> Path:
+    """Scenes 0..n-1 of (split, seed) with the ``unseen`` classes' labels removed (``seen_only``);
+    skipped when ``out`` holds them."""
+    from datasetdm.errors import DatasetdmError
+
+    names = {c.name: c.id for c in CATEGORIES}
+    unknown = [u for u in unseen if u not in names]
+    if unknown or not unseen:
+        raise DatasetdmError(f"--zero-shot {','.join(unseen)}: name world classes ({', '.join(names)})")
+    out = Path(out)
+    if (out / "annotations.json").exists() and len(read_labelled_folder(out)) == n:
+        return out
+    ids = {names[u] for u in unseen}
+    with LabelledFolderWriter(out, list(CATEGORIES), overwrite=True) as writer:
+        for index in range(n):
+            writer.add(seen_only(render_scene(split, seed, index, preset), ids))
+    return out
