@@ -57,7 +57,7 @@ class EditControl:
     cross_steps: int
     self_steps: int
     pairs: int = 1
-    self_max_tokens: int = 32 * 32  # P2P injects self-attention at the low resolutions only
+    self_max_tokens: int = 16 * 16  # P2P injects self-attention at 16x16 and coarser only (SD at 512 px)
     step: int = field(default=-1, init=False)  # index of the UNet forward running now
 
     def rows(self, batch: int) -> tuple[slice, slice] | None:
