@@ -466,8 +466,8 @@ def _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler
         headline.update({k: round(result[k], 4) for k in ("real_miou", "synthetic_miou", "joint_miou")})
     else:
         table = format_task_table(result)
-        headline.update({k: None if result[k] is None else round(result[k], 4)
-                         for k in result if k.split("_", 1)[0] in ("real", "synthetic", "joint")})
+        keys = [f"{name}_{m}" for name in ("real", "synthetic", "joint") for m in TASK_METRICS[task]]
+        headline.update({k: None if result[k] is None else round(result[k], 4) for k in keys})
     if long_tail:
         result["tail_classes"] = long_tail
         result["class_quota"] = class_quota
