@@ -17,11 +17,17 @@ One sample in a shard, with key ``{id:09d}`` (no dots: WebDataset splits a name 
     {key}.{annotator}.semantic.png / .depth.png
                               labels from a second annotator of the same kind (see "extras")
 
+A sample's files follow one another in name order (webdataset's ``TarWriter`` writes them, with
+a fixed mtime, owner and mode, so the same samples always give the same bytes).
+
 Crash safety: a shard is written to a hidden temporary name and renamed when complete; then the
 manifest is rewritten atomically. The manifest is the record of truth: on resume, a shard it does
 not list (a temporary, or a shard renamed just before a kill -9) is deleted and regenerated, and
 generation continues after the last sample id it lists. Shard boundaries depend only on sample
 ids, so a resumed run writes byte-identical shards to an uninterrupted one.
+
+Reading stays on ``tarfile``: webdataset's iterator ends quietly where a shard is cut at a member
+boundary, which ``iter_shard_files`` must report, and export and view then need no torch import.
 """
 
 from __future__ import annotations
@@ -180,20 +186,32 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def _scores(row: dict) -> dict[str, float | None]:
+    return {k: (None if v is None else float(v)) for k, v in (row.get("scores") or {}).items()}
+
+
+def encode_kept(sample_id: int, row: dict, sample: LabelledSample, categories: list[Category],
+                extras: dict[str, LabelledSample] | None = None) -> dict[str, bytes]:
+    """The shard files of a kept sample, exactly as ``ShardWriter.add`` writes them: a worker
+    process can encode and the writer then stores the bytes (``ShardWriter.add_files``)."""
+    info = {k: v for k, v in row.items() if k != "dropped_reason"}
+    info["scores"] = _scores(row)
+    return encode_sample(sample_id, sample, info, list(categories), extras)
+
+
+def _tar_writer(file):
+    from webdataset.writer import TarWriter
+
     # Fixed metadata (no clock, no user): the same samples always give the same bytes.
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    tar.addfile(info, io.BytesIO(data))
+    return TarWriter(file, user="", group="", mode=0o644, encoder=False, mtime=0)
 
 
 @dataclass
 class _OpenShard:
     index: int
     tmp: Path
-    tar: tarfile.TarFile
+    file: object  # the open temporary file, fsynced before the rename
+    tar: object  # webdataset.writer.TarWriter over ``file``
     rows: list[dict] = field(default_factory=list)
 
 
@@ -357,12 +375,17 @@ class ShardWriter:
         dropped sample, ``dropped_reason``. Everything in it but the reason also goes into the
         sample's JSON.
         """
+        files = None if sample is None else encode_kept(sample_id, row, sample, self.categories, extras)
+        self.add_files(sample_id, row, files)
+
+    def add_files(self, sample_id: int, row: dict, files: dict[str, bytes] | None) -> None:
+        """``add`` for a sample already encoded by ``encode_kept`` (None when it was dropped)."""
         if sample_id != self._next_id:
             raise DatasetdmError(f"{self.out_dir}: samples must be added in id order; expected {self._next_id}, got {sample_id}")
         index = sample_id // self.samples_per_shard
         if self._open is None:
             self._begin(index)
-        kept = sample is not None
+        kept = files is not None
         record = {
             "id": sample_id,
             "key": sample_key(sample_id),
@@ -374,18 +397,14 @@ class ShardWriter:
             "dropped_reason": None if kept else str(row.get("dropped_reason") or "dropped"),
             "backbone": self.backbone,
             "versions": self.versions,
-            "scores": {k: (None if v is None else float(v)) for k, v in (row.get("scores") or {}).items()},
+            "scores": _scores(row),
         }
         for name in record["scores"]:
             if name not in self._score_names:
                 self._score_names.append(name)
         if kept:
-            info = {k: v for k, v in row.items() if k != "dropped_reason"}
-            info["scores"] = record["scores"]
-            files = encode_sample(sample_id, sample, info, self.categories, extras)
             with naming_path(self.shard_dir / shard_name(index)):
-                for ext, data in files.items():
-                    _tar_member(self._open.tar, f"{record['key']}.{ext}", data)
+                self._open.tar.write({"__key__": record["key"], **files})
         self._open.rows.append(record)
         self._next_id += 1
         if self._next_id % self.samples_per_shard == 0:
@@ -394,15 +413,21 @@ class ShardWriter:
     def _begin(self, index: int) -> None:
         tmp = self.shard_dir / f".{shard_name(index)}.tmp"
         with naming_path(self.shard_dir / shard_name(index)):
-            self._open = _OpenShard(index, tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT))
+            file = open(tmp, "wb")
+            try:
+                self._open = _OpenShard(index, tmp, file, _tar_writer(file))
+            except BaseException:
+                file.close()
+                raise
 
     def _finish(self) -> None:
         shard = self._open
         final = self.shard_dir / shard_name(shard.index)
         with naming_path(final):
-            shard.tar.close()
-            with open(shard.tmp, "rb+") as f:
-                os.fsync(f.fileno())  # the data must be on disk before the rename makes it visible
+            shard.tar.close()  # the end-of-archive blocks; the file stays open (the writer does not own it)
+            shard.file.flush()
+            os.fsync(shard.file.fileno())  # the data must be on disk before the rename makes it visible
+            shard.file.close()
             os.replace(shard.tmp, final)
         rows = self._rows + shard.rows
         with naming_path(self.out_dir / MANIFEST_FILE):
@@ -421,8 +446,10 @@ class ShardWriter:
         run.json, shards/ and the output folder it made. A rerun then starts cleanly (or, after a
         completed shard, continues with --resume). Never raises: it runs while an error is raised."""
         if self._open is not None:
-            with contextlib.suppress(OSError, tarfile.TarError):
+            with contextlib.suppress(OSError, tarfile.TarError, ValueError):
                 self._open.tar.close()  # on a full disk closing fails too; the file goes anyway
+            with contextlib.suppress(OSError, ValueError):
+                self._open.file.close()
             with contextlib.suppress(OSError):
                 self._open.tmp.unlink(missing_ok=True)
             self._open = None

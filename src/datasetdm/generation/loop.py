@@ -34,13 +34,13 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from datasetdm.errors import DatasetdmError
 from datasetdm.formats.sample import IGNORE_INDEX, Category, LabelledSample
-from datasetdm.formats.shards import ShardWriter, read_manifest
+from datasetdm.formats.shards import ShardWriter, encode_kept, read_manifest
 from datasetdm.io import output_lock, sample_seed
 from datasetdm.progress import progress_bar, rate_column
 from datasetdm.prompts.base import Prompt, PromptSource, classes_in_text
@@ -282,6 +282,96 @@ def prompts_fingerprint(prompts: PromptSource, count: int = 64) -> str:
     return digest.hexdigest()[:16]
 
 
+@dataclass
+class LabelledRow:
+    """One sample id's outcome: its manifest row, its shard files (None when a filter dropped
+    it) and, when its prompt runs past the token limit, the warning to log."""
+
+    id: int
+    row: dict
+    files: dict[str, bytes] | None
+    warning: str | None = None
+
+
+class BatchLabeler:
+    """Labels a batch of sample ids: one generate call, every annotator on its hypercolumns, then
+    per sample the merged labels, scores, the filters' verdict and the encoded shard files. The
+    single process and every scale-out worker run this same object, so they write the same bytes."""
+
+    def __init__(self, generate_fn: GenerateFn, annotators: Mapping[str, Annotator], categories: Sequence[Category],
+                 seed: int, filters: Filters | None = None, read_prompt: ReadPrompt | None = None):
+        if not annotators:
+            raise DatasetdmError("generation needs at least one annotator (a decoder or a labeler)")
+        self.generate_fn, self.annotators = generate_fn, dict(annotators)
+        self.categories = list(categories)
+        self.seed, self.filters, self.read_prompt = seed, filters or Filters(), read_prompt
+        self._category_ids = {c.id for c in self.categories}
+        self._names = [c.name for c in self.categories]
+        self._id_of = {c.name: c.id for c in self.categories}
+
+    def __call__(self, ids: Sequence[int], batch_prompts: Sequence[Prompt]) -> list[LabelledRow]:
+        ids, batch_prompts = list(ids), list(batch_prompts)
+        seeds = [sample_seed(self.seed, i) for i in ids]
+        images, hypercolumns = self.generate_fn([p.text for p in batch_prompts], seeds)
+        images = as_uint8_images(images)
+        if len(images) != len(ids):
+            raise DatasetdmError(f"generate function returned {len(images)} images for {len(ids)} prompts")
+        outputs = {}
+        for name, annotate in self.annotators.items():
+            labels = list(annotate(images, hypercolumns, batch_prompts))
+            if len(labels) != len(ids):
+                raise DatasetdmError(f"annotator {name!r}: returned {len(labels)} outputs for {len(ids)} images")
+            for label in labels:
+                _check_label(name, label, images.shape[1:3], self._category_ids)
+            outputs[name] = labels
+        return [self._one(sample_id, images[b], {name: outputs[name][b] for name in self.annotators},
+                          batch_prompts[b], seeds[b]) for b, sample_id in enumerate(ids)]
+
+    def _one(self, sample_id: int, image, labels: dict, prompt: Prompt, seed: int) -> LabelledRow:
+        sample, extras, source = merge_labels(image, labels)
+        sample.id = str(sample_id)
+        sample.caption = prompt.text
+        fit = self.read_prompt(prompt.text) if self.read_prompt is not None else None
+        unread = classes_past_limit(prompt, fit, self._names)
+        warning = None
+        if fit is not None and fit.truncated:
+            dropped = f"; {', '.join(unread)} named only past it: dropped from its labels" if unread else ""
+            warning = (f"warning: the prompt of sample {sample_id} is {fit.tokens} tokens; the model reads "
+                       f"the first {fit.limit}{dropped} ({prompt.text[:60]!r}...)")
+        for label in (sample, *extras.values()):
+            drop_classes(label, {self._id_of[c] for c in unread})
+        scored = dataclasses.replace(prompt, classes=tuple(c for c in prompt.classes if c not in unread))
+        confidences = [c for c in map(_confidence, labels.values()) if c is not None]
+        scores = quality_scores(sample, scored, self.categories, confidences)
+        reason = self.filters.reason(scores)
+        row = {"prompt": prompt.text, "classes": list(prompt.classes), "seed": seed, "scores": scores,
+               "annotators": source}
+        if unread:
+            row["unread_classes"] = unread  # in the sample's JSON: named past the token limit
+        if reason is not None:
+            row["dropped_reason"] = reason
+            return LabelledRow(sample_id, row, None, warning)
+        return LabelledRow(sample_id, row, encode_kept(sample_id, row, sample, self.categories, extras or None), warning)
+
+
+def batch_plan(start: int, n: int, batch_size: int, samples_per_shard: int) -> list[list[int]]:
+    """The batches of sample ids from ``start`` to ``n``. Batches never span a shard boundary: a
+    resumed run (which restarts at a boundary) then forms exactly the batches an uninterrupted run
+    formed, so even a backbone whose float results vary slightly with batch composition gives
+    identical samples; scale-out workers get these same batches."""
+    batches, first = [], start
+    while first < n:
+        shard_end = (first // samples_per_shard + 1) * samples_per_shard
+        batches.append(list(range(first, min(first + batch_size, n, shard_end))))
+        first = batches[-1][-1] + 1
+    return batches
+
+
+# ``executor(batches, labeler_settings)``: LabelledRows of every batch's ids, in sample-id order
+# (the driver writes them as they come). None runs the batches in this process.
+Executor = Callable[[list[tuple[list[int], list[Prompt]]], dict], Iterator[LabelledRow]]
+
+
 def generate_dataset(
     out: str | Path,
     generate_fn: GenerateFn,
@@ -298,33 +388,39 @@ def generate_dataset(
     resume: bool = False,
     progress: bool = True,
     read_prompt: ReadPrompt | None = None,
+    executor: Executor | None = None,
 ) -> GenerationSummary:
     """Generate sample ids 0..n-1 into shards under ``out`` (see the module doc).
 
     ``config`` adds run settings that must match on resume (image size, steps, guidance,
     decoder checkpoints); seed, prompts, annotators and filters are always checked.
     ``read_prompt`` (from the labeler) says what the model reads of a prompt; without it no
-    token-limit check is made. Holds ``out``'s lock (``io.output_lock``) while it runs.
+    token-limit check is made. ``executor`` labels the batches elsewhere (``generation.scaleout``:
+    Ray workers, each with its own copy of the labeler); this process then only writes.
+    Holds ``out``'s lock (``io.output_lock``) while it runs.
     """
     with output_lock(out):
         return _generate(out, generate_fn, annotators, prompts, categories, n, seed, batch_size, samples_per_shard,
-                         filters, backbone, config, resume, progress, read_prompt)
+                         filters, backbone, config, resume, progress, read_prompt, executor)
+
+
+def _in_process(labeler: BatchLabeler) -> Executor:
+    def run(batches, settings) -> Iterator[LabelledRow]:
+        for ids, batch_prompts in batches:
+            yield from labeler(ids, batch_prompts)
+
+    return run
 
 
 def _generate(out, generate_fn, annotators, prompts, categories, n, seed, batch_size, samples_per_shard, filters,
-              backbone, config, resume, progress, read_prompt) -> GenerationSummary:
+              backbone, config, resume, progress, read_prompt, executor) -> GenerationSummary:
     if n < 0:
         raise DatasetdmError(f"--n must be >= 0, got {n}")
     if batch_size < 1:
         raise DatasetdmError(f"--batch-size must be >= 1, got {batch_size}")
-    if not annotators:
-        raise DatasetdmError("generation needs at least one annotator (a decoder or a labeler)")
     filters = filters or Filters()
     categories = list(categories)
-    category_ids = {c.id for c in categories}
-    names = [c.name for c in categories]
-    id_of = {c.name: c.id for c in categories}
-    warned: set[str] = set()
+    labeler = BatchLabeler(generate_fn, annotators, categories, seed, filters, read_prompt)
     run_config = {
         "seed": seed,
         "prompts": prompts_fingerprint(prompts),
@@ -334,67 +430,25 @@ def _generate(out, generate_fn, annotators, prompts, categories, n, seed, batch_
     }
     writer = ShardWriter(out, categories, run_config, samples_per_shard, backbone=backbone, resume=resume)
     start = writer.resume_from(n)
+    batches = [(ids, [prompts.prompt(i) for i in ids]) for ids in batch_plan(start, n, batch_size, samples_per_shard)]
+    warned: set[str] = set()
     t0 = time.perf_counter()
     with progress_bar(rate_column("samples"), "kept {task.fields[kept]}", enabled=progress) as bar, writer:
         task = bar.add_task("generating", total=n, completed=min(start, n), kept="")
         kept = 0
-        first = start
-        while first < n:
-            # Batches never span a shard boundary: a resumed run (which restarts at a boundary)
-            # then forms exactly the batches an uninterrupted run formed, so even a backbone whose
-            # float results vary slightly with batch composition gives identical samples.
-            shard_end = (first // samples_per_shard + 1) * samples_per_shard
-            ids = list(range(first, min(first + batch_size, n, shard_end)))
-            first = ids[-1] + 1
-            batch_prompts = [prompts.prompt(i) for i in ids]
-            seeds = [sample_seed(seed, i) for i in ids]
-            images, hypercolumns = generate_fn([p.text for p in batch_prompts], seeds)
-            images = as_uint8_images(images)
-            if len(images) != len(ids):
-                raise DatasetdmError(f"generate function returned {len(images)} images for {len(ids)} prompts")
-            outputs = {}
-            for name, annotate in annotators.items():
-                labels = list(annotate(images, hypercolumns, batch_prompts))
-                if len(labels) != len(ids):
-                    raise DatasetdmError(f"annotator {name!r}: returned {len(labels)} outputs for {len(ids)} images")
-                for label in labels:
-                    _check_label(name, label, images.shape[1:3], category_ids)
-                outputs[name] = labels
-            for b, sample_id in enumerate(ids):
-                labels = {name: outputs[name][b] for name in annotators}
-                sample, extras, source = merge_labels(images[b], labels)
-                sample.id = str(sample_id)
-                prompt = batch_prompts[b]
-                sample.caption = prompt.text
-                fit = read_prompt(prompt.text) if read_prompt is not None else None
-                unread = classes_past_limit(prompt, fit, names)
-                if fit is not None and fit.truncated and prompt.text not in warned:
-                    warned.add(prompt.text)
-                    dropped = f"; {', '.join(unread)} named only past it: dropped from its labels" if unread else ""
-                    log.warning(f"warning: the prompt of sample {sample_id} is {fit.tokens} tokens; the model reads "
-                                f"the first {fit.limit}{dropped} ({prompt.text[:60]!r}...)")
-                for label in (sample, *extras.values()):
-                    drop_classes(label, {id_of[c] for c in unread})
-                scored = dataclasses.replace(prompt, classes=tuple(c for c in prompt.classes if c not in unread))
-                confidences = [c for c in map(_confidence, labels.values()) if c is not None]
-                scores = quality_scores(sample, scored, categories, confidences)
-                reason = filters.reason(scores)
-                row = {
-                    "prompt": prompt.text,
-                    "classes": list(prompt.classes),
-                    "seed": seeds[b],
-                    "scores": scores,
-                    "annotators": source,
-                }
-                if unread:
-                    row["unread_classes"] = unread  # in the sample's JSON: named past the token limit
-                if reason is not None:
-                    row["dropped_reason"] = reason
-                    writer.add(sample_id, row, None)
-                else:
-                    writer.add(sample_id, row, sample, extras or None)
-                    kept += 1
-            bar.update(task, advance=len(ids), kept=kept)
+        results = (executor or _in_process(labeler))(batches, {"seed": seed, "filters": filters})
+        try:
+            for item in results:
+                if item.warning is not None and item.row["prompt"] not in warned:
+                    warned.add(item.row["prompt"])
+                    log.warning(item.warning)
+                writer.add_files(item.id, item.row, item.files)
+                kept += item.files is not None
+                bar.update(task, advance=1, kept=kept)
+        finally:
+            close = getattr(results, "close", None)
+            if close is not None:
+                close()  # a generator's finally runs now: scale-out workers stop with the run
     seconds = time.perf_counter() - t0
     rows = read_manifest(out).to_pylist() if n > 0 else []
     reasons = Counter(r["dropped_reason"].split(" ")[0] for r in rows if not r["kept"])
