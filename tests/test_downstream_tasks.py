@@ -186,8 +186,11 @@ def test_task_data_names_what_is_missing(tmp_path):
     with pytest.raises(DatasetdmError, match="no-depth.*no depth maps"):
         run_task_downstream("depth", real, no_depth, test, list(CATEGORIES), cfg)
     no_kp = _folder(tmp_path / "no-kp", "val", 0, 6, strip="keypoints")
-    with pytest.raises(DatasetdmError, match="no-kp.*no person keypoints"):
-        run_task_downstream("pose", real, no_kp, test, list(CATEGORIES), cfg)
+    with pytest.raises(DatasetdmError, match="no-kp.*real data: has no person keypoints"):
+        run_task_downstream("pose", no_kp, real, test, list(CATEGORIES), cfg)
+    # generated data without a person is trained on as it is (its model scores what it learnt)
+    result = run_task_downstream("pose", real, no_kp, test, list(CATEGORIES), cfg)
+    assert result["n_synthetic"] == 6
     with pytest.raises(DatasetdmError, match="--task 'panoptic'"):
         run_task_downstream("panoptic", real, real, test, list(CATEGORIES), cfg)
 
@@ -201,3 +204,22 @@ def test_build_and_run_checks_its_options_first(tmp_path):
         build_and_run(tmp_path / "b", test_seed=1, task="depth", labeler="attention")
     with pytest.raises(DatasetdmError, match="--long-tail.*semantic"):
         build_and_run(tmp_path / "c", test_seed=1, task="pose", long_tail=["star"])
+
+
+@pytest.mark.slow
+def test_build_and_run_every_task_small(tmp_path):
+    """`downstream --task instance|depth|pose` end to end on the shipped backbone, tiny sizes:
+    the task's decoder trained on the real set, samples generated and labelled by it, exported,
+    the three models trained and scored; the last line's keys."""
+    from datasetdm.evaluation.downstream import DownstreamConfig, build_and_run
+
+    real = _folder(tmp_path / "real", "train", 0, 12)
+    for task, metric in (("depth", "abs_rel"), ("instance", "mask_ap"), ("pose", "keypoint_ap")):
+        result = build_and_run(tmp_path / "ds", test_seed=1, n_test=6, real=real, n_synthetic=4,
+                               decoder_iterations=5, config=DownstreamConfig(steps=3, batch_size=4), task=task)
+        assert result["task"] == task and result["n_real"] == 12 and result["n_synthetic"] <= 4
+        assert {f"{k}_{metric}" for k in ("real", "synthetic", "joint")} <= set(result)
+        saved = json.loads((tmp_path / "ds" / f"downstream-{task}.json").read_text())
+        if result[f"real_{metric}"] is not None:
+            assert saved[f"real_{metric}"] == pytest.approx(result[f"real_{metric}"], abs=1e-4)
+        assert (tmp_path / "ds" / "decoders" / task / "config.json").exists()

@@ -185,7 +185,9 @@ def _folder_data(path, task: str, reference: list[Category], what: str):
     from datasetdm.evaluation.task_models import task_data
 
     folder = read_labelled_folder(path)
-    return task_data(list(folder), task, reference, _id_map(folder, reference), where=f"{folder.root}: {what} data")
+    # generated data may hold no person (a pose decoder that found none): trained on as it is
+    return task_data(list(folder), task, reference, _id_map(folder, reference), where=f"{folder.root}: {what} data",
+                     need_keypoints=what == "real")
 
 
 def run_task_downstream(

@@ -94,9 +94,11 @@ def people_ids(categories: Sequence[Category]) -> set[int]:
 
 
 def task_data(samples: Sequence[LabelledSample], task: str, categories: Sequence[Category],
-              id_map: dict[int, int] | None = None, where: str = "data") -> TaskData:
+              id_map: dict[int, int] | None = None, where: str = "data", need_keypoints: bool = True) -> TaskData:
     """Arrays for ``task`` from samples whose category ids become the reference ids through
-    ``id_map`` (ids it lacks are dropped; None: the ids as they are). Pose keeps people only."""
+    ``id_map`` (ids it lacks are dropped; None: the ids as they are). Pose keeps people only;
+    without any labelled joint it is an error unless ``need_keypoints`` is False (generated data
+    whose decoder found no person: its model then learns that, and scores accordingly)."""
     if task not in TASKS:
         raise DatasetdmError(f"--task {task!r}: choose one of semantic, {', '.join(TASKS)}")
     samples = list(samples)
@@ -122,7 +124,7 @@ def task_data(samples: Sequence[LabelledSample], task: str, categories: Sequence
                 continue
             kept.append((cid, inst))
         per_image.append(kept)
-    if task == "pose" and not any(inst.keypoints is not None for kept in per_image for _, inst in kept):
+    if task == "pose" and need_keypoints and not any(inst.keypoints is not None for kept in per_image for _, inst in kept):
         raise DatasetdmError(f"{where}: has no person keypoints")
     k_max = max(1, max(len(kept) for kept in per_image))
     if k_max > 254:
