@@ -1,5 +1,6 @@
-"""Helpers of the fault tests (tests/test_faults*.py): run the CLI in this process, check its
-one-line error, and disks that fail like a full or a read-only one."""
+"""Helpers of the fault tests (tests/test_faults*.py): their inputs (a labelled folder and a
+generate run of world scenes, made without a model), run the CLI in this process, check its
+one-line error, disks that fail like a full or a read-only one, and planted pickles."""
 
 from __future__ import annotations
 
@@ -12,6 +13,29 @@ import tarfile
 from pathlib import Path
 
 import pytest
+
+
+def write_folder(path: Path, samples) -> Path:
+    """A labelled folder of ``samples`` with the world's categories."""
+    from datasetdm.formats.labelled_folder import LabelledFolderWriter
+    from datasetdm.world.render import CATEGORIES
+
+    with LabelledFolderWriter(path, list(CATEGORIES)) as writer:
+        for sample in samples:
+            writer.add(sample)
+    return path
+
+
+def write_shard_run(out: Path, n: int, samples_per_shard: int) -> Path:
+    """A generate run's folder holding the first ``n`` world val scenes: no model needed."""
+    from datasetdm.formats.shards import ShardWriter
+    from datasetdm.world.render import CATEGORIES, render_scene
+
+    with ShardWriter(out, list(CATEGORIES), {"seed": 0}, samples_per_shard=samples_per_shard) as writer:
+        for i in range(n):
+            scene = render_scene("val", 0, i)
+            writer.add(i, {"prompt": scene.caption, "classes": [], "seed": i, "scores": {}}, scene)
+    return out
 
 
 def run_cli(capsys, monkeypatch, *args) -> tuple[int, str, str]:

@@ -74,3 +74,25 @@ def test_multi_token_name_maps_are_averaged(tiny_clip):
         average_token_maps(hc.cross_attention[0], [77])
     with pytest.raises(DatasetdmError, match="3 position lists for a batch of 2"):
         average_token_maps(hc.cross_attention[0], [[1], [2], [3]])
+
+
+def test_span_positions_and_class_token_maps():
+    """The one per-class map: the mean of the maps of every token that names the class (any of its
+    spans, every occurrence), zero when the prompt does not name it, blind past the maps' length."""
+    import torch
+
+    from datasetdm.backbone.tokens import class_token_maps, span_positions
+
+    assert span_positions([5, 7, 8, 5, 7, 8, 7], [7, 8]) == [1, 2, 4, 5]
+    assert span_positions([1, 1, 1], [1, 1]) == [0, 1]  # occurrences do not overlap
+    assert span_positions([1, 2], []) == [] and span_positions([1], [1, 2]) == []
+    ids = torch.tensor([[0, 11, 20, 21, 11, 30], [0, 12, 9, 9, 9, 11]])  # 11 "dog", 12 "dogs", 20 21 "aard wolf"
+    maps = torch.rand(2, 5, 3, 3)  # the maps cover the first 5 tokens only
+    spans = [[[11], [12]], [[20, 21]], [[40]]]
+    dog, aardwolf, absent = class_token_maps(maps, ids, spans).unbind(1)
+    torch.testing.assert_close(dog[0], (maps[0, 1] + maps[0, 4]) / 2)
+    torch.testing.assert_close(dog[1], maps[1, 1])  # its 11 at position 5 lies past the maps
+    torch.testing.assert_close(aardwolf[0], (maps[0, 2] + maps[0, 3]) / 2)
+    assert aardwolf[1].abs().sum() == 0 and absent.abs().sum() == 0
+    per_level = class_token_maps([maps, maps[..., :1, :1].half()], ids, spans)
+    assert per_level[1].dtype == torch.float16 and per_level[1].shape == (2, 3, 1, 1)

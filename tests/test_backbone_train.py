@@ -187,3 +187,24 @@ def test_init_from_keeps_the_latent_space_and_starts_the_unet_at_step_zero(tiny_
     start = UNet2DConditionModel.from_pretrained(first / "unet", torch_dtype=torch.float32).state_dict()
     drift = max((state["unet"][k] - v).abs().max().item() for k, v in start.items())
     assert drift < 0.05
+
+
+def test_a_state_file_resumes_its_ema_and_learning_rate(tiny_models, tmp_path):
+    """A run's ``unet-state.safetensors`` (the layout of every run so far: ``ema`` = the averaged
+    UNet's state dict) resumes the average where it was: one more step moves it by the decay of
+    that step, (1 + s) / (10 + s), towards the trained weights."""
+    run = tmp_path / "run"
+    recipe = train_mod.Recipe(**{**TINY_RECIPE.__dict__, "unet_steps": 4, "export_every": 100})
+    train_mod.train(run, max_minutes=0.0, recipe=recipe)
+    first = train_mod.read_unet_state(run)
+    assert set(first) == {"unet", "ema", "opt", "generator", "step", "rewarm_from", "recipe"}
+    assert first["step"] == 1 and set(first["ema"]) == set(first["unet"])
+    train_mod.train(run, max_minutes=0.0, recipe=recipe)  # one more step, from the file
+    second = train_mod.read_unet_state(run)
+    assert second["step"] == 2
+    decay = (1 + 1) / (10 + 1)
+    for key in list(first["ema"])[:20]:
+        expected = first["ema"][key] + (1 - decay) * (second["unet"][key] - first["ema"][key])
+        torch.testing.assert_close(second["ema"][key], expected, atol=1e-6, rtol=1e-5)
+    lr = second["opt"]["param_groups"][0]["lr"]
+    assert lr == pytest.approx(recipe.unet_lr * (1 + 1) / recipe.warmup)  # step 1 of a 2-step warm-up

@@ -6,6 +6,7 @@ import re
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from datasetdm.backbone.hypercolumns import Hypercolumns
 from datasetdm.decoder import TASKS, DecoderConfig, DecoderInput, PDecoder, build_decoder
@@ -259,3 +260,182 @@ def test_semantic_confidence_and_uncertain_pixels():
     (strict,) = head.predict(out, min_pixel_confidence=0.6)
     assert (strict["semantic"][:, :2] == first).all() and (strict["semantic"][:, 2:] == 255).all()
     assert strict["confidence"] == plain["confidence"]
+
+
+# ------------------------------------------------------------------ matcher and transformer decoder
+def _brute_force_cost(cost: np.ndarray) -> float:
+    """Least total cost of a one-to-one assignment of min(Q, N) pairs, by trying every one."""
+    import itertools
+
+    q, n = cost.shape
+    if q >= n:
+        return min(sum(cost[r, c] for c, r in enumerate(rows)) for rows in itertools.permutations(range(q), n))
+    return min(sum(cost[r, c] for r, c in enumerate(cols)) for cols in itertools.permutations(range(n), q))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 3), (5, 3), (3, 5), (6, 6), (7, 2)])
+def test_assignment_is_the_least_cost_one(shape):
+    from datasetdm.decoder.matcher import assign
+
+    rng = np.random.default_rng(sum(shape))
+    for trial in range(20):
+        cost = rng.normal(size=shape).astype(np.float32)
+        if trial % 4 == 3:
+            cost = np.round(cost)  # ties
+        rows, cols = assign(torch.from_numpy(cost))
+        assert len(rows) == len(cols) == min(shape)
+        assert len(set(rows.tolist())) == len(rows) and len(set(cols.tolist())) == len(cols)
+        assert rows.tolist() == sorted(rows.tolist())
+        assert cost[rows.numpy(), cols.numpy()].sum() == pytest.approx(_brute_force_cost(cost), abs=1e-5)
+
+
+def test_assignment_takes_a_broken_cost_only_when_nothing_else_is_left():
+    from datasetdm.decoder.matcher import assign
+
+    cost = torch.tensor([[float("nan"), 5.0], [1.0, float("inf")], [2.0, 3.0]])
+    rows, cols = assign(cost)
+    assert dict(zip(rows.tolist(), cols.tolist())) == {1: 0, 2: 1}
+    rows, cols = assign(torch.tensor([[float("nan")]]))
+    assert (rows.tolist(), cols.tolist()) == ([0], [0])
+
+
+def test_matcher_finds_the_least_cost_matching_of_masks_and_classes():
+    from datasetdm.decoder.matcher import HungarianMatcher, match_cost
+
+    g = torch.Generator().manual_seed(3)
+    Q, C, H = 6, 5, 16
+    mask_logits, class_logits = torch.randn(2, Q, H, H, generator=g) * 3, torch.randn(2, Q, C, generator=g)
+    boxes = torch.zeros(4, 32, 32)
+    for i, (y, x) in enumerate([(0, 0), (0, 16), (16, 0), (8, 8)]):
+        boxes[i, y : y + 16, x : x + 16] = 1
+    targets = [{"masks": boxes, "labels": torch.tensor([0, 3, 3, 1])},
+               {"masks": torch.zeros(0, 32, 32), "labels": torch.zeros(0, dtype=torch.long)}]
+    matcher = HungarianMatcher(num_points=256)
+    torch.manual_seed(11)
+    (rows, cols), (empty_q, empty_t) = matcher.match(mask_logits, class_logits, targets)
+    assert len(empty_q) == len(empty_t) == 0  # an image without targets
+    torch.manual_seed(11)  # the same points the matcher drew
+    cost = match_cost(mask_logits[0], class_logits[0], targets[0]["masks"], targets[0]["labels"], torch.rand(256, 2),
+                      2.0, 5.0, 5.0).numpy()
+    assert sorted(cols.tolist()) == [0, 1, 2, 3]
+    assert cost[rows.numpy(), cols.numpy()].sum() == pytest.approx(_brute_force_cost(cost), abs=1e-4)
+    # a query that predicts a target's mask and class exactly is matched to it
+    mask_logits[0, 2] = F.interpolate(targets[0]["masks"][None, 1:2], size=(H, H))[0, 0] * 40 - 20
+    class_logits[0, 2] = -20
+    class_logits[0, 2, 3] = 20
+    rows, cols = matcher.match(mask_logits, class_logits, targets[:1])[0]
+    assert dict(zip(rows.tolist(), cols.tolist()))[2] == 1
+
+
+def _mask2former_reference():
+    """transformers' own Mask2Former classes, when the installed version still has them (internal
+    API: they are what version-1 decoder checkpoints were trained with)."""
+    try:
+        from transformers.models.mask2former import configuration_mask2former as conf
+        from transformers.models.mask2former import modeling_mask2former as model
+
+        return conf, model
+    except ImportError:
+        pytest.skip("this transformers has no Mask2Former classes to compare with")
+
+
+def test_transformer_decoder_and_matcher_compute_what_mask2former_did():
+    """The redesign changes no result: with the same weights (renamed by ``upgrade_legacy_keys``)
+    the own decoder gives Mask2Former's states and masks, and the matcher its matches."""
+    from datasetdm.decoder.matcher import HungarianMatcher
+    from datasetdm.decoder.transformer import MaskedAttentionDecoder, upgrade_legacy_keys
+
+    conf, model = _mask2former_reference()
+    dim, heads, ffn, layers = 32, 4, 64, 3
+    torch.manual_seed(0)
+    reference = model.Mask2FormerMaskedAttentionDecoder(conf.Mask2FormerConfig(
+        hidden_dim=dim, num_attention_heads=heads, dim_feedforward=ffn, decoder_layers=layers + 1,
+        mask_feature_size=dim, dropout=0.0, pre_norm=False, backbone_config=None, use_pretrained_backbone=False)).eval()
+    positions = model.Mask2FormerSinePositionEmbedding(num_position_features=dim // 2, normalize=True)
+    ours = MaskedAttentionDecoder(dim, heads, ffn, layers).eval()
+    legacy = {f"head.transformer.decoder.{k}": v for k, v in reference.state_dict().items()}
+    legacy["head.transformer.level_embed.weight"] = ours.level_embed.weight.detach().clone()
+    upgraded = upgrade_legacy_keys(legacy)
+    ours.load_state_dict({k.removeprefix("head.transformer."): v for k, v in upgraded.items()})
+
+    B, Q = 2, 8
+    levels = [torch.randn(B, dim, s, s) for s in (4, 8, 16)]
+    pixels, queries, query_pos = torch.randn(B, dim, 32, 32), torch.randn(B, Q, dim), torch.randn(B, Q, dim)
+    with torch.no_grad():
+        expected = reference(
+            inputs_embeds=queries.transpose(0, 1),
+            multi_stage_positional_embeddings=[positions(x.shape, x.device, x.dtype).flatten(2).permute(2, 0, 1)
+                                               for x in levels],
+            pixel_embeddings=pixels,
+            encoder_hidden_states=[(x.flatten(2) + ours.level_embed.weight[i][None, :, None]).permute(2, 0, 1)
+                                   for i, x in enumerate(levels)],
+            query_position_embeddings=query_pos.transpose(0, 1),
+            feature_size_list=[x.shape[-2:] for x in levels], return_dict=True)
+        states, masks = ours(levels, pixels, queries, query_pos)
+    assert len(states) == len(masks) == layers + 1
+    for want, got in zip(expected.intermediate_hidden_states, states):
+        torch.testing.assert_close(got, want.transpose(0, 1), atol=1e-5, rtol=1e-5)
+    for want, got in zip(expected.masks_queries_logits, masks):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+    targets = [{"masks": (torch.rand(3, 64, 64) > 0.5).float(), "labels": torch.tensor([0, 2, 4])},
+               {"masks": (torch.rand(5, 64, 64) > 0.7).float(), "labels": torch.tensor([1, 1, 2, 3, 0])}]
+    class_logits = torch.randn(B, Q, 6)
+    their = model.Mask2FormerHungarianMatcher(cost_class=2.0, cost_mask=5.0, cost_dice=5.0, num_points=1024)
+    torch.manual_seed(5)
+    want = [their(masks[-1][b : b + 1], class_logits[b : b + 1], [t["masks"]], [t["labels"]])[0]
+            for b, t in enumerate(targets)]
+    torch.manual_seed(5)
+    got = HungarianMatcher().match(masks[-1], class_logits, targets)
+    assert [(q.tolist(), t.tolist()) for q, t in got] == [(q.tolist(), t.tolist()) for q, t in want]
+
+
+def _legacy_names(state: dict) -> dict:
+    """The inverse of ``upgrade_legacy_keys``: how a version-1 checkpoint named the same weights."""
+    out = {}
+    for key, value in state.items():
+        m = re.match(r"^(.*\.transformer\.)(.+)$", key)
+        rest = m.group(2) if m else ""
+        if not m or rest.startswith("level_embed"):
+            out[key] = value
+            continue
+        head = m.group(1) + "decoder."
+        if (qkv := re.match(r"^layers\.(\d+)\.self_attn\.in_proj_(weight|bias)$", rest)):
+            for name, part in zip("qkv", value.chunk(3)):
+                out[f"{head}layers.{qkv[1]}.self_attn.{name}_proj.{qkv[2]}"] = part.clone()
+            continue
+        for new, old in ((r"^query_norm\.", "layernorm."), (r"\.cross_norm\.", ".cross_attn_layer_norm."),
+                         (r"\.self_norm\.", ".self_attn_layer_norm."), (r"\.ffn\.0\.", ".fc1."),
+                         (r"\.ffn\.2\.", ".fc2."), (r"\.ffn_norm\.", ".final_layer_norm.")):
+            rest = re.sub(new, old, rest)
+        rest = re.sub(r"^mask_embed\.(\d)\.", lambda mm: f"mask_predictor.mask_embedder.{int(mm[1]) // 2}.0.", rest)
+        out[head + rest] = value
+    return out
+
+
+@pytest.mark.parametrize("task", ["instance", "open-vocab"])
+def test_version_1_checkpoints_still_load(tmp_path, task):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    dec = build_decoder(tiny_config(task))
+    inp = tiny_input()
+    kw = forward_kw(task)
+    ck = save_decoder(dec, tmp_path / "ck")
+    old = _legacy_names(dec.state_dict())
+    assert any(".transformer.decoder.layers.0.self_attn.q_proj.weight" in k for k in old)
+    save_file({k: v.contiguous() for k, v in old.items()}, str(ck / "model.safetensors"))
+    config = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps({**config, "version": 1}))
+    loaded = load_decoder(ck)
+    for k, v in dec.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    with torch.no_grad():
+        want, got = dec.eval()(inp, **kw), loaded(inp, **kw)
+    for a, b in zip(want["mask_logits"], got["mask_logits"]):
+        assert torch.equal(a, b)
+    # a weight the old decoder never had is named, not silently dropped
+    save_file({**{k: v.contiguous() for k, v in old.items()}, "head.transformer.decoder.extra.weight": torch.zeros(1)},
+              str(ck / "model.safetensors"))
+    with pytest.raises(DatasetdmError, match="head.transformer.decoder.extra.weight"):
+        load_decoder(ck)

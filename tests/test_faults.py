@@ -10,21 +10,7 @@ import torch
 
 from datasetdm.errors import DatasetdmError
 from datasetdm.io import atomic_path, load_state, save_state, write_json_atomic
-
-
-class _Payload:
-    """Unpickling this creates ``marker``: the proof that a pickle ran."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
-def plant_pickle(path, marker):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(pickle.dumps({"step": 3, "payload": _Payload(marker)}))
+from faults_support import plant_pickle, write_folder
 
 
 def test_state_round_trip_without_pickle(tmp_path):
@@ -77,14 +63,10 @@ def test_pickle_in_the_reference_cache_is_refused_not_run(tmp_path):
 
 def test_decoder_training_ignores_a_planted_state(tmp_path, tiny_clip_path):
     """A pickle where `train` keeps its resume state is never loaded: training starts over."""
-    from datasetdm.formats.labelled_folder import LabelledFolderWriter
     from datasetdm.training import TrainOptions, train_decoder
-    from datasetdm.world.render import CATEGORIES, render_scene
+    from datasetdm.world.render import render_scene
 
-    data = tmp_path / "data"
-    with LabelledFolderWriter(data, list(CATEGORIES)) as w:
-        for i in range(4):
-            w.add(render_scene("train", 0, i))
+    data = write_folder(tmp_path / "data", [render_scene("train", 0, i) for i in range(4)])
     marker = tmp_path / "pwned"
     plant_pickle(tmp_path / "ckpt.work" / "state.safetensors", marker)
     summary = train_decoder(data, tmp_path / "ckpt", TrainOptions(task="semantic", iterations=2, views=1, batch_size=2,
@@ -128,6 +110,42 @@ def test_configs_from_files_reject_unknown_and_ill_typed_keys(tmp_path):
         DecoderConfig.from_dict({**good, "num_querys": 8}, "ckpt/config.json")
     with pytest.raises(DatasetdmError, match=r"ckpt/config.json: image_size"):
         DecoderConfig.from_dict({**good, "image_size": "big"}, "ckpt/config.json")
+
+
+def test_config_files_are_read_and_validated_naming_file_and_key(tmp_path):
+    """JSON configs on disk: the run's recipe.json, a component's package.json."""
+    import json
+    from dataclasses import asdict
+
+    from datasetdm.backbone.loader import _component_dir
+    from datasetdm.config import read_config
+    from datasetdm.embedded.train import RECIPE, Recipe, train
+
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(asdict(RECIPE)))
+    assert read_config(Recipe, recipe) == RECIPE
+    recipe.write_text("{not json")
+    with pytest.raises(DatasetdmError, match=f"{recipe}: not valid JSON"):
+        read_config(Recipe, recipe)
+    with pytest.raises(DatasetdmError, match=f"{tmp_path / 'none.json'}: missing"):
+        read_config(Recipe, tmp_path / "none.json")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.json").write_text(json.dumps({**asdict(RECIPE), "ema_decy": 0.9}))
+    with pytest.raises(DatasetdmError, match=r"run/recipe.json: ema_decy: Unexpected keyword argument"):
+        train(run, recipe=RECIPE)  # named before any stage runs
+    assert sorted(p.name for p in run.iterdir()) == ["recipe.json"]
+
+    component = tmp_path / "model" / "text_encoder"
+    component.mkdir(parents=True)
+    ref = component / "package.json"
+    for bad, problem in (({"packag": "x"}, "package: Field required"), ({"package": 5}, "package: Input should be a valid string"),
+                         ({"package": "datasetdm", "sub": "x"}, "sub: Unexpected keyword argument")):
+        ref.write_text(json.dumps(bad))
+        with pytest.raises(DatasetdmError, match=f"{ref}: .*{problem}"):
+            _component_dir(tmp_path / "model", "text_encoder")
+    ref.write_text(json.dumps({"package": "datasetdm", "subfolder": "assets"}))
+    assert _component_dir(tmp_path / "model", "text_encoder").name == "assets"
 
 
 def _run(*args, tmp_path=None):

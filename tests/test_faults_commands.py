@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datasetdm.formats.labelled_folder import LabelledFolderWriter, read_labelled_folder
+from datasetdm.formats.labelled_folder import read_labelled_folder
 from datasetdm.formats.sample import Category, Instance, LabelledSample
 from datasetdm.formats.shards import ShardWriter, read_manifest
 from datasetdm.world.render import CATEGORIES, render_scene
@@ -31,6 +31,8 @@ from faults_support import (
     plant_pickle,
     run_cli,
     tree_bytes,
+    write_folder,
+    write_shard_run,
 )
 
 FAST_TRAIN = ["--n-images", "4", "--views", "1", "--iterations", "1", "--batch-size", "2", "--no-progress"]
@@ -48,13 +50,6 @@ def scenes_with_people(n: int) -> list[LabelledSample]:
     raise AssertionError("the world has too few people")
 
 
-def write_folder(path: Path, samples) -> Path:
-    with LabelledFolderWriter(path, list(CATEGORIES)) as writer:
-        for sample in samples:
-            writer.add(sample)
-    return path
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     return write_folder(tmp_path_factory.mktemp("world") / "world", scenes_with_people(4))
@@ -62,13 +57,8 @@ def world(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def shard_run(tmp_path_factory) -> Path:
-    """A generate run's folder (3 shards of 2 samples) holding world scenes: no model needed."""
-    out = tmp_path_factory.mktemp("run") / "run"
-    with ShardWriter(out, list(CATEGORIES), {"seed": 0}, samples_per_shard=2) as writer:
-        for i in range(6):
-            scene = render_scene("val", 0, i)
-            writer.add(i, {"prompt": scene.caption, "classes": [], "seed": i, "scores": {}}, scene)
-    return out
+    """A generate run's folder: 3 shards of 2 samples."""
+    return write_shard_run(tmp_path_factory.mktemp("run") / "run", 6, samples_per_shard=2)
 
 
 @pytest.fixture(scope="module")

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from datasetdm.formats.labelled_folder import LabelledFolderWriter, read_labelled_folder
-from datasetdm.formats.shards import ShardWriter, read_manifest
-from datasetdm.world.render import CATEGORIES, render_scene
-from faults_support import leftovers, run_cli, tree_bytes
+from datasetdm.formats.labelled_folder import read_labelled_folder
+from datasetdm.formats.shards import read_manifest
+from datasetdm.world.render import render_scene
+from faults_support import leftovers, run_cli, tree_bytes, write_folder, write_shard_run
 
 DEFAULT_POINTS, SLOW_POINTS = 3, 20
 
@@ -110,21 +110,12 @@ def work_appears(out: Path):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("kill-world") / "world"
-    with LabelledFolderWriter(path, list(CATEGORIES)) as writer:
-        for i in range(2):
-            writer.add(render_scene("train", 0, i))
-    return path
+    return write_folder(tmp_path_factory.mktemp("kill-world") / "world", [render_scene("train", 0, i) for i in range(2)])
 
 
 @pytest.fixture(scope="module")
 def shard_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("kill-run") / "run"
-    with ShardWriter(out, list(CATEGORIES), {"seed": 0}, samples_per_shard=4) as writer:
-        for i in range(24):
-            scene = render_scene("val", 0, i)
-            writer.add(i, {"prompt": scene.caption, "classes": [], "seed": i, "scores": {}}, scene)
-    return out
+    return write_shard_run(tmp_path_factory.mktemp("kill-run") / "run", 24, samples_per_shard=4)
 
 
 def train_args(world, backbone, out):

@@ -24,3 +24,22 @@ def load_config(cls: type[T], data, where: str) -> T:
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or cls.__name__}: {err['msg']}" for err in e.errors())
         raise DatasetdmError(f"{where}: {problems}") from None
+
+
+def read_json(path) -> object:
+    """The JSON in the file ``path``; a missing, unreadable or malformed file is a DatasetdmError naming it."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DatasetdmError(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise DatasetdmError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_config(cls: type[T], path) -> T:
+    """``cls`` from the JSON file ``path``, validated (``load_config``)."""
+    return load_config(cls, read_json(path), str(path))

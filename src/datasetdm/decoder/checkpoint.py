@@ -1,6 +1,6 @@
 """Decoder checkpoints: a directory with ``model.safetensors`` and ``config.json``.
 
-``config.json`` = ``{"format": "datasetdm-decoder", "version": 1, "decoder": DecoderConfig, "info": {...}}``:
+``config.json`` = ``{"format": "datasetdm-decoder", "version": 2, "decoder": DecoderConfig, "info": {...}}``:
 the task, the categories (ids, names, keypoint names), the backbone (fingerprint, source, name) and
 the decoder's hyperparameters; ``info`` records how it was trained. Open-vocabulary decoders keep
 their categories' text embeddings in the weights (``head.text_embeddings``).
@@ -10,6 +10,9 @@ only when complete (``datasetdm.io.atomic_path`` does the same for single files)
 or failed run leaves the previous checkpoint (or none), never a half-written one or a weights file
 paired with another run's config. Loading for another task or with another backbone is refused:
 the weights only mean something for the features they were trained on.
+
+Versions: 2 names the transformer decoder's weights after ``decoder.transformer`` (plain torch);
+version 1 used transformers' Mask2Former names, renamed on load (``transformer.upgrade_legacy_keys``).
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from datasetdm.decoder.build import DecoderConfig, PDecoder, build_decoder, check_backbone
+from datasetdm.decoder.transformer import has_legacy_keys, upgrade_legacy_keys
 from datasetdm.errors import DatasetdmError
 from datasetdm.io import atomic_folder, atomic_path
 
 FORMAT = "datasetdm-decoder"
-VERSION = 1
+VERSION = 2  # 2: the transformer decoder's own weight names (1: transformers' Mask2Former names)
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
@@ -105,6 +109,8 @@ def load_decoder(path, task: str | None = None, backbone=None, map_location="cpu
     except Exception as e:  # safetensors raises its own error types for truncated files
         raise DatasetdmError(f"{path / WEIGHTS}: unreadable ({e})") from None
     try:
+        if has_legacy_keys(state):  # a version-1 checkpoint: same weights, older names
+            state = upgrade_legacy_keys(state)
         decoder = build_decoder(cfg)
         decoder.load_state_dict(state)
     except (RuntimeError, ValueError, KeyError) as e:

@@ -31,7 +31,7 @@ from datasetdm.decoder.losses import (
     resize_logits,
     silog_loss,
 )
-from datasetdm.decoder.m2f import MaskedAttentionDecoder
+from datasetdm.decoder.transformer import MaskedAttentionDecoder
 from datasetdm.decoder.modules import MLP
 from datasetdm.formats.sample import IGNORE_INDEX, Instance, LabelledSample
 

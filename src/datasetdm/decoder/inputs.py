@@ -12,13 +12,14 @@ does not name the class. The cache stores these K maps instead of all T token ma
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from datasetdm.backbone.hypercolumns import Hypercolumns
+from datasetdm.backbone.tokens import class_token_maps
 
 
 @dataclass
@@ -58,49 +59,23 @@ class DecoderInput:
         )
 
 
-def find_token_positions(input_ids: Sequence[int], token_seq: Sequence[int]) -> list[int]:
-    """All positions covered by occurrences of ``token_seq`` in ``input_ids``."""
-    ids, n = list(input_ids), len(token_seq)
-    pos: list[int] = []
-    if n == 0:
-        return pos
-    for s in range(len(ids) - n + 1):
-        if ids[s : s + n] == list(token_seq):
-            pos.extend(range(s, s + n))
-    return pos
-
-
 def class_attention_maps(hc: Hypercolumns, class_tokens: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-    """Per-class cross-attention maps (B, K, h, w) per resolution from per-token maps (B, T, h, w).
+    """Per-class cross-attention maps (B, K, h, w) per resolution from per-token maps (B, T, h, w):
+    ``backbone.tokens.class_token_maps``, each map rescaled to a spatial max of 1.
 
     ``class_tokens[k]``: the token ids of class k's name as the backbone's tokenizer writes it
-    inside a prompt (no special tokens). Requires ``hc.input_ids``.
+    inside a prompt (``backbone.tokens.name_token_ids``). Requires ``hc.input_ids``.
     """
-    B, K = hc.batch_size, len(class_tokens)
-    if K == 0:
-        return [a.new_zeros(B, 0, *a.shape[-2:]) for a in hc.cross_attention]
-    if hc.input_ids is None:
+    if class_tokens and hc.input_ids is None:
         raise ValueError("hypercolumns carry no input_ids: cannot locate class tokens")
-    # weights (B, K, T): which tokens make up each class in each prompt
-    T = hc.cross_attention[0].shape[1]
-    w = torch.zeros(B, K, T)
-    for b in range(B):
-        ids = hc.input_ids[b].tolist()
-        for k, seq in enumerate(class_tokens):
-            pos = [p for p in find_token_positions(ids, seq) if p < T]
-            if pos:
-                w[b, k, pos] = 1.0 / len(pos)
+    ids = hc.input_ids if class_tokens else [[]] * hc.batch_size
+    # summed and rescaled in fp32 whatever the capture's dtype, then stored in it
+    maps = class_token_maps([a.float() for a in hc.cross_attention], ids, [[list(seq)] for seq in class_tokens])
     out = []
-    for a in hc.cross_attention:
-        m = torch.einsum("bkt,bthw->bkhw", w.to(a), a.float() if a.dtype == torch.float16 else a)
+    for m, a in zip(maps, hc.cross_attention):
         peak = m.flatten(2).amax(-1).clamp_min(1e-8)[..., None, None]
         out.append((m / peak).to(a.dtype))
     return out
-
-
-def tokens_for_classes(tokenize: Callable[[str], list[int]], names: Sequence[str]) -> list[list[int]]:
-    """Token ids for each class name, as they appear after ", " in the training prompt."""
-    return [list(tokenize(n)) for n in names]
 
 
 def class_prompt(names: Sequence[str]) -> str:

@@ -1,10 +1,10 @@
 """Losses of the P-Decoder heads (paper §3.4).
 
-Masks: Hungarian matching (transformers' Mask2Former matcher, via `m2f.HungarianMatcher`), then
+Masks: Hungarian matching (`matcher.HungarianMatcher`: Mask2Former's cost, scipy's assignment), then
 sigmoid BCE + dice on matched masks and cross-entropy on classes with a down-weighted "no object".
 Our mask losses are computed densely with a validity map instead of Mask2Former's point sampling:
 at 64×64 px the full mask is cheaper than 12k sampled points, and dense losses can honour the
-semantic ignore value (255), which transformers' Mask2FormerLoss cannot.
+semantic ignore value (255), which Mask2Former's point-sampled loss cannot.
 Depth: scale-invariant log loss (Eigen et al.; the SigLoss DepthFormer uses).
 Pose: MSE against Gaussian heatmaps with σ = 1 px.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from datasetdm.decoder.m2f import HungarianMatcher
+from datasetdm.decoder.matcher import HungarianMatcher
 
 
 def resize_logits(x: torch.Tensor, size) -> torch.Tensor:

@@ -24,13 +24,11 @@ def train_command(
                                    "schedule from step 0 (a warm start on a changed world)."),
 ) -> None:
     """Train VAE then UNet on world images and captions; resumes from RUN if it exists."""
-    import json
-
     import torch
 
     from dataclasses import replace
 
-    from datasetdm.config import load_config
+    from datasetdm.config import read_config
     from datasetdm.embedded.train import RECIPE, Recipe, seed_run_from_export, train
     from datasetdm.errors import DatasetdmError
 
@@ -41,7 +39,7 @@ def train_command(
         seed_run_from_export(from_export, run, unet_steps=unet_steps, unet_batch=unet_batch)
     # a seeded or started run keeps its own recipe; options only change what they name
     recipe_path = run / "recipe.json"
-    recipe = load_config(Recipe, json.loads(recipe_path.read_text()), str(recipe_path)) if recipe_path.exists() else RECIPE
+    recipe = read_config(Recipe, recipe_path) if recipe_path.exists() else RECIPE
     if init_from is not None:
         if not (init_from / "unet").is_dir() or not (init_from / "vae").is_dir():
             raise DatasetdmError(f"{init_from}: not an exported backbone (no unet/ and vae/)")

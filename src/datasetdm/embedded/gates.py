@@ -373,32 +373,25 @@ def prompt_fidelity(
 
 
 def category_token_ids(tokenizer) -> dict[int, list[int]]:
-    """Category id -> the token ids of its name and plural (words that are one token only)."""
+    """Category id -> the token ids of its name and plural (words that are one token only: the
+    probe's recorded figures were measured with single-token words)."""
+    from datasetdm.backbone.tokens import name_token_ids
     from datasetdm.text import plural
 
-    out: dict[int, list[int]] = {}
-    for c in CATEGORIES:
-        ids = []
-        for word in (c.name, plural(c.name)):
-            tok = tokenizer(word, add_special_tokens=False)["input_ids"]
-            if len(tok) == 1:
-                ids.append(int(tok[0]))
-        out[c.id] = ids
-    return out
+    return {c.id: [ids[0] for ids in name_token_ids(tokenizer, [c.name, plural(c.name)]) if len(ids) == 1]
+            for c in CATEGORIES}
 
 
 def category_attention(cross_attention: list[torch.Tensor], input_ids: torch.Tensor,
                        token_ids: dict[int, list[int]]) -> list[torch.Tensor]:
     """Per level (B, 9, h, w): the prompt cross-attention of each category's word, averaged over
-    its occurrences in the prompt; zero where the prompt does not name it. Channels line up
-    across prompts (unlike token positions), so a linear probe can read them."""
-    ids = input_ids.cpu()
-    weights = torch.zeros(ids.shape[0], len(CATEGORIES), ids.shape[1])  # (B, 9, T)
-    for j, c in enumerate(CATEGORIES):
-        for t in token_ids[c.id]:
-            weights[:, j] += (ids == t).float()
-    weights = weights / weights.sum(-1, keepdim=True).clamp_min(1)
-    return [torch.einsum("bct,bthw->bchw", weights, a.float().cpu()) for a in cross_attention]
+    its occurrences in the prompt (``backbone.tokens.class_token_maps``); zero where the prompt
+    does not name it. Channels line up across prompts (unlike token positions), so a linear probe
+    can read them."""
+    from datasetdm.backbone.tokens import class_token_maps
+
+    spans = [[[t] for t in token_ids[c.id]] for c in CATEGORIES]  # name or plural, either counts
+    return class_token_maps([a.float().cpu() for a in cross_attention], input_ids.cpu(), spans)
 
 
 @torch.no_grad()

@@ -13,6 +13,11 @@ killed run resumes where it stopped (``datasetdm backbone train --run runs/backb
    AdamW with warm-up and cosine decay, EMA weights. ``unet-state.safetensors`` is written every few
    minutes (atomic) and ``export/`` (diffusers layout, EMA weights, fp16) every
    ``export_every`` steps; ``train.log`` has one JSON line per log interval.
+
+The training utilities are the libraries': diffusers' ``EMAModel`` (decay min(ema_decay,
+(1+s)/(10+s)) at step s) and ``compute_snr``, and the shared warm-up + cosine schedule
+(``training.schedule``, transformers'). The state file keeps its layout (``ema`` = the averaged
+UNet's state dict), so runs started before resume unchanged.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +36,9 @@ import torch
 import torch.nn.functional as F
 
 from datasetdm.embedded import model as embedded
-from datasetdm.config import STRICT, load_config
+from datasetdm.config import STRICT, load_config, read_json
 from datasetdm.io import atomic_path, load_state, save_state, write_json_atomic
+from datasetdm.training.schedule import set_lr, warmup_cosine
 
 STATE_FILE = "unet-state.safetensors"  # tensors + JSON: loading it runs no code (no pickle)
 LEGACY_STATE_FILE = "unet-state.pt"  # runs started before; read with torch's weights-only loader
@@ -81,13 +87,6 @@ def _log(run: Path, **fields) -> None:
     print(line, flush=True)
     with open(run / "train.log", "a") as f:
         f.write(line + "\n")
-
-
-def _lr(step: int, r: Recipe, total: int, base: float) -> float:
-    if step < r.warmup:
-        return base * (step + 1) / r.warmup
-    progress = min(1.0, (step - r.warmup) / max(1, total - r.warmup))
-    return base * (r.min_lr_ratio + (1 - r.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 # ---------------------------------------------------------------- stage 1: world images + captions
@@ -144,11 +143,11 @@ def train_vae(run: Path, r: Recipe) -> None:
     g = torch.Generator().manual_seed(r.seed)
     vae = embedded.build_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=r.vae_lr, weight_decay=0.0)
+    schedule = warmup_cosine(r.warmup, r.vae_steps, r.min_lr_ratio)
     train_n = len(images) - 64  # the last 64 are held out for the PSNR
     t0 = time.time()
     for step in range(r.vae_steps):
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, r, r.vae_steps, r.vae_lr)
+        set_lr(opt, r.vae_lr * schedule(step))
         idx = torch.randint(0, train_n, (r.vae_batch,), generator=g).numpy()
         x = _to_unit(images[idx])
         posterior = vae.encode(x).latent_dist
@@ -172,13 +171,13 @@ def _finetune_vae_decoder(run: Path, r: Recipe, vae, images: np.ndarray) -> None
     vae.quant_conv.requires_grad_(False)
     params = [p for p in vae.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=r.vae_finetune_lr, weight_decay=0.0)
+    schedule = warmup_cosine(100, r.vae_finetune_steps, r.min_lr_ratio)  # a short warm-up: the decoder is trained
     g = torch.Generator().manual_seed(r.seed)
     train_n = len(images) - 64
     t0 = time.time()
     vae.train()
     for step in range(r.vae_finetune_steps):
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, replace(r, warmup=100), r.vae_finetune_steps, r.vae_finetune_lr)
+        set_lr(opt, r.vae_finetune_lr * schedule(step))
         x = _to_unit(images[torch.randint(0, train_n, (r.vae_batch,), generator=g).numpy()])
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mode()
@@ -238,9 +237,22 @@ def cache_inputs(run: Path, r: Recipe, device: str = "cpu") -> None:
 
 # ---------------------------------------------------------------- stage 4: UNet
 def _min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    alpha_bar = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
-    snr = alpha_bar / (1 - alpha_bar)
-    return torch.clamp(snr, max=gamma) / (snr + 1)  # v-prediction form (Hang et al. 2023)
+    """Min-SNR-γ loss weights (Hang et al. 2023) in their v-prediction form, min(SNR, γ) / (SNR + 1)."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, timesteps)
+    return torch.clamp(snr, max=gamma) / (snr + 1)
+
+
+def _ema_tracker(averaged, decay: float, step: int):
+    """diffusers' EMAModel starting from the weights of ``averaged`` (a UNet holding the running
+    average: a copy of the UNet, or the saved EMA), at ``step``: its decay warm-up
+    min(decay, (1+s)/(10+s)) goes on from there, as an unbroken run's would."""
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel(averaged.parameters(), decay=decay, foreach=True)  # foreach: one fused update per step
+    ema.optimization_step = step
+    return ema
 
 
 def _export(run: Path, ema, vae, step: int, r: Recipe) -> None:
@@ -290,7 +302,7 @@ def train_unet(run: Path, r: Recipe, max_minutes: float | None = None, device: s
     scheduler = embedded.build_train_scheduler()
 
     unet = embedded.build_unet()
-    ema = copy.deepcopy(unet).requires_grad_(False)
+    ema_unet = copy.deepcopy(unet).requires_grad_(False)  # the averaged weights as a model: loaded, exported, saved
     g = torch.Generator().manual_seed(r.seed + 1)  # on the CPU: same batches and noise on any device
     step = 0
     rewarm_from = None
@@ -303,7 +315,7 @@ def train_unet(run: Path, r: Recipe, max_minutes: float | None = None, device: s
 
         weights = load_file(Path(r.init_from) / "unet" / "diffusion_pytorch_model.safetensors")
         unet.load_state_dict({k: v.float() for k, v in weights.items()})
-        ema.load_state_dict(unet.state_dict())
+        ema_unet.load_state_dict(unet.state_dict())
         _log(run, stage="unet", initialised_from=r.init_from)
     if not has_state and pack.exists():
         # weights only (fp16, see `write_resume_pack`): fresh optimizer, short re-warm-up
@@ -311,27 +323,33 @@ def train_unet(run: Path, r: Recipe, max_minutes: float | None = None, device: s
 
         tensors = load_file(pack)
         unet.load_state_dict({k[5:]: v.float() for k, v in tensors.items() if k.startswith("unet.")})
-        ema.load_state_dict({k[4:]: v.float() for k, v in tensors.items() if k.startswith("ema.")})
+        ema_unet.load_state_dict({k[4:]: v.float() for k, v in tensors.items() if k.startswith("ema.")})
         step = rewarm_from = int(tensors["step"])
         g.manual_seed(r.seed + 1 + step)  # fresh batches and noise, not a replay of the first run's
         _log(run, stage="unet", resumed_from_pack_at=step)
     if has_state:
         state = read_unet_state(run)
         unet.load_state_dict(state["unet"])
-        ema.load_state_dict(state["ema"])
+        ema_unet.load_state_dict(state["ema"])
         g.set_state(state["generator"])
         step = state["step"]
         rewarm_from = state.get("rewarm_from")  # a seeded run killed during its re-warm-up goes on with it
     unet.to(dev)
-    ema.to(dev)
+    ema_unet.to(dev)
+    ema = _ema_tracker(ema_unet, r.ema_decay, step)
     opt = torch.optim.AdamW(unet.parameters(), lr=r.unet_lr, weight_decay=r.weight_decay)
+    schedule = warmup_cosine(r.warmup, r.unet_steps, r.min_lr_ratio)
     if state is not None:
         opt.load_state_dict(state["opt"])  # after .to(dev): the moments follow the parameters
         _log(run, stage="unet", resumed_at=step)
         del state
 
+    def averaged():
+        ema.copy_to(ema_unet.parameters())
+        return ema_unet
+
     def checkpoint() -> None:
-        save_state(state_path, {"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+        save_state(state_path, {"unet": unet.state_dict(), "ema": averaged().state_dict(), "opt": opt.state_dict(),
                                 "generator": g.get_state(), "step": step, "rewarm_from": rewarm_from,
                                 "recipe": asdict(r)})
 
@@ -345,13 +363,12 @@ def train_unet(run: Path, r: Recipe, max_minutes: float | None = None, device: s
     last_ckpt = time.time()
     losses: list[torch.Tensor] = []
     unet.train()
-    ema_params, unet_params = list(ema.parameters()), list(unet.parameters())
+    unet_params = list(unet.parameters())
     while step < r.unet_steps:
-        lr = _lr(step, r, r.unet_steps, r.unet_lr)
+        lr = r.unet_lr * schedule(step)
         if rewarm_from is not None and step - rewarm_from < r.warmup:
-            lr *= (step - rewarm_from + 1) / r.warmup
-        for group in opt.param_groups:
-            group["lr"] = lr
+            lr *= (step - rewarm_from + 1) / r.warmup  # a seeded run's fresh optimizer warms up again
+        set_lr(opt, lr)
         idx = torch.randint(0, len(latents), (r.unet_batch,), generator=g)
         x0 = latents[idx.to(dev)]
         cond = text_rows(idx)
@@ -369,9 +386,7 @@ def train_unet(run: Path, r: Recipe, max_minutes: float | None = None, device: s
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet_params, 1.0)
         opt.step()
-        decay = min(r.ema_decay, (1 + step) / (10 + step))  # short warm-up so early exports are usable
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, unet_params, 1 - decay)
+        ema.step(unet_params)  # decay (1+step)/(10+step) up to ema_decay: early exports are usable
         step += 1
         losses.append(loss.detach())  # no .item() per step: on a GPU that would wait for every step
         if step % 50 == 0:
@@ -381,7 +396,7 @@ def train_unet(run: Path, r: Recipe, max_minutes: float | None = None, device: s
         if step % r.export_every == 0 or step == r.unet_steps:
             checkpoint()
             last_ckpt = time.time()
-            _export(run, ema, vae, step, r)
+            _export(run, averaged(), vae, step, r)
             _log(run, stage="unet", exported_step=step)
         elif time.time() - last_ckpt > r.checkpoint_minutes * 60:
             checkpoint()
@@ -399,10 +414,13 @@ def train(run: str | Path, max_minutes: float | None = None, recipe: Recipe = RE
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
     recipe_path = run / "recipe.json"
-    if recipe_path.exists() and json.loads(recipe_path.read_text()) != asdict(recipe):
-        from datasetdm.errors import DatasetdmError
+    if recipe_path.exists():
+        stored = read_json(recipe_path)
+        load_config(Recipe, stored, str(recipe_path))  # a key this version lacks, or a bad value, is named
+        if stored != asdict(recipe):  # every key as written: a default that changed since is another recipe
+            from datasetdm.errors import DatasetdmError
 
-        raise DatasetdmError(f"{recipe_path}: this run was started with another recipe; use a new --run folder")
+            raise DatasetdmError(f"{recipe_path}: this run was started with another recipe; use a new --run folder")
     write_json_atomic(recipe_path, asdict(recipe))
     torch.manual_seed(recipe.seed)
     render_data(run, recipe, workers)
@@ -466,7 +484,12 @@ def seed_run_from_export(export: str | Path, run: str | Path, unet_steps: int | 
         from datasetdm.errors import DatasetdmError
 
         raise DatasetdmError(f"{run}: exists and is not empty; seed a new run folder")
-    info = json.loads(info_path.read_text())
+    info = read_json(info_path)
+    if not isinstance(info, dict) or not isinstance(info.get("step"), int) or not isinstance(info.get("recipe"), dict):
+        from datasetdm.errors import DatasetdmError
+
+        raise DatasetdmError(f"{info_path}: not a training record (expected an object with 'step' and 'recipe')")
+    load_config(Recipe, info["recipe"], f"{info_path}: recipe")  # refuse a recipe this version cannot train
     if unet_steps is not None:
         if unet_steps <= int(info["step"]):
             from datasetdm.errors import DatasetdmError
@@ -483,7 +506,6 @@ def seed_run_from_export(export: str | Path, run: str | Path, unet_steps: int | 
 
     AutoencoderKL.from_pretrained(export / "vae", torch_dtype=torch.float32).save_pretrained(
         run / "vae", safe_serialization=True)
-    load_config(Recipe, info["recipe"], str(info_path))  # refuse a recipe this version cannot train
     write_json_atomic(run / "recipe.json", info["recipe"])
     if (export / "train.log").exists():
         shutil.copy(export / "train.log", run / "train.log")

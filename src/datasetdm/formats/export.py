@@ -1,8 +1,9 @@
-"""Shards -> a plain labelled folder (images, palettized masks, COCO JSON, uint16 depth).
+"""A generate run's shards -> a plain labelled folder (images, palettized masks, COCO JSON, uint16
+depth): ``formats.layouts.export_dataset(..., "folder")``, the one exporter, for shard input.
 
 The folder is what pycocotools, VOC-style loaders and ``datasetdm train`` read (see
 ``labelled_folder``). Only kept samples are exported; each image's COCO entry keeps the prompt as
-``caption`` and the generation record (seed, scores, classes) in ``meta``.
+``caption`` and the generation record (seed, classes, scores) in ``meta``.
 """
 
 from __future__ import annotations
@@ -10,9 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from datasetdm.errors import DatasetdmError
-from datasetdm.formats.labelled_folder import LabelledFolderWriter
-from datasetdm.formats.shards import read_shards, shard_categories
+from datasetdm.formats.shards import read_run_info
 
 
 def export_shards(
@@ -27,24 +26,8 @@ def export_shards(
     ``annotator`` exports the labels of a second annotator of the same kind (an "extra" in the
     shards) in place of the primary ones.
     """
-    shard_dir, out_dir = Path(shard_dir), Path(out_dir)
-    if out_dir.resolve() == shard_dir.resolve():
-        raise DatasetdmError(f"{out_dir}: export into its own shard folder; choose another output folder")
-    categories = shard_categories(shard_dir)
-    count = 0
-    with LabelledFolderWriter(out_dir, categories, overwrite=overwrite) as writer:
-        for sample, extras in read_shards(shard_dir, with_extras=True):
-            if limit is not None and count >= limit:
-                break
-            if annotator is not None:
-                extra = extras.get(annotator)
-                if extra is None:
-                    raise DatasetdmError(f"{shard_dir}: sample {sample.id} has no labels from annotator {annotator!r}")
-                for field in ("semantic", "instances", "depth"):
-                    if getattr(extra, field) is not None:
-                        setattr(sample, field, getattr(extra, field))
-            # keep what a user filters on; scores may be None (JSON null), which is fine
-            sample.meta = {k: sample.meta[k] for k in ("id", "seed", "classes", "scores") if k in sample.meta}
-            writer.add(sample)
-            count += 1
-    return count
+    from datasetdm.formats.layouts import export_dataset
+
+    read_run_info(shard_dir)  # shards only: anything else is refused by its missing run.json
+    return export_dataset(Path(shard_dir), Path(out_dir), "folder", annotator=annotator, limit=limit,
+                          overwrite=overwrite).samples

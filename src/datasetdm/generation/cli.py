@@ -88,14 +88,6 @@ def export(
 ) -> None:
     """Export shards (or a labelled folder) as a labelled folder or a standard layout: VOC palette
     PNGs + lists, COCO JSON, Cityscapes ids, or a Hugging Face Parquet folder."""
-    from datasetdm.formats.shards import is_shard_folder
-
-    if format == "folder" and is_shard_folder(shards):
-        from datasetdm.formats.export import export_shards
-
-        count = export_shards(shards, out, annotator=annotator, limit=limit, overwrite=overwrite)
-        typer.echo(f"exported {count} samples to {out}")
-        return
     from datasetdm.formats.layouts.cli import export_layout
 
     export_layout(shards, out, format, split, annotator, limit, overwrite, progress)

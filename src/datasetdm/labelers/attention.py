@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from datasetdm.backbone.tokens import token_positions
+from datasetdm.backbone.tokens import position_weights, token_positions, weighted_token_maps
 from datasetdm.errors import DatasetdmError
 from datasetdm.formats.sample import IGNORE_INDEX, Category, LabelledSample
 from datasetdm.prompts.base import Prompt, append_class_names, classes_in_text
@@ -150,9 +150,8 @@ class AttentionLabeler:
                 out.append(cross.new_zeros((0, self.side, self.side)))
                 continue
             prompt = class_prompt(names)
-            maps = torch.stack([
-                cross[i, token_positions(self.backbone.tokenizer, prompt, name, cross.shape[1])].mean(0) for name in names
-            ])  # (K, side, side)
+            positions = [token_positions(self.backbone.tokenizer, prompt, name, cross.shape[1]) for name in names]
+            maps = weighted_token_maps(cross[i : i + 1], position_weights([positions], cross.shape[1]))[0]  # (K, side, side)
             flat = propagate[i] @ maps.flatten(1).T  # (hw, K): A <- S^tau A
             out.append(flat.T.reshape(len(names), self.side, self.side))
         return out

@@ -10,6 +10,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from datasetdm.backbone.tokens import name_token_ids
 from datasetdm.errors import DatasetdmError
 from datasetdm.formats.sample import Category, LabelledSample
 from datasetdm.prompts.base import Prompt
@@ -57,7 +58,7 @@ def decoder_annotator(decoder, tokenizer, min_pixel_confidence: float | None = N
     from datasetdm.decoder.inputs import hypercolumn_input, image_tensor
 
     names = [c["name"] for c in decoder.cfg.categories]
-    class_tokens = [list(tokenizer(name, add_special_tokens=False).input_ids) for name in names]
+    class_tokens = name_token_ids(tokenizer, names)
 
     def annotate(images: np.ndarray, hypercolumns, prompts: list[Prompt]) -> list[LabelledSample]:
         inp = hypercolumn_input(hypercolumns, class_tokens, image_tensor(images), images.shape[1:3])

@@ -12,11 +12,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from datasetdm.backbone.tokens import name_token_ids, span_positions
 from datasetdm.decoder.inputs import (
     RAW_PIXELS,
     DecoderInput,
     class_attention_maps,
-    find_token_positions,
     image_tensor,
     raw_pixel_input,
 )
@@ -40,7 +40,7 @@ class FeatureSource:
         self.class_tokens = None
         if backbone is not None:
             tok = backbone.tokenizer
-            self.class_tokens = [list(tok(c["name"], add_special_tokens=False).input_ids) for c in categories]
+            self.class_tokens = name_token_ids(tok, [c["name"] for c in categories])
 
     @property
     def fingerprint(self) -> str:
@@ -95,8 +95,8 @@ class FeatureSource:
         tok = self.backbone.tokenizer
         for name in names:
             states, ids = self.backbone.encode_prompt([name])
-            name_ids = list(tok(name, add_special_tokens=False).input_ids)
-            pos = find_token_positions(ids[0].tolist(), name_ids) or list(range(1, 1 + len(name_ids)))
+            (name_ids,) = name_token_ids(tok, [name])
+            pos = span_positions(ids[0].tolist(), name_ids) or list(range(1, 1 + len(name_ids)))
             out.append(states[0, pos].float().mean(0).cpu())
         return torch.stack(out)
 

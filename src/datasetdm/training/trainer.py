@@ -39,6 +39,7 @@ from datasetdm.training.features import (
     cached_inputs,
     load_feature_source,
 )
+from datasetdm.training.schedule import set_lr, warmup_cosine
 from datasetdm.training.views import (
     build_views,
     check_task_data,
@@ -82,13 +83,6 @@ class TrainOptions:
 # ------------------------------------------------------------------------------------ training
 
 
-def _lr_at(step: int, opts: TrainOptions) -> float:
-    if step < opts.warmup:
-        return opts.lr * (step + 1) / opts.warmup
-    p = (step - opts.warmup) / max(1, opts.iterations - opts.warmup)
-    return opts.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
-
-
 def make_decoder_config(opts: TrainOptions, categories, inp: DecoderInput, source: FeatureSource, text_dim=0,
                         prompt_mode: str = "template") -> DecoderConfig:
     return DecoderConfig(
@@ -125,6 +119,7 @@ class Trainer:
         self.opt = torch.optim.AdamW(decoder.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
         self.gen = torch.Generator().manual_seed(opts.seed)
         self.step_no = 0
+        self.schedule = warmup_cosine(opts.warmup, opts.iterations)  # the rate follows step_no (resume)
 
     def batch_indices(self) -> torch.Tensor:
         n = len(self.targets)
@@ -139,8 +134,7 @@ class Trainer:
         if self.device.type != "cpu":
             targets = [{k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in t.items()} for t in targets]
         torch.manual_seed(sample_seed(self.opts.seed, self.step_no, "step"))
-        for g in self.opt.param_groups:
-            g["lr"] = _lr_at(self.step_no, self.opts)
+        set_lr(self.opt, self.opts.lr * self.schedule(self.step_no))
         self.decoder.train()
         out = self.decoder(inp, **self.forward_kw)
         loss, parts = self.decoder.loss(out, targets)
@@ -287,7 +281,9 @@ def _train(data_dir, out: Path, opts: TrainOptions, backbone_source, show_progre
         decoder, trainer, info = prep.decoder, prep.trainer, prep.info
         t_cache = time.time() - t0
         state_file = work / "state.safetensors"
-        run_key = _cache_key({"cache": info["cache_key"], "opts": asdict(opts), "cfg": decoder.cfg.to_dict()})
+        # the weight names too: a state saved by a decoder of another module layout starts over
+        run_key = _cache_key({"cache": info["cache_key"], "opts": asdict(opts), "cfg": decoder.cfg.to_dict(),
+                              "weights": sorted(decoder.state_dict())})
         resumed_at = 0
         if state_file.exists():
             try:

@@ -236,9 +236,13 @@ def export_dataset(
     overwrite: bool = False,
     show_progress: bool = False,
 ) -> ExportSummary:
-    """Write ``src`` (a labelled folder or a generate run's shards) to ``out`` in layout ``fmt``.
+    """Write ``src`` (a labelled folder or a generate run's shards) to ``out`` in layout ``fmt``:
+    the one exporter (``datasetdm export``, ``formats.export.export_shards``, the demo's export).
 
-    The output is staged: a failure leaves ``out`` as it was. ``limit`` exports the first N.
+    A failure leaves ``out`` as it was. ``folder``: ``LabelledFolderWriter`` builds the folder
+    beside ``out`` and replaces a labelled folder there as a whole (only with ``overwrite``; never
+    a folder of other files); the other layouts are staged and moved into ``out``. ``limit``
+    exports the first N; ``annotator`` (shards) the labels of a second annotator instead.
     """
     from datasetdm.formats.layouts.cityscapes import export_cityscapes
     from datasetdm.formats.layouts.coco import export_coco
@@ -251,13 +255,13 @@ def export_dataset(
     src, out = Path(src), Path(out)
     if not src.exists():
         raise DatasetdmError(f"{src}: does not exist (expected a labelled folder or a generate run's shard folder)")
-    check_output(out, [src], overwrite)
+    # the folder writer decides itself whether an existing `out` may be replaced (check_replaceable)
+    check_output(out, [src], overwrite or fmt == "folder")
     source = open_samples(src, annotator)
     if limit is not None:
         source = _limited(source, limit)
     count = 0
-    with staged_output(out, overwrite=overwrite, last=(ANNOTATIONS_FILE,)) as stage, \
-            progress_bar(enabled=show_progress) as bar:
+    with progress_bar(enabled=show_progress) as bar:
         task = bar.add_task(f"export {fmt}", total=source.count)
 
         def advance() -> None:
@@ -266,12 +270,12 @@ def export_dataset(
             bar.advance(task)
 
         if fmt == "folder":
-            with LabelledFolderWriter(stage, source.categories) as writer:
+            with LabelledFolderWriter(out, source.categories, overwrite=overwrite) as writer:
                 for sample in source.samples():
                     writer.add(sample)
                     advance()
-            notes = []
-        else:
+            return ExportSummary(out, fmt, count, [])
+        with staged_output(out, overwrite=overwrite, last=(ANNOTATIONS_FILE,)) as stage:
             notes = writers[fmt](source, stage, split, advance)
     return ExportSummary(out, fmt, count, notes)
 

@@ -73,7 +73,7 @@ def merge_command(
 
 def export_layout(source: Path, out: Path, format: str, split: str, annotator: Optional[str], limit: Optional[int],
                   overwrite: bool, progress: bool) -> None:
-    """`datasetdm export --format F` for every F but the shard -> folder path, which keeps its own code."""
+    """`datasetdm export --format F`: ``export_dataset``, the one exporter, for every F and source."""
     from datasetdm.errors import DatasetdmError
     from datasetdm.formats.layouts import export_dataset
 
