@@ -133,7 +133,9 @@ def main() -> None:
     ap.add_argument("--target-fraction", type=float, default=0.9)
     ap.add_argument("--max-recompute-seconds", type=float, default=600.0)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps")
+    ap.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32 for backbone and decoder "
+                    "(default: fp16 on CUDA, fp32 on the CPU)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
@@ -165,7 +167,7 @@ def bench(args, tmp: Path) -> dict:
     data = args.data or world_folder(tmp / "train", "train", args.n_images, args.image_size)
     val = args.val or world_folder(tmp / "val", "val", args.n_val, args.image_size)
     opts = TrainOptions(task="semantic", n_images=args.n_images, views=args.views, iterations=args.iterations,
-                        batch_size=args.batch_size, seed=args.seed, device=args.device)
+                        batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype)
 
     prep = prepare(data, opts, backbone)  # loads the backbone and builds the cache (untimed: warm-up)
     cfg, source, views = prep.decoder.cfg, prep.source, prep.views
@@ -220,7 +222,8 @@ def bench(args, tmp: Path) -> dict:
         "backbone": "sd15-shaped-random" if args.sd15_shaped else "tiny-random" if args.tiny else source.description["source"],
         "image_size": list(cfg.image_size),
         "threads": args.threads,
-        "device": args.device,
+        "device": str(source.device) if source.backbone is not None else args.device,
+        "dtype": str(source.dtype).replace("torch.", ""),
     }
 
 

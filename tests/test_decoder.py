@@ -439,3 +439,66 @@ def test_version_1_checkpoints_still_load(tmp_path, task):
               str(ck / "model.safetensors"))
     with pytest.raises(DatasetdmError, match="head.transformer.decoder.extra.weight"):
         load_decoder(ck)
+
+
+def test_zoomed_views_divide_depth_by_the_zoom(samples):
+    """A view magnified by s reads as a camera s times closer (Eigen et al. 2014 §3.3)."""
+    s = samples[0]
+
+    class Rng:  # zoom 1.25, crop at the origin, no flip
+        def uniform(self, a, b): return 1.25
+        def integers(self, a, b): return 0
+        def random(self): return 1.0
+    v = augment(s, Rng(), (64, 64))
+    from PIL import Image
+    zoomed = np.asarray(Image.fromarray(s.depth.astype(np.float32)).resize((80, 80), Image.NEAREST))[:64, :64]
+    assert np.allclose(v.depth, zoomed / 1.25) and (v.depth[zoomed == 0] == 0).all()
+
+
+def test_view_scale_defaults_per_task():
+    from datasetdm.training import TrainOptions
+    from datasetdm.training.views import view_scale
+
+    assert view_scale(TrainOptions(task="depth")) == (1.0, 1.0)
+    assert view_scale(TrainOptions(task="semantic")) == view_scale(TrainOptions(task="pose")) == (1.0, 1.5)
+    assert view_scale(TrainOptions(task="depth", scale=(1.0, 2.0))) == (1.0, 2.0)
+
+
+def test_open_vocab_name_dropout_and_unknown_names():
+    torch.manual_seed(0)
+    dec = build_decoder(tiny_config("open-vocab", name_dropout=0.5, held_out=["ball"]))
+    dec.head.text_embeddings.copy_(torch.randn(K, 24))
+    dec.head.text_embeddings[1] = 0  # ball, held out: stored as "unknown name"
+    emb = dec.head.embeddings_for(["person", "ball", "unicorn"])
+    assert torch.equal(emb[0], dec.head.text_embeddings[0]) and not emb[1:].any()
+    # name dropout only in training: eval outputs do not depend on the RNG, training ones do
+    inp, kw = tiny_input(), forward_kw("open-vocab")
+    dec.eval()
+    a, b = dec(inp, **kw)["mask_logits"][-1], dec(inp, **kw)["mask_logits"][-1]
+    assert torch.equal(a, b)
+    dec.train()
+    torch.manual_seed(1)
+    c = dec(inp, **kw)["mask_logits"][-1]
+    torch.manual_seed(2)
+    assert not torch.equal(c, dec(inp, **kw)["mask_logits"][-1])
+    # without name dropout a new name needs its text embedding
+    plain = build_decoder(tiny_config("open-vocab"))
+    with pytest.raises(ValueError, match="unicorn"):
+        plain.head.embeddings_for(["person", "unicorn"])
+    assert plain.head.embeddings_for(["unicorn"], lambda names: torch.ones(len(names), 24)).eq(1).all()
+
+
+def test_open_vocab_checkpoints_from_before_the_attention_offsets_load_unchanged():
+    dec = build_decoder(tiny_config("open-vocab")).eval()
+    sd = {k: v for k, v in dec.state_dict().items()
+          if not k.endswith(("attention_offset", "present_gain", "present_offset"))}
+    old = build_decoder(tiny_config("open-vocab")).eval()
+    old.load_state_dict(sd)
+    assert old.head.attention_offset == 0 and old.head.present_gain == 0 and old.head.present_offset == 0
+    inp, kw = tiny_input(), forward_kw("open-vocab")
+    out = old(inp, **kw)
+    # the old head: masks + gain · attention map, present logits from the queries alone
+    dec.head.attention_offset.data.zero_(); dec.head.present_gain.data.zero_(); dec.head.present_offset.data.zero_()
+    ref = dec(inp, **kw)
+    assert torch.allclose(out["mask_logits"][-1], ref["mask_logits"][-1])
+    assert torch.allclose(out["present_logits"][-1], ref["present_logits"][-1])

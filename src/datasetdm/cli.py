@@ -13,6 +13,7 @@ from typing import Optional
 
 import typer
 
+from datasetdm.backbone.device import DEVICE_HELP, DTYPE_HELP
 from datasetdm.errors import DatasetdmError
 
 app = typer.Typer(
@@ -61,12 +62,15 @@ def demo(
     steps: int = typer.Option(GENERATION_STEPS, min=1, help="Denoising steps."),
     guidance: float = typer.Option(GUIDANCE_SCALE, help="Classifier-free guidance scale."),
     tasks: str = typer.Option(",".join(DEMO_TASKS), help="Decoders to train, comma separated."),
+    device: str = typer.Option("auto", help=f"Backbone and decoders: {DEVICE_HELP}."),
+    dtype: Optional[str] = typer.Option(None, help=f"Backbone and decoder precision: {DTYPE_HELP}."),
 ) -> None:
     """The whole pipeline once, offline: world -> decoders -> annotated generation -> export -> gallery -> metrics."""
     from datasetdm.demo import print_summary, run_demo
 
     result = run_demo(out, backbone=backbone, n_samples=n_samples, n_test=n_test, iterations=iterations,
-                      steps=steps, guidance=guidance, tasks=[t.strip() for t in tasks.split(",") if t.strip()])
+                      steps=steps, guidance=guidance, tasks=[t.strip() for t in tasks.split(",") if t.strip()],
+                      device=device, dtype=dtype)
     print_summary(result)
 
 
@@ -85,6 +89,8 @@ def downstream(
         None, min=0.0, max=1.0, help="Decoder labels: pixels below this class-score share are ignore (see generate)."),
     cache: Optional[Path] = typer.Option(None, help="Folder of finished models' figures (default OUT/cache): "
                                          "a rerun resumes; share it between runs to train the real-only model once."),
+    device: str = typer.Option("auto", help=f"Backbone and decoders: {DEVICE_HELP}."),
+    dtype: Optional[str] = typer.Option(None, help=f"Backbone and decoder precision: {DTYPE_HELP}."),
     task: str = typer.Option("semantic", help="semantic (mIoU), instance (mask AP), depth (AbsRel, delta1) or pose "
                              "(keypoint AP): the decoder that labels the synthetic data and the ordinary model trained."),
     class_quota: Optional[int] = typer.Option(None, min=1, help="Generate with prompts planned so every class is "
@@ -107,7 +113,7 @@ def downstream(
     result = build_and_run(out, test_seed=test_seed, n_test=n_test, real=real, synthetic=synthetic,
                            n_synthetic=n_synthetic, labeler=labeler, backbone=backbone,
                            config=DownstreamConfig(steps=steps), cache_dir=cache,
-                           min_pixel_confidence=min_pixel_confidence, task=task,
+                           min_pixel_confidence=min_pixel_confidence, device=device, dtype=dtype, task=task,
                            class_quota=class_quota, head_images=head_images, tail_images=tail_images,
                            long_tail=[c.strip() for c in long_tail.split(",") if c.strip()] if long_tail else (),
                            domain=domain,

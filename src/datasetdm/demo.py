@@ -46,7 +46,8 @@ def resolve_backbone(backbone: str | None) -> str:
 
 def run_demo(out: str | Path, backbone: str | None = None, n_samples: int = 200, n_test: int = 100,
              iterations: int = 600, steps: int = GENERATION_STEPS, guidance: float = GUIDANCE_SCALE,
-             batch_size: int = GENERATION_BATCH, tasks=DEMO_TASKS, seed: int = 0, show_progress: bool = True) -> dict:
+             batch_size: int = GENERATION_BATCH, tasks=DEMO_TASKS, seed: int = 0, show_progress: bool = True,
+             device: str = "auto", dtype: str | None = None) -> dict:
     from datasetdm.io import output_lock
 
     out = Path(out)
@@ -56,11 +57,11 @@ def run_demo(out: str | Path, backbone: str | None = None, n_samples: int = 200,
     with output_lock(out):  # two demos in one folder would train and generate over each other
         out.mkdir(parents=True, exist_ok=True)
         return _run_demo(out, backbone, n_samples, n_test, iterations, steps, guidance, batch_size, tasks, seed,
-                         show_progress)
+                         show_progress, device, dtype)
 
 
 def _run_demo(out: Path, backbone, n_samples, n_test, iterations, steps, guidance, batch_size, tasks, seed,
-              show_progress) -> dict:
+              show_progress, device="auto", dtype=None) -> dict:
     from datasetdm.evaluation.evaluate import evaluate_decoder, headline
     from datasetdm.formats.export import export_shards
     from datasetdm.generation.setup import generate_labelled
@@ -74,18 +75,19 @@ def _run_demo(out: Path, backbone, n_samples, n_test, iterations, steps, guidanc
     train_dir = render_world_folder(out / "world" / "train", "train", seed, 100)
     test_dir = render_world_folder(out / "world" / "test", "test", seed, n_test)
     say(f"world: 100 labelled train images in {train_dir}, {n_test} held-out test images in {test_dir}")
-    decoders = train_decoders(train_dir, out / "decoders", tasks, source, iterations, show_progress, log=say)
+    decoders = train_decoders(train_dir, out / "decoders", tasks, source, iterations, show_progress, log=say,
+                              device=device, dtype=dtype)
     prompts = world_prompt_file(out / "prompts.txt", max(n_samples, 1), seed)
     say(f"[bold]generating {n_samples} annotated samples[/bold] ({steps} steps, guidance {guidance})")
     summary = generate_labelled(out / "shards", backbone=source, decoders=list(decoders.values()), prompts=prompts,
                                 n=n_samples, seed=seed, steps=steps, guidance=guidance, batch_size=batch_size,
-                                show_progress=show_progress)
+                                show_progress=show_progress, device=device, dtype=dtype)
     exported = export_shards(out / "shards", out / "dataset", overwrite=True)
     gallery = build_gallery(out / "dataset", out / "gallery", limit=100)
     say(f"exported {exported} samples to {out / 'dataset'}; gallery: {gallery}")
     metrics = {}
     for task, ckpt in decoders.items():
-        m = evaluate_decoder(ckpt, test_dir, out=out / "metrics" / f"{task}.json")
+        m = evaluate_decoder(ckpt, test_dir, out=out / "metrics" / f"{task}.json", device=device, dtype=dtype)
         metrics[task] = headline(m)
     result = {
         "backbone": source,

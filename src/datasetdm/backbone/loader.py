@@ -197,9 +197,15 @@ class Backbone:
     def vae_dtype(self) -> torch.dtype:
         return next(self.vae.parameters()).dtype
 
+    def __post_init__(self) -> None:
+        use_sdpa(self.unet, self.vae)
+
     def to(self, device=None, dtype=None) -> "Backbone":
-        device = torch.device(device) if device is not None else self.device
-        dtype = dtype or self.dtype
+        """Move to ``device`` (``auto``, ``cpu``, ``cuda``…) in ``dtype`` (``fp16``, ``bf16``, ``fp32`` or a torch dtype)."""
+        from datasetdm.backbone.device import resolve_device, resolve_dtype
+
+        device = resolve_device(device) if device is not None else self.device
+        dtype = resolve_dtype(dtype, device) if dtype is not None else self.dtype
         for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
             if m is None:
                 continue
@@ -214,6 +220,26 @@ class Backbone:
 
     def _vae_upcast(self, dtype: torch.dtype) -> bool:
         return self.family == SDXL and dtype == torch.float16 and bool(getattr(self.vae.config, "force_upcast", True))
+
+
+def use_sdpa(*modules) -> int:
+    """Give every attention layer of ``modules`` PyTorch's scaled-dot-product attention
+    (diffusers' ``AttnProcessor2_0``: fused flash / memory-efficient kernels, no (hw × hw) map
+    materialised) where it has diffusers' plain ``AttnProcessor``, which builds the full
+    probability matrix. diffusers already picks SDPA under torch 2; this keeps it so for models
+    saved or built otherwise. Layers with any other processor (LoRA, IP-Adapter…) are left as
+    they are. Returns how many layers were switched."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+    switched = 0
+    for module in modules:
+        if module is None:
+            continue
+        for layer in module.modules():
+            if isinstance(layer, Attention) and type(layer.get_processor()) is AttnProcessor:
+                layer.set_processor(AttnProcessor2_0())
+                switched += 1
+    return switched
 
 
 def package_dir(package: str) -> Path:
@@ -468,8 +494,13 @@ def _transformers_class(index: dict, name: str):
     return cls if cls is not None and hasattr(cls, "from_pretrained") else transformers.AutoModel
 
 
-def load_backbone(source: str | Path | None = None, device="cpu", dtype: torch.dtype = torch.float32) -> Backbone:
+def load_backbone(source: str | Path | None = None, device="cpu", dtype: torch.dtype | str | None = None) -> Backbone:
     """Load a diffusers-format model (folder or hub id); ``None`` loads the embedded backbone.
+
+    ``device``: ``auto`` (CUDA when present), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; ``dtype``:
+    ``fp16``/``bf16``/``fp32`` or a torch dtype, by default fp16 on CUDA and fp32 elsewhere
+    (``backbone.device.placement``). Every attention layer runs PyTorch's scaled-dot-product
+    attention (``use_sdpa``); capture wraps only the layers whose maps it reads.
 
     The model is frozen (eval mode, no gradients). Raises ``DatasetdmError`` naming the problem,
     from the configs, before any weights are read: an unsupported family or variant (see the
@@ -480,6 +511,9 @@ def load_backbone(source: str | Path | None = None, device="cpu", dtype: torch.d
     import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
+    from datasetdm.backbone.device import placement
+
+    device, dtype = placement(device, dtype)  # checked before anything is read
     root, printable, hub_id = _resolve_source(source)
     index = read_json(root / "model_index.json")
     cls = str(index.get("_class_name") or "?")

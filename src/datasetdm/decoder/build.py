@@ -37,6 +37,7 @@ class DecoderConfig:
     ffn_dim: int = 256
     text_dim: int = 0  # open-vocab: width of the text encoder's embeddings
     held_out: list[str] = field(default_factory=list)  # open-vocab: class names kept out of training
+    name_dropout: float = 0.0  # open-vocab: share of class names hidden in training (heads.OpenVocabHead)
     backbone: dict = field(default_factory=dict)  # {"fingerprint", "source", "name"}
     timestep: int = 1  # paper §3.3: t = 1
     prompt: str = "template"  # how prompts were built for training (see training.py)
@@ -86,6 +87,9 @@ class PDecoder(nn.Module):
 
     checkpoint_path = None
     checkpoint: dict | None = None
+    # compute precision of forward (torch.autocast; parameters stay fp32, outputs come back fp32):
+    # set to the backbone's dtype by whoever runs it (generation, evaluation, training)
+    precision: torch.dtype = torch.float32
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -135,6 +139,17 @@ class PDecoder(nn.Module):
         self._check_input(inp)
         if self.cfg.task == "open-vocab" and kw.get("text_embeddings") is None:
             kw = {**self.head.default_kw(inp), **{k: v for k, v in kw.items() if v is not None}}
+        if self.precision == torch.float32:
+            return self._forward(inp, kw)
+        from datasetdm.backbone.device import autocast
+
+        # reduced precision for the convolutions and matmuls only; losses, matching and
+        # prediction read fp32 outputs, so thresholds and argmaxes see no fp16 rounding of their own
+        with autocast(next(self.parameters()).device, self.precision):
+            out = self._forward(inp, kw)
+        return _to_float(out)
+
+    def _forward(self, inp: DecoderInput, kw: dict) -> dict:
         fused = self.fusion(inp.features, self._attention(inp, kw.get("class_index")))
         levels, pixel_embed = self.pixel_decoder(fused, inp.image if self.cfg.use_image else None)
         return self.head(levels, pixel_embed, inp, **kw)
@@ -172,6 +187,16 @@ class PDecoder(nn.Module):
         class_tokens = name_token_ids(tokenizer, [c["name"] for c in self.cfg.categories])
         images = image_tensor(images)
         return self.predict(hypercolumn_input(hypercolumns, class_tokens, images, images.shape[-2:]), **kw)
+
+
+def _to_float(x):
+    if isinstance(x, torch.Tensor):
+        return x.float() if x.is_floating_point() else x
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_float(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _to_float(v) for k, v in x.items()}
+    return x
 
 
 def _to_cpu(x):

@@ -13,6 +13,7 @@ from typing import Optional
 
 import typer
 
+from datasetdm.backbone.device import DEVICE_HELP, DTYPE_HELP
 from datasetdm.decoder.heads import TASKS
 from datasetdm.errors import DatasetdmError
 
@@ -42,16 +43,21 @@ def train(
     use_image: bool = typer.Option(True, "--image/--no-image", help="image path in the pixel decoder"),
     seed: int = typer.Option(0, "--seed", min=0),
     keep_cache: bool = typer.Option(False, "--keep-cache", help="keep {out}.work/ (feature cache) afterwards"),
+    feature_cache: Optional[str] = typer.Option(
+        None, "--feature-cache", help="folder of the on-disk feature cache (fp16 shards, reused by any run on the "
+        "same images, views and backbone; kept); default {out}.work/, removed after training unless --keep-cache; "
+        "'memory' keeps the features in RAM instead"),
     checkpoint_every: int = typer.Option(250, "--checkpoint-every", min=1,
                                          help="save the resumable training state every N iterations"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a decoder checkpoint already in --out"),
-    device: str = typer.Option("cpu", "--device", help="torch device for the backbone and decoder, e.g. cuda"),
+    device: str = typer.Option("auto", "--device", help=f"backbone and decoder: {DEVICE_HELP}"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=f"backbone and decoder precision: {DTYPE_HELP}"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Train a P-Decoder on a few labelled images; the diffusion model stays frozen.
 
-    Hypercolumns of each image and a few augmented views are computed once and cached in
-    {out}.work/; an interrupted run continues from there when run again."""
+    Hypercolumns of each image and a few augmented views are computed once and cached on disk
+    (--feature-cache, default {out}.work/); an interrupted run continues from there when run again."""
     from datasetdm.training import TrainOptions, train_decoder
 
     if data_format != "folder":
@@ -67,8 +73,12 @@ def train(
     held = [h.strip() for h in held_out_classes.split(",") if h.strip()] if held_out_classes else []
     opts = TrainOptions(task=task, n_images=n_images, views=views, iterations=iterations, batch_size=batch_size,
                         lr=lr, seed=seed, features=features, attention=attention, use_image=use_image,
-                        held_out=held, keep_cache=keep_cache, device=device, prompt=prompt,
+                        held_out=held, keep_cache=keep_cache, device=device, dtype=dtype, prompt=prompt,
                         checkpoint_every=checkpoint_every)
+    if feature_cache == "memory":
+        opts.feature_cache = "memory"
+    elif feature_cache:
+        opts.cache_dir = feature_cache
     summary = train_decoder(data, out, opts, backbone_source=backbone, show_progress=progress, overwrite=overwrite)
     typer.echo(json.dumps({"checkpoint": str(out), **summary}))
 
@@ -80,7 +90,8 @@ def evaluate(
                                        "{decoder}.eval-{data folder name}.json)"),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="default: the one the decoder was trained on"),
     n_images: Optional[int] = typer.Option(None, "--n-images", help="score the first N images only"),
-    device: str = typer.Option("cpu", "--device", help="torch device for the backbone and decoder, e.g. cuda"),
+    device: str = typer.Option("auto", "--device", help=f"backbone and decoder: {DEVICE_HELP}"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=f"backbone and decoder precision: {DTYPE_HELP}"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Score a decoder: mIoU, mask AP/AP50, depth AbsRel/RMSE/δ1, keypoint AP (those that apply).
@@ -90,7 +101,7 @@ def evaluate(
 
     out = out or default_metrics_path(decoder, data)
     metrics = evaluate_decoder(decoder, data, out=out, backbone_source=backbone, n_images=n_images,
-                               show_progress=progress, device=device)
+                               show_progress=progress, device=device, dtype=dtype)
     for k, v in metrics.items():
         typer.echo(f"{k}: {json.dumps(v)}")
     typer.echo(f"wrote {out}")

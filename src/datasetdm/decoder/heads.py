@@ -245,10 +245,16 @@ class OpenVocabHead(Head):
     encoder) is concatenated to the learned query Q_i and fused by an MLP: Q̂ = MLP([Q_i, τ(C_j)]).
     One query per class name; all class queries attend to each other in the decoder's
     self-attention, so they compete for pixels. Each query predicts a mask and a "present" logit.
-    The class's own cross-attention map, when the prompt names it, is added to its mask logits
-    through a learned gain: for a name never trained on, that map is the only spatial hint the
-    backbone gives, and the gain is learned on the seen classes.
-    Any class name works at inference: pass its embedding.
+    The class's own cross-attention map, when the prompt names it, is added to its mask logits and
+    its peak to its present logit, each through a learned gain and offset: for a name never trained
+    on, that map is the only spatial hint the backbone gives.
+    Name dropout (``cfg.name_dropout``): in training each class query's τ(C_j) is replaced by the
+    zero "unknown name" embedding with that probability, so the decoder learns to find a class from
+    its attention map alone; a name never trained on is then given the zero embedding
+    (``embeddings_for``). Seven seen classes are too few for a small text encoder's embedding of an
+    eighth to generalise: on the tuning seed, unseen mIoU 0.002 without name dropout, 0.22 with it
+    and the text embedding, 0.46 with it and the zero embedding.
+    Any class name works at inference.
     """
 
     task = "open-vocab"
@@ -263,7 +269,11 @@ class OpenVocabHead(Head):
         self.fuse_pos = nn.Linear(cfg.text_dim, d)
         self.transformer = MaskedAttentionDecoder(d, cfg.heads, cfg.ffn_dim, cfg.layers)
         self.present = nn.Linear(d, 1)
-        self.attention_gain = nn.Parameter(torch.tensor(1.0 if cfg.attention else 0.0))
+        on = 1.0 if cfg.attention else 0.0
+        self.attention_gain = nn.Parameter(torch.tensor(4.0 * on))
+        self.attention_offset = nn.Parameter(torch.tensor(-2.0 * on))
+        self.present_gain = nn.Parameter(torch.tensor(4.0 * on))
+        self.present_offset = nn.Parameter(torch.tensor(-2.0 * on))
         # τ(C_j) of the decoder's own categories, in config order, stored with the weights so a
         # loaded decoder labels its classes without a text encoder (training fills it in)
         self.register_buffer("text_embeddings", torch.zeros(len(cfg.categories), cfg.text_dim))
@@ -277,22 +287,50 @@ class OpenVocabHead(Head):
         return {"text_embeddings": self.text_embeddings, "class_index": list(range(K)) if has_maps else None,
                 "class_ids": list(self.category_ids)}
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # decoders trained before the offsets and the present gain existed: zeros reproduce them
+        for name in ("attention_offset", "present_gain", "present_offset"):
+            if prefix + "attention_gain" in state_dict and prefix + name not in state_dict:
+                state_dict[prefix + name] = torch.zeros(())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def embeddings_for(self, names: list[str], embed=None) -> torch.Tensor:
+        """(K, D_text) τ for each name: the stored embedding of a class trained on; for a name never
+        trained on (held out, or new), the zero "unknown name" embedding when the decoder was trained
+        with name dropout, else ``embed(names)`` (the backbone's text encoder)."""
+        stored = {c["name"]: i for i, c in enumerate(self.cfg.categories)}
+        if self.cfg.name_dropout > 0:
+            known = {n: i for n, i in stored.items() if n not in self.cfg.held_out}
+            fresh = {n: torch.zeros(self.text_embeddings.shape[1]) for n in names if n not in known}
+        else:  # held-out names keep the text embeddings stored at training
+            known = stored
+            new = [n for n in names if n not in known]
+            if new and embed is None:
+                raise ValueError(f"open-vocab: {new} were never trained on: their text embeddings are needed")
+            fresh = dict(zip(new, embed(new))) if new else {}
+        return torch.stack([self.text_embeddings[known[n]] if n in known else fresh[n].to(self.text_embeddings)
+                            for n in names])
+
     def forward(self, levels, pixel_embed, inp, text_embeddings=None, class_index=None, **kw):
         """text_embeddings: (K, D_text) for the classes asked for; class_index: their positions in
         ``inp.class_attention`` (None: no attention maps for them)."""
         if text_embeddings is None:
             raise ValueError("open-vocab decoding needs text_embeddings for the class names")
         B, K = pixel_embed.shape[0], text_embeddings.shape[0]
-        t = self.text_norm(text_embeddings.to(pixel_embed))
+        t = text_embeddings.to(pixel_embed)
+        if self.training and self.cfg.name_dropout > 0:  # torch's RNG is seeded per step by the trainer
+            t = t * (torch.rand(K, 1) >= self.cfg.name_dropout).to(t)
+        t = self.text_norm(t)
         q = self.fuse(torch.cat([self.query_feat.expand(K, -1), t], -1))
         qp = self.query_pos + self.fuse_pos(t)
         states, masks = self.transformer(levels, pixel_embed, q[None].expand(B, -1, -1), qp[None].expand(B, -1, -1))
-        bias = 0
+        bias = present_bias = 0
         if class_index is not None and self.cfg.attention and inp.class_attention[0].shape[1]:
             att = inp.class_attention[0][:, class_index].float()  # finest level, (B, K, h, w)
-            bias = self.attention_gain * resize_logits(att, masks[-1].shape[-2:])
+            bias = self.attention_gain * resize_logits(att, masks[-1].shape[-2:]) + self.attention_offset
+            present_bias = self.present_gain * att.flatten(2).amax(-1) + self.present_offset  # named: peak 1
         return {
-            "present_logits": [self.present(s)[..., 0] for s in states],
+            "present_logits": [self.present(s)[..., 0] + present_bias for s in states],
             "mask_logits": [m + bias for m in masks],
             "image_size": inp.image_size,
         }

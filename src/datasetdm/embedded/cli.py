@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from datasetdm.backbone.device import DEVICE_HELP, DTYPE_HELP
+
 backbone_app = typer.Typer(help="Train and check the embedded backbone.", no_args_is_help=True)
 
 
@@ -72,6 +74,8 @@ def check_command(
     decoder_test_seed: int = typer.Option(7, min=0, help="Test-split seed the decoder gates are scored on."),
     decoder_test_images: int = typer.Option(200, min=1, help="Test scenes the decoder gates are scored on."),
     work: Path = typer.Option(Path("runs/check"), help="Where the decoder gates keep their data and checkpoints."),
+    device: str = typer.Option("auto", help=f"Backbone and decoders: {DEVICE_HELP}."),
+    dtype: str = typer.Option(None, help=f"Backbone and decoder precision: {DTYPE_HELP}."),
 ) -> None:
     """Measure the backbone's quality gates: reference segmenter mIoU, prompt fidelity,
     hypercolumn probe. Progress goes to stderr; the last stdout line is the figures as JSON.
@@ -91,11 +95,12 @@ def check_command(
         overrides["reference"] = ReferenceConfig(**ref)
     config = CheckConfig.quick(**overrides) if quick else CheckConfig(**overrides)
     log = lambda m: typer.echo(m, err=True)  # noqa: E731
-    result = run_checks(backbone, config, cache_dir=cache, log=log, probe_only=probe_only)
+    result = run_checks(backbone, config, cache_dir=cache, log=log, probe_only=probe_only, device=device, dtype=dtype)
     if decoders:
         from datasetdm.embedded.gates import decoder_gates
 
-        result.update(decoder_gates(backbone, work, decoder_test_seed, decoder_test_images, log=log))
+        result.update(decoder_gates(backbone, work, decoder_test_seed, decoder_test_images, log=log,
+                                    device=device, dtype=dtype))
         result["passed"] = result["passed"] and all(g["passed"] for g in result["decoder_gates"].values())
     result["quick"] = quick
     if out is not None:

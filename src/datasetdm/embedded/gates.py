@@ -547,9 +547,10 @@ def _gate(value: float, name: str) -> dict:
 
 def run_checks(
     backbone_dir: str | Path, config: CheckConfig = CheckConfig(), cache_dir: str | Path = "runs/reference",
-    log: Log = _nolog, probe_only: bool = False,
+    log: Log = _nolog, probe_only: bool = False, device: str = "cpu", dtype: str | None = None,
 ) -> dict:
     """Measure every gate on the backbone at ``backbone_dir``; returns the figures as a dict.
+    ``device``/``dtype``: where the backbone runs (``backbone.device.placement``).
 
     ``probe_only``: the hypercolumn probe alone (no reference segmenter, no generation); the
     other gates are listed as skipped and ``passed`` is False."""
@@ -557,8 +558,9 @@ def run_checks(
 
     seconds: dict[str, float] = {}
     t0 = time.time()
-    backbone = load_backbone(backbone_dir)
-    log(f"backbone: {backbone.source} (native {backbone.native_size[0]}x{backbone.native_size[1]})")
+    backbone = load_backbone(backbone_dir, device=device, dtype=dtype)
+    log(f"backbone: {backbone.source} (native {backbone.native_size[0]}x{backbone.native_size[1]}, "
+        f"{backbone.device} {str(backbone.dtype).replace('torch.', '')})")
     test = render_set("test", TEST_SEED, config.test_images)
     prompts = render_set("test", TEST_SEED, config.samples, skip_empty=True)
 
@@ -641,7 +643,7 @@ OPEN_VOCAB_HELD_OUT = ("ball", "car")
 
 
 def decoder_gates(backbone_dir: str | Path, work: str | Path, test_seed: int, n_test: int = 200,
-                  log: Log = _nolog) -> dict:
+                  log: Log = _nolog, device: str = "cpu", dtype: str | None = None) -> dict:
     """Train one decoder per task (open-vocab with ``OPEN_VOCAB_HELD_OUT`` kept out) on the few-shot
     scenes and score each on ``n_test`` test scenes of ``test_seed``; resumable in ``work``."""
     from datasetdm.evaluation.evaluate import evaluate_decoder
@@ -653,14 +655,16 @@ def decoder_gates(backbone_dir: str | Path, work: str | Path, test_seed: int, n_
     test = render_world_folder(work / f"test-{test_seed}", "test", test_seed, n_test)
     tasks = sorted({task for task, *_ in DECODER_GATES.values()} - {"open-vocab"})
     ckpts = train_decoders(train, work / "decoders", tasks, str(backbone_dir), TrainOptions().iterations,
-                           show_progress=False, log=log)
+                           show_progress=False, log=log, device=device, dtype=dtype)
     ckpts["open-vocab"] = work / "decoders" / "open-vocab"
     if not (ckpts["open-vocab"] / "config.json").exists():
         log(f"training the open-vocab decoder with {', '.join(OPEN_VOCAB_HELD_OUT)} held out")
         train_decoder(train, ckpts["open-vocab"], TrainOptions(task="open-vocab", held_out=list(OPEN_VOCAB_HELD_OUT),
-                                                                cache_dir=str(work / "decoders" / "features")),
+                                                                cache_dir=str(work / "decoders" / "features"),
+                                                                device=device, dtype=dtype),
                       backbone_source=str(backbone_dir), show_progress=False)
-    metrics = {task: evaluate_decoder(ckpt, test, out=work / "metrics" / f"{task}.json") for task, ckpt in ckpts.items()}
+    metrics = {task: evaluate_decoder(ckpt, test, out=work / "metrics" / f"{task}.json", device=device, dtype=dtype)
+               for task, ckpt in ckpts.items()}
     gates = {}
     for name, (task, key, bar, sense) in DECODER_GATES.items():
         if metrics[task][key] is None:  # evaluation reports null when there is nothing to score

@@ -91,7 +91,8 @@ def resize_prediction(pred: dict, from_size, to_size) -> dict:
 
 
 def evaluate_decoder(ckpt, data_dir, out=None, backbone_source=None, n_images: int | None = None,
-                     batch_size: int = 16, seed: int = 0, show_progress: bool = False, device="cpu") -> dict:
+                     batch_size: int = 16, seed: int = 0, show_progress: bool = False, device="cpu",
+                     dtype=None) -> dict:
     """Score the decoder checkpoint ``ckpt`` on the labelled folder ``data_dir``; write the figures to
     ``out`` (JSON) when given. Returns them: ``task``, ``n_images``, ``features`` and those of
     ``KEYS`` that apply (plus per-class ``iou``, ``keypoint_ap50``; open-vocab with held-out classes:
@@ -107,6 +108,9 @@ def evaluate_decoder(ckpt, data_dir, out=None, backbone_source=None, n_images: i
         prompt_for,
     )
 
+    from datasetdm.backbone.device import placement
+
+    device, dtype = placement(device, dtype)  # an absent device or a bad dtype: refused before any work
     cfg = decoder_config(ckpt)
     if n_images is not None and n_images < 1:
         raise DatasetdmError(f"--n-images must be at least 1, got {n_images}")
@@ -124,19 +128,18 @@ def evaluate_decoder(ckpt, data_dir, out=None, backbone_source=None, n_images: i
             raise DatasetdmError(f"{where}: category ids {sorted(extra_ids)} are unknown to decoder {ckpt}")
         categories = cfg.categories
     stored = {c["name"]: i for i, c in enumerate(cfg.categories)}
-    new_names = cfg.task == "open-vocab" and any(c["name"] not in stored for c in categories)
+    new_names = cfg.task == "open-vocab" and cfg.name_dropout == 0 and any(c["name"] not in stored for c in categories)
     if backbone_source is None:  # the one it was trained on
         backbone_source = backbone_from_record(cfg.backbone.get("text_encoder" if cfg.features == RAW_PIXELS else "source"))
-    source = load_feature_source(cfg.features, categories, backbone_source, need_text=new_names, device=device)
+    source = load_feature_source(cfg.features, categories, backbone_source, need_text=new_names, device=device,
+                                 dtype=dtype)
     decoder = load_decoder(ckpt, backbone=source.fingerprint, map_location=device)
+    decoder.precision = dtype  # the decoder in the backbone's precision (autocast)
 
     kw = {}
     if cfg.task == "open-vocab":
         names = [c["name"] for c in categories]
-        if new_names:  # class names the decoder never saw: embed them with the backbone's text encoder
-            emb = source.text_embeddings(names)
-        else:
-            emb = decoder.head.text_embeddings[[stored[n] for n in names]]
+        emb = decoder.head.embeddings_for(names, source.text_embeddings if new_names else None)
         kw = {"text_embeddings": emb, "class_index": list(range(len(categories))),
               "class_ids": [c["id"] for c in categories]}
 

@@ -84,6 +84,7 @@ def _decoder_labeling(backbone, decoders, config: dict, min_pixel_confidence, mi
     annotators = {}
     for _, dec in loaded:
         key = dec.cfg.task if dec.cfg.task not in annotators else f"{dec.cfg.task}{len(annotators)}"
+        dec.precision = backbone.dtype  # the decoder in the backbone's precision (autocast, fp32 outputs)
         annotators[key] = decoder_annotator(dec.to(backbone.device), backbone.tokenizer, min_pixel_confidence,
                                             min_instance_score)
     config["decoders"] = [file_digest(p) for p, _ in loaded]

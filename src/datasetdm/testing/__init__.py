@@ -9,6 +9,7 @@ from datasetdm.testing.backbones import (
     make_tiny_family,
     sd15_shaped_components,
     write_clip_tokenizer_files,
+    write_family_shaped_backbone,
 )
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "make_tiny_family",
     "sd15_shaped_components",
     "write_clip_tokenizer_files",
+    "write_family_shaped_backbone",
 ]

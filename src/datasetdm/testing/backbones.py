@@ -379,3 +379,20 @@ def family_shaped_components(family: str, width_divisor: int = 1, seed: int = 0)
     for m in (unet, vae, *encoders):
         m.eval().requires_grad_(False)
     return parts
+
+
+def write_family_shaped_backbone(path, family: str, width_divisor: int = 1, seed: int = 0,
+                                 dtype: torch.dtype = torch.float16) -> Path:
+    """``family_shaped_components`` saved in diffusers layout at ``path`` (what ``load_backbone``
+    and the CLI read), weights in ``dtype``: fp16 as the released checkpoints' fp16 variants, so
+    loading holds half the bytes of an fp32 file."""
+    path = Path(path)
+    parts = family_shaped_components(family, width_divisor, seed)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if name in parts:
+            parts[name].to(dtype).save_pretrained(path / name)
+    for name in ("tokenizer", "tokenizer_2"):
+        if name in parts:
+            parts[name].save_pretrained(path / name)
+    _write_index(path, "sdxl" if family == "sdxl" else family, parts["scheduler"])
+    return path

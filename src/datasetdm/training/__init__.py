@@ -5,13 +5,16 @@ from datasetdm.training.features import (
     EMBEDDED,
     FeatureSource,
     backbone_from_record,
+    DiskFeatures,
     cached_inputs,
+    disk_inputs,
     load_feature_source,
 )
 from datasetdm.training.trainer import (
     Prepared,
     TrainOptions,
     Trainer,
+    ViewTargets,
     check_options,
     check_out,
     make_decoder_config,
@@ -21,6 +24,7 @@ from datasetdm.training.trainer import (
 )
 from datasetdm.training.views import (
     PROMPT_MODES,
+    ViewSet,
     augment,
     build_views,
     check_task_data,
@@ -30,19 +34,24 @@ from datasetdm.training.views import (
     prompt_for,
     resolve_prompt_mode,
     view_noise_seeds,
+    view_prompts,
 )
 
 __all__ = [
+    "DiskFeatures",
     "EMBEDDED",
     "FeatureSource",
     "PROMPT_MODES",
     "Prepared",
     "TrainOptions",
     "Trainer",
+    "ViewSet",
+    "ViewTargets",
     "augment",
     "backbone_from_record",
     "build_views",
     "cached_inputs",
+    "disk_inputs",
     "check_options",
     "check_out",
     "check_task_data",
@@ -57,4 +66,5 @@ __all__ = [
     "train_decoder",
     "train_decoders",
     "view_noise_seeds",
+    "view_prompts",
 ]

@@ -2,9 +2,11 @@
 
 The reference code ran the UNet again on every one of 50k iterations. Here each labelled image is
 turned into a few augmented views (random scale, crop, flip: supplementary §1.3), each view's
-hypercolumns are computed ONCE (paper §3.3: VAE encode, noise to t = 1, one UNet pass) and cached —
-in memory, and on disk under ``{out}.work/`` so a resumed run skips the UNet too. Training then
-samples batches from the cache only.
+hypercolumns are computed ONCE (paper §3.3: VAE encode, noise to t = 1, one UNet pass) and cached
+on disk (``features.disk_inputs``: fp16 shards under ``{out}.work/``, or ``cache_dir``), so a
+resumed run skips the UNet too and memory holds one batch, not the data set; ``feature_cache =
+"memory"`` keeps them in RAM instead. Training then samples batches from the cache only. Views and
+their targets are made when a batch needs them (``views.ViewSet``), never all at once.
 
 Prompts: each image's own caption when every training image has one (``prompt="auto"``), else the
 paper's template (§3.3) "a photo of a {cls}, {cls}…" naming the classes present in the view. The
@@ -20,6 +22,7 @@ import hashlib
 import math
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,24 +34,27 @@ from datasetdm.decoder.checkpoint import decoder_config, is_checkpoint, save_dec
 from datasetdm.decoder.heads import TASKS
 from datasetdm.decoder.inputs import RAW_PIXELS, DecoderInput
 from datasetdm.errors import DatasetdmError
-from datasetdm.formats.sample import LabelledSample
 from datasetdm.io import load_state, output_lock, sample_seed, save_state
 from datasetdm.training.features import (
     FeatureSource,
     _cache_key,
     cached_inputs,
+    disk_inputs,
     load_feature_source,
 )
 from datasetdm.training.schedule import set_lr, warmup_cosine
 from datasetdm.training.views import (
-    build_views,
+    ViewSet,
     check_task_data,
     check_task_labels,
     folder_categories,
-    prompt_for,
     resolve_prompt_mode,
     view_noise_seeds,
+    view_prompts,
+    view_scale,
 )
+
+FEATURE_CACHES = ("disk", "memory")
 
 
 @dataclass
@@ -56,7 +62,7 @@ class TrainOptions:
     task: str = "semantic"
     n_images: int = 100
     views: int = 16  # per image: the original + (views − 1) augmented (views are cheap: one UNet pass each)
-    scale: tuple[float, float] = (1.0, 1.5)  # zoom range of augmented views (then crop back)
+    scale: tuple[float, float] | None = None  # zoom range of augmented views (then crop back); None: views.view_scale
     iterations: int = 1500
     batch_size: int = 8
     lr: float = 1e-3  # supplementary §1.3: Adam, 1e-3
@@ -70,13 +76,18 @@ class TrainOptions:
     num_queries: int = 16
     layers: int = 3
     held_out: list[str] = field(default_factory=list)
+    name_dropout: float = 0.5  # open-vocab (see heads.OpenVocabHead): 0 = the paper's eq. 4 alone
     checkpoint_every: int = 250
     extract_batch: int = 16
     keep_cache: bool = False
     # shared feature-cache folder (kept): decoders of several tasks on the same images reuse one
     # hypercolumn pass (the cache key does not depend on the task). None: {out}.work/, removed after.
     cache_dir: str | None = None
-    device: str = "cpu"  # backbone and decoder; the feature cache stays in CPU memory
+    # "disk": fp16 shards in the cache folder, read a batch at a time (RAM bounded by a batch);
+    # "memory": every view's inputs in RAM (what benches that time the cache itself use)
+    feature_cache: str = "disk"
+    device: str = "auto"  # backbone and decoder (backbone.device.resolve_device); the cache stays on the CPU
+    dtype: str | None = None  # fp16 | bf16 | fp32 for backbone and decoder; None: fp16 on CUDA, else fp32
     prompt: str = "auto"  # "caption", "template", or "auto": captions when every image has one
 
 
@@ -99,9 +110,25 @@ def make_decoder_config(opts: TrainOptions, categories, inp: DecoderInput, sourc
         layers=opts.layers,
         text_dim=text_dim,
         held_out=list(opts.held_out),
+        name_dropout=opts.name_dropout if opts.task == "open-vocab" else 0.0,
         backbone=source.description,
         prompt=prompt_mode,
     )
+
+
+class ViewTargets(Sequence):
+    """``decoder.targets(views[i])`` made when indexed: at 512 px one view's masks take megabytes."""
+
+    def __init__(self, decoder: PDecoder, views, **kw):
+        self.decoder, self.views, self.kw = decoder, views, kw
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.decoder.targets(self.views[i], **self.kw)
 
 
 class Trainer:
@@ -109,14 +136,21 @@ class Trainer:
 
     Every step draws its batch from ``gen`` and seeds torch's global RNG (the Mask2Former matcher
     samples points with it) from (seed, step), so a resumed run repeats an uninterrupted one exactly.
+    ``inp``: a DecoderInput or a ``DiskFeatures`` (both ``select`` a batch); ``targets``: a list or
+    a ``ViewTargets``. The decoder runs in ``opts.dtype`` (autocast; fp16 with loss scaling).
     """
 
-    def __init__(self, decoder: PDecoder, inp: DecoderInput, targets: list[dict], opts: TrainOptions, forward_kw=None):
+    def __init__(self, decoder: PDecoder, inp, targets, opts: TrainOptions, forward_kw=None):
+        from datasetdm.backbone.device import placement
+
         self.decoder, self.inp, self.targets, self.opts = decoder, inp, targets, opts
-        self.device = torch.device(opts.device)
+        self.device, self.precision = placement(opts.device, opts.dtype)
         self.decoder.to(self.device)
+        self.decoder.precision = self.precision
         self.forward_kw = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in (forward_kw or {}).items()}
         self.opt = torch.optim.AdamW(decoder.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+        # fp16 gradients underflow without it; bf16 and fp32 need none (disabled, it is a no-op)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == torch.float16)
         self.gen = torch.Generator().manual_seed(opts.seed)
         self.step_no = 0
         self.schedule = warmup_cosine(opts.warmup, opts.iterations)  # the rate follows step_no (resume)
@@ -139,21 +173,28 @@ class Trainer:
         out = self.decoder(inp, **self.forward_kw)
         loss, parts = self.decoder.loss(out, targets)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.opt)  # clip the true gradients
         torch.nn.utils.clip_grad_norm_(self.decoder.parameters(), 1.0)
-        self.opt.step()
+        self.scaler.step(self.opt)
+        self.scaler.update()
         self.step_no += 1
         return {"loss": float(loss.detach()), **{k: float(v) for k, v in parts.items()}}
 
     def state(self) -> dict:
-        return {"model": self.decoder.state_dict(), "opt": self.opt.state_dict(), "step": self.step_no,
-                "gen": self.gen.get_state()}
+        st = {"model": self.decoder.state_dict(), "opt": self.opt.state_dict(), "step": self.step_no,
+              "gen": self.gen.get_state()}
+        if self.scaler.is_enabled():
+            st["scaler"] = self.scaler.state_dict()
+        return st
 
     def load_state(self, st: dict) -> None:
         self.decoder.load_state_dict(st["model"])
         self.opt.load_state_dict(st["opt"])
         self.step_no = int(st["step"])
         self.gen.set_state(st["gen"])
+        if self.scaler.is_enabled() and st.get("scaler"):
+            self.scaler.load_state_dict(st["scaler"])
 
 
 @dataclass
@@ -164,7 +205,7 @@ class Prepared:
     trainer: Trainer
     info: dict  # recorded in the checkpoint's config (JSON)
     source: FeatureSource
-    views: list[LabelledSample]  # view i ↔ row i of the feature cache ↔ trainer.targets[i]
+    views: ViewSet  # view i ↔ row i of the feature cache ↔ trainer.targets[i] (made when indexed)
     prompts: list[str]  # the prompt of each view
     noise_seeds: list[int]  # the timestep-noise seed of each view
 
@@ -188,36 +229,47 @@ def prepare(data_dir, opts: TrainOptions, backbone_source=None, work_dir: Path |
     samples = [folder[i] for i in range(n)]  # pixel-level checks (corrupt data, unknown ids) run here
     check_task_labels(samples, opts.task, data_dir)
     source = load_feature_source(opts.features, categories, backbone_source, need_text=opts.task == "open-vocab",
-                                 device=opts.device)
+                                 device=opts.device, dtype=opts.dtype)
     size = source.train_size({s.size for s in samples})
-    views = build_views(samples, opts, size)
+    views = ViewSet(samples, opts, size)
     exclude = set(opts.held_out)
     prompt_mode = resolve_prompt_mode(opts.prompt, samples, exclude, data_dir)
-    prompts = [prompt_for(v, categories, exclude, prompt_mode) for v in views]
+    prompts = view_prompts(views, categories, exclude, prompt_mode)
     # the pixels and prompts themselves are in the key: an image or caption edited between an
     # interrupted run and its resume gets new features
     pixels = [hashlib.sha256(np.ascontiguousarray(s.image).tobytes()).hexdigest()[:16] for s in samples]
-    key = _cache_key({"fp": source.fingerprint, "ids": [s.id for s in samples], "pixels": pixels, "views": opts.views,
-                      "scale": opts.scale, "seed": opts.seed, "prompts": prompts, "size": size,
-                      "cats": categories, "data": str(Path(data_dir).resolve())})
+    parts = {"fp": source.fingerprint, "ids": [s.id for s in samples], "pixels": pixels, "views": opts.views,
+             "scale": view_scale(opts), "seed": opts.seed, "prompts": prompts, "size": size,
+             "cats": categories, "data": str(Path(data_dir).resolve())}
+    if source.dtype != torch.float32:  # fp16/bf16 features differ from fp32 ones (fp32 keys stay as they were)
+        from datasetdm.backbone.device import dtype_name
+
+        parts["dtype"] = dtype_name(source.dtype)
+    key = _cache_key(parts)
     cache_root = Path(opts.cache_dir) if opts.cache_dir else work_dir
-    cache_file = None if cache_root is None else cache_root / f"cache-{key}.safetensors"
-    inp = cached_inputs(views, prompts, source, opts, cache_file, progress)
+    if cache_root is None or opts.feature_cache == "memory":
+        inp = cached_inputs(views, prompts, source, opts, None, progress)
+        probe = inp
+    else:
+        inp = disk_inputs(views, prompts, source, opts, cache_root / f"features-{key}", key, progress)
+        probe = inp.select([0])  # the shapes the decoder is built for
 
     kw, emb = {}, None
     if opts.task == "open-vocab":
         emb = source.text_embeddings(names)
         seen = [i for i, c in enumerate(categories) if c["name"] not in exclude]
         kw = {"text_embeddings": emb[seen], "class_index": seen}
-    cfg = make_decoder_config(opts, categories, inp, source, 0 if emb is None else emb.shape[1], prompt_mode)
+    cfg = make_decoder_config(opts, categories, probe, source, 0 if emb is None else emb.shape[1], prompt_mode)
     torch.manual_seed(opts.seed)
     decoder = build_decoder(cfg)
     if opts.task == "open-vocab":
         decoder.head.text_embeddings.copy_(emb)  # every category's, held-out ones too, for inference
+        if cfg.name_dropout > 0:  # names never trained on are read as "unknown name" (zeros)
+            decoder.head.text_embeddings[[i for i, c in enumerate(categories) if c["name"] in exclude]] = 0
         seen_ids = [categories[i]["id"] for i in kw["class_index"]]
-        targets = [decoder.targets(v, class_ids=seen_ids) for v in views]
+        targets = ViewTargets(decoder, views, class_ids=seen_ids)
     else:
-        targets = [decoder.targets(v) for v in views]
+        targets = ViewTargets(decoder, views)
     trainer = Trainer(decoder, inp, targets, opts, kw)
     info = {"data": str(data_dir), "n_images": n, "views": opts.views, "train_options": asdict(opts),
             "cache_key": key}
@@ -234,6 +286,11 @@ def check_options(opts: TrainOptions) -> None:
         raise DatasetdmError(f"--lr must be a positive finite number, got {opts.lr}")
     if opts.seed < 0:
         raise DatasetdmError(f"--seed must be ≥ 0, got {opts.seed}")
+    if opts.feature_cache not in FEATURE_CACHES:
+        raise DatasetdmError(f"feature_cache must be one of {', '.join(FEATURE_CACHES)}, not {opts.feature_cache!r}")
+    from datasetdm.backbone.device import placement
+
+    placement(opts.device, opts.dtype)  # an unknown or absent device, a bad dtype: refused before any work
 
 
 def check_out(out: Path, task: str, overwrite: bool = False) -> None:
@@ -253,9 +310,10 @@ def train_decoder(data_dir, out, opts: TrainOptions, backbone_source=None, show_
                   overwrite: bool = False) -> dict:
     """Train a decoder on a labelled folder and write the checkpoint directory ``out``.
 
-    Resumable: ``{out}.work/`` holds the feature cache and a training state saved every
-    ``checkpoint_every`` steps; running the same command again continues from there. The work
-    folder is removed once the checkpoint is written (``keep_cache`` keeps the feature cache).
+    Resumable: ``{out}.work/`` holds the feature cache (unless ``cache_dir`` names another folder,
+    which is kept) and a training state saved every ``checkpoint_every`` steps; running the same
+    command again continues from there, the cache's finished shards included. The work folder is
+    removed once the checkpoint is written (``keep_cache`` keeps the feature cache).
     An existing checkpoint at ``out`` is replaced only with ``overwrite``. Holds ``out``'s lock
     (``io.output_lock``) while it runs: a second run on the same ``out`` would share the work folder.
     """
@@ -328,7 +386,8 @@ def _with_msg(add_task):
 
 
 def train_decoders(data_dir, out_dir: Path, tasks, backbone_source, iterations: int,
-                   show_progress: bool = True, log=None) -> dict[str, Path]:
+                   show_progress: bool = True, log=None, device: str = "auto", dtype: str | None = None
+                   ) -> dict[str, Path]:
     """One decoder per task on ``data_dir`` into ``out_dir/{task}``, sharing one feature cache;
     a task whose checkpoint exists is skipped (so an interrupted run continues)."""
     paths = {}
@@ -337,7 +396,8 @@ def train_decoders(data_dir, out_dir: Path, tasks, backbone_source, iterations: 
         if not (ckpt / "config.json").exists():
             if log is not None:
                 log(f"training the {task} decoder on {data_dir}")
-            opts = TrainOptions(task=task, iterations=iterations, cache_dir=str(Path(out_dir) / "features"))
+            opts = TrainOptions(task=task, iterations=iterations, cache_dir=str(Path(out_dir) / "features"),
+                                device=device, dtype=dtype)
             train_decoder(data_dir, ckpt, opts, backbone_source=backbone_source, show_progress=show_progress)
         paths[task] = ckpt
     return paths

@@ -4,6 +4,8 @@ augmented copies (random scale, crop, flip), each seeded from (seed, image, view
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -114,6 +116,16 @@ def _resize(a: np.ndarray, size_hw, resample) -> np.ndarray:
     return np.asarray(Image.fromarray(a).resize((w, h), resample))
 
 
+def view_scale(opts) -> tuple[float, float]:
+    """The zoom range of augmented views: ``opts.scale``, or by default 1–1.5 (supplementary §1.3),
+    except for depth: zoomed views move the horizon and change apparent size against a fixed
+    camera, and depth views without zoom scored AbsRel 0.078 against 0.087 zoomed with depth/s and
+    0.120 zoomed without (tuning seed, NOTES session 11)."""
+    if opts.scale is not None:
+        return tuple(opts.scale)
+    return (1.0, 1.0) if opts.task == "depth" else (1.0, 1.5)
+
+
 def augment(sample: LabelledSample, rng: np.random.Generator | None, out_size, scale=(1.0, 1.5), flip=True) -> LabelledSample:
     """A view of ``sample`` at ``out_size`` (H, W): resize (zoom factor drawn from ``scale``), random
     crop, random horizontal flip; labels follow (nearest-neighbour), keypoints too (left/right
@@ -134,6 +146,10 @@ def augment(sample: LabelledSample, rng: np.random.Generator | None, out_size, s
     image = geo(sample.image, Image.BILINEAR)
     semantic = None if sample.semantic is None else geo(sample.semantic, Image.NEAREST)
     depth = None if sample.depth is None else geo(sample.depth.astype(np.float32), Image.NEAREST)
+    if depth is not None and s != 1.0:
+        # magnifying by s looks like a camera s times closer: depth divided by s keeps apparent size and
+        # depth consistent (Eigen et al. 2014 §3.3); unscaled, AbsRel was 0.120, scaled 0.087 (tuning seed)
+        depth = depth / np.float32(s)
     instances = None
     if sample.instances is not None:
         instances = []
@@ -160,14 +176,51 @@ def augment(sample: LabelledSample, rng: np.random.Generator | None, out_size, s
 
 
 
+class ViewSet(Sequence):
+    """The views of ``samples`` (``opts.views`` each: the image resized, then augmented copies),
+    made when indexed rather than held: at 512 px a view and its targets take megabytes, and a
+    training set has 1600 of them. View i is view ``i % views`` of sample ``i // views``, the
+    same array for the same index every time (its augmentation is seeded by (seed, sample, view))."""
+
+    def __init__(self, samples, opts: TrainOptions, size):
+        self.samples = list(samples)
+        self.per_sample = int(opts.views)
+        self.seed, self.scale, self.size = opts.seed, view_scale(opts), tuple(size)
+
+    def __len__(self) -> int:
+        return len(self.samples) * self.per_sample
+
+    def sample_of(self, i: int) -> LabelledSample:
+        return self.samples[i // self.per_sample]
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = operator.index(i)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"view {i} of {len(self)}")
+        s, v = divmod(i, self.per_sample)
+        if v == 0:
+            return augment(self.samples[s], None, self.size)
+        rng = np.random.default_rng(sample_seed(self.seed, s, f"view{v}"))
+        return augment(self.samples[s], rng, self.size, scale=self.scale)
+
+
 def build_views(samples, opts: TrainOptions, size) -> list[LabelledSample]:
-    views = []
-    for i, s in enumerate(samples):
-        views.append(augment(s, None, size))
-        for v in range(1, opts.views):
-            rng = np.random.default_rng(sample_seed(opts.seed, i, f"view{v}"))
-            views.append(augment(s, rng, size, scale=opts.scale))
-    return views
+    """Every view of ``ViewSet`` at once, in its order."""
+    return list(ViewSet(samples, opts, size))
+
+
+def view_prompts(views: ViewSet, categories: list[dict], exclude: set[str], mode: str) -> list[str]:
+    """``prompt_for`` each view; captions need no view made (an augmentation does not change them)."""
+    out = []
+    for i in range(len(views)):
+        sample = views.sample_of(i)
+        out.append(sample.caption if mode == "caption" and sample.caption else
+                   prompt_for(views[i], categories, exclude, mode))
+    return out
 
 
 def view_noise_seeds(opts: TrainOptions, n: int) -> list[int]:
