@@ -30,4 +30,6 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 test-slow: setup
+	@# Ray (the .[ray] extra) for generate --workers; the default run skips those tests without it
+	$(BIN)/pip install -q -e '.[dev,ray]'
 	$(BIN)/python -m pytest -q -m slow

@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from datasetdm.backbone.device import DEVICE_HELP, DTYPE_HELP
 from datasetdm.errors import DatasetdmError
 from datasetdm.generation.defaults import GENERATION_BATCH, GENERATION_STEPS, GUIDANCE_SCALE
 
@@ -39,10 +40,18 @@ def generate(
         help="Semantic decoders: pixels whose winning class holds a smaller share of the class scores are ignore (255)."),
     min_instance_score: Optional[float] = typer.Option(
         None, min=0.0, max=1.0, help="Instance and pose decoders: keep instances scoring at least this (default 0.5)."),
-    device: str = typer.Option("cpu", help="torch device, e.g. cuda."),
+    device: str = typer.Option("auto", help=f"Backbone and decoders: {DEVICE_HELP}."),
+    dtype: Optional[str] = typer.Option(None, help=f"Backbone and decoder precision: {DTYPE_HELP}."),
     class_quota: Optional[int] = typer.Option(
         None, min=1, help="Plan the prompts so every class (--classes, default all) is named by at least this many "
         "samples (long-tail data; the plan's class counts go into run.json)."),
+    workers: Optional[int] = typer.Option(
+        None, min=1, help="Label on N Ray workers (a local Ray instance unless --ray-address); the dataset is the "
+        "same for any N. Needs pip install 'datasetdm[ray]'."),
+    ray_address: Optional[str] = typer.Option(
+        None, help="Run the workers on this Ray cluster (paths must be visible on every node); without --workers, "
+        "as many as its GPUs (or CPUs) hold."),
+    gpus_per_worker: float = typer.Option(0.0, min=0.0, help="GPUs each Ray worker takes (0.5: two share one)."),
 ) -> None:
     """Generate annotated images: every decoder labels each image from the same hypercolumns
     (or, with --labeler attention, the model's own attention labels them)."""
@@ -50,6 +59,14 @@ def generate(
     from datasetdm.generation import Filters
     from datasetdm.generation.setup import generate_labelled
 
+    scaleout = None
+    if workers is not None or ray_address is not None:
+        from datasetdm.generation.scaleout import ScaleOut, require_ray
+
+        require_ray()  # before anything loads: a missing extra is a one-line error
+        scaleout = ScaleOut(workers=workers, address=ray_address, gpus_per_worker=gpus_per_worker)
+    elif gpus_per_worker:
+        raise DatasetdmError("--gpus-per-worker is for Ray workers; add --workers N or --ray-address ADDR")
     categories, attention = [], None
     if labeler == "attention":
         from datasetdm.labelers.attention import AttentionLabelerConfig
@@ -67,7 +84,7 @@ def generate(
         decoders=decoder, categories=categories, attention=attention, min_pixel_confidence=min_pixel_confidence,
         min_instance_score=min_instance_score,
         filters=Filters(min_confidence, min_area, min_agreement, max_ignore), samples_per_shard=samples_per_shard,
-        resume=resume, device=device, class_quota=class_quota,
+        resume=resume, device=device, dtype=dtype, class_quota=class_quota, scaleout=scaleout,
     )
     typer.echo(
         f"{out}: {summary.kept} kept, {summary.dropped} dropped {json.dumps(summary.drop_reasons)}; "
