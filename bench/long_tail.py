@@ -39,7 +39,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.tiny:
         args.head_images, args.tail_images, args.quota = 3, 1, 2
-        args.n_synthetic, args.n_test, args.steps, args.decoder_iterations = 12, 8, 5, 5
+        args.n_synthetic, args.n_test, args.steps, args.decoder_iterations = 24, 8, 5, 5
 
     from datasetdm.evaluation.downstream import DownstreamConfig, build_and_run
 
