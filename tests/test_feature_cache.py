@@ -99,7 +99,7 @@ def test_an_interrupted_cache_build_resumes_and_a_complete_one_is_reused(world, 
     assert all(torch.equal(f, g) for f, g in zip(got.class_attention, want.class_attention))
 
     calls = _counting_extract(monkeypatch)
-    prepare(world, _opts(iterations=99, task="depth"), bb, work_dir=work)  # same images and views: reused
+    prepare(world, _opts(iterations=99, task="instance"), bb, work_dir=work)  # same images and views: reused
     assert calls == []
     prepare(world, _opts(views=3), bb, work_dir=work)  # other views: another cache
     assert len(calls) == 5 and len(list(work.glob("features-*"))) == 2  # 18 views: 5 shards
@@ -140,10 +140,21 @@ def test_train_cli_feature_cache_folder_is_kept_and_shared(world, tiny_clip_path
     cache = tmp_path / "cache"
     args = ["--data", world, "--backbone", tiny_clip_path, "--iterations", "2", "--views", "1", "--batch-size", "2",
             "--no-progress", "--feature-cache", cache]
-    for task in ("semantic", "depth"):
+    for task in ("semantic", "instance"):
         with pytest.raises(SystemExit) as ex:
             main([str(a) for a in ["train", "--task", task, "--out", tmp_path / task, *args]])
         assert ex.value.code in (0, None), capsys.readouterr().err
     (folder,) = cache.glob("features-*")  # one cache for both tasks, kept after training
     assert json.loads((folder / "cache.json").read_text())["complete"]
     assert not (tmp_path / "semantic.work").exists()
+
+
+def test_depth_views_are_unzoomed_so_depth_gets_its_own_cache(world, tiny_clip_path, tmp_path, monkeypatch):
+    """views.view_scale: depth views are not zoomed, so their features differ from the other tasks'."""
+    from datasetdm.training import prepare
+
+    bb, work = str(tiny_clip_path), tmp_path / "work"
+    prepare(world, _opts(), bb, work_dir=work)
+    calls = _counting_extract(monkeypatch)
+    prepare(world, _opts(task="depth"), bb, work_dir=work)
+    assert calls and len(list(work.glob("features-*"))) == 2
