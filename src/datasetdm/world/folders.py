@@ -24,6 +24,17 @@ def render_world_folder(out: Path, split: str, seed: int, n: int, preset: str = 
     return out
 
 
+def write_scenes_folder(out: Path, scenes: Sequence) -> Path:
+    """``scenes`` as a labelled folder at ``out``; skipped when ``out`` already holds exactly them."""
+    out = Path(out)
+    if (out / "annotations.json").exists() and read_labelled_folder(out).ids == [s.id for s in scenes]:
+        return out
+    with LabelledFolderWriter(out, list(CATEGORIES), overwrite=True) as writer:
+        for scene in scenes:
+            writer.add(scene)
+    return out
+
+
 def world_prompt_file(path: Path, n: int, seed: int = 0, preset: str = "default") -> Path:
     """Captions of ``n`` val-split scenes, one a line (only the text is used, never the labels);
     skipped when ``path`` exists."""
@@ -74,14 +85,7 @@ def long_tail_scenes(split: str, seed: int, tail: Sequence[str], head_images: in
 def render_long_tail_folder(out: Path, split: str, seed: int, tail: Sequence[str], head_images: int = 20,
                             tail_images: int = 2, preset: str = "default") -> Path:
     """The scenes of ``long_tail_scenes`` as a labelled folder; skipped when ``out`` holds them."""
-    out = Path(out)
-    scenes = long_tail_scenes(split, seed, tail, head_images, tail_images, preset)
-    if (out / "annotations.json").exists() and read_labelled_folder(out).ids == [s.id for s in scenes]:
-        return out
-    with LabelledFolderWriter(out, list(CATEGORIES), overwrite=True) as writer:
-        for scene in scenes:
-            writer.add(scene)
-    return out
+    return write_scenes_folder(out, long_tail_scenes(split, seed, tail, head_images, tail_images, preset))
 
 
 def class_image_counts(samples) -> dict[str, int]:
@@ -138,14 +142,7 @@ def domain_scenes(split: str, seed: int, n: int, setting: str | None = None, lig
 def render_domain_folder(out: Path, split: str, seed: int, n: int, setting: str | None, lighting: str | None,
                          preset: str = "default") -> Path:
     """``domain_scenes`` (inside) as a labelled folder; skipped when ``out`` holds them."""
-    out = Path(out)
-    scenes = domain_scenes(split, seed, n, setting, lighting, True, preset)
-    if (out / "annotations.json").exists() and read_labelled_folder(out).ids == [s.id for s in scenes]:
-        return out
-    with LabelledFolderWriter(out, list(CATEGORIES), overwrite=True) as writer:
-        for scene in scenes:
-            writer.add(scene)
-    return out
+    return write_scenes_folder(out, domain_scenes(split, seed, n, setting, lighting, True, preset))
 
 
 def seen_only(sample, unseen_ids: set[int]):
