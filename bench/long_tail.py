@@ -54,9 +54,8 @@ def main() -> None:
         print(result.pop("table"))
         runs[name] = result
     counts = {}
-    for name, quota in (("no_quota", None), ("quota", args.quota)):
-        tag = f"-lt-{'_'.join(tail)}-{args.head_images}-{args.tail_images}" + (f"-quota{quota}" if quota else "")
-        saved = json.loads((args.out / f"downstream-semantic{tag}.json").read_text())
+    for name, r in runs.items():
+        saved = json.loads(Path(r["result_file"]).read_text())
         counts[name] = {c: saved["synthetic_class_images"][c] for c in tail}
     print(f"{'':<10}{'real head':>10}{'real tail':>10}{'joint head':>11}{'joint tail':>11}  synthetic images per tail class")
     for name, r in runs.items():

@@ -110,3 +110,22 @@ def test_segmenter_trains_under_bf16_autocast():
     # the same seed and batches, but the bf16 forward rounds differently: the runs part ways
     a, b = (dict(models[k].named_parameters()) for k in (False, True))
     assert any(not torch.equal(a[n], b[n]) for n in a)
+
+
+def test_recipes_are_one_definition_and_keep_their_cache_keys():
+    """DownstreamConfig and TaskModelConfig are SegmenterTrainConfig with the check's steps; the
+    fields they gained enter the cache key only when changed, so figures cached before are found."""
+    from dataclasses import asdict
+
+    from datasetdm.evaluation.downstream import _recipe_key
+    from datasetdm.evaluation.segmenter import SegmenterTrainConfig
+    from datasetdm.evaluation.task_models import TaskModelConfig
+
+    semantic, task = DownstreamConfig(), TaskModelConfig()
+    assert isinstance(semantic, SegmenterTrainConfig) and isinstance(task, SegmenterTrainConfig)
+    assert semantic.steps == task.steps == 2000 and SegmenterTrainConfig().steps == 1500
+    # the key dicts of version 1, before the recipes shared one definition
+    assert _recipe_key(semantic, "segmenter") == {"steps": 2000, "batch_size": 32, "lr": 3e-3, "seed": 0, "bf16": False}
+    assert _recipe_key(task, "task") == {k: v for k, v in asdict(task).items() if k != "bf16"}
+    assert _recipe_key(DownstreamConfig(flip=False), "segmenter")["flip"] is False  # a change is a new key
+    assert _recipe_key(TaskModelConfig(bf16=True), "task")["bf16"] is True

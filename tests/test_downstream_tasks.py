@@ -219,7 +219,7 @@ def test_build_and_run_every_task_small(tmp_path):
                                decoder_iterations=5, config=DownstreamConfig(steps=3, batch_size=4), task=task)
         assert result["task"] == task and result["n_real"] == 12 and result["n_synthetic"] <= 4
         assert {f"{k}_{metric}" for k in ("real", "synthetic", "joint")} <= set(result)
-        saved = json.loads((tmp_path / "ds" / f"downstream-{task}.json").read_text())
+        saved = json.loads((tmp_path / "ds" / f"downstream-{task}-n4.json").read_text())
         if result[f"real_{metric}"] is not None:
             assert saved[f"real_{metric}"] == pytest.approx(result[f"real_{metric}"], abs=1e-4)
         assert (tmp_path / "ds" / "decoders" / task / "config.json").exists()

@@ -33,7 +33,8 @@ def test_downstream_small(tmp_path):
     for key in ("real_miou", "synthetic_miou", "joint_miou"):
         assert 0.0 <= result[key] <= 1.0
     assert result["n_synthetic"] == 6 and result["n_real"] == 100
-    saved = json.loads((tmp_path / "ds" / "downstream.json").read_text())
+    saved = json.loads((tmp_path / "ds" / "downstream-semantic-n6.json").read_text())  # a size of its own
+    assert result["result_file"] == str(tmp_path / "ds" / "downstream-semantic-n6.json")
     assert saved["real_miou"] == pytest.approx(result["real_miou"], abs=1e-4)
 
 

@@ -106,6 +106,11 @@ def downstream(
     zero_shot: Optional[str] = typer.Option(None, help="Zero-shot (Table 7): comma-separated unseen classes, their "
                                             "labels removed from the real set and held out of an open-vocab decoder; "
                                             "seen / unseen / harmonic mIoU reported."),
+    guidance: float = typer.Option(GUIDANCE_SCALE, help="Generation: classifier-free guidance scale."),
+    capture_step: int = typer.Option(-1, help="Generation: the denoising step whose features the decoders read "
+                                     "(-1 the last, -2 the one before, ...)."),
+    prompts: str = typer.Option("captions", help="Generation prompts: captions (world val captions), templates "
+                                "(class-name templates) or a prompt file or folder."),
 ) -> None:
     """Train an ordinary model on real, synthetic and both; score each on world test scenes (Tables 2, 4, 7)."""
     from datasetdm.evaluation.downstream import DownstreamConfig, build_and_run
@@ -117,7 +122,8 @@ def downstream(
                            class_quota=class_quota, head_images=head_images, tail_images=tail_images,
                            long_tail=[c.strip() for c in long_tail.split(",") if c.strip()] if long_tail else (),
                            domain=domain,
-                           zero_shot=[c.strip() for c in zero_shot.split(",") if c.strip()] if zero_shot else ())
+                           zero_shot=[c.strip() for c in zero_shot.split(",") if c.strip()] if zero_shot else (),
+                           guidance=guidance, capture_step=capture_step, prompts=prompts)
     typer.echo(result.pop("table"))
     typer.echo(json.dumps(result))
 

@@ -42,16 +42,25 @@ from datasetdm.evaluation.metrics import SemanticIoU
 from datasetdm.evaluation.segmenter import SegmenterTrainConfig, predict_segmenter, train_segmenter
 from datasetdm.formats.labelled_folder import LabelledFolder, read_labelled_folder
 from datasetdm.formats.sample import IGNORE_INDEX, Category
+from datasetdm.generation.defaults import GENERATION_STEPS, GUIDANCE_SCALE
 from datasetdm.io import write_json_atomic
 
 
 @dataclass
-class DownstreamConfig:
+class DownstreamConfig(SegmenterTrainConfig):
+    """The downstream segmenter's recipe: ``SegmenterTrainConfig`` with the check's 2000 steps."""
+
     steps: int = 2000
-    batch_size: int = 32
-    lr: float = 3e-3
-    seed: int = 0
-    bf16: bool = False  # bf16 autocast for the segmenter's forward (see SegmenterTrainConfig.bf16)
+
+
+# recipe fields that entered the cache keys' version 1 later: a key holds them only when they
+# differ from these values, so figures cached before they existed are still found
+_LATER_FIELDS = {"segmenter": {"weight_decay": 1e-4, "flip": True}, "task": {"bf16": False}}
+
+
+def _recipe_key(config, kind: str) -> dict:
+    later = _LATER_FIELDS[kind]
+    return {k: v for k, v in asdict(config).items() if k not in later or v != later[k]}
 
 
 def load_semantic(folder: LabelledFolder, reference: list[Category], what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -77,9 +86,7 @@ def load_semantic(folder: LabelledFolder, reference: list[Category], what: str) 
 
 
 def _train(images, masks, num_classes: int, config: DownstreamConfig, progress=None):
-    cfg = SegmenterTrainConfig(steps=config.steps, batch_size=config.batch_size, lr=config.lr, seed=config.seed,
-                               bf16=config.bf16)
-    return train_segmenter(images, {"semantic": masks}, {"semantic": num_classes}, cfg, progress=progress)
+    return train_segmenter(images, {"semantic": masks}, {"semantic": num_classes}, config, progress=progress)
 
 
 def evaluate_segmenter(model, images: np.ndarray, masks: np.ndarray, category_ids: list[int]) -> dict:
@@ -131,7 +138,8 @@ def run_downstream(
     joint_x = np.concatenate([np.tile(real_x, (repeat, 1, 1, 1)), syn_x])
     joint_y = np.concatenate([np.tile(real_y, (repeat, 1, 1)), syn_y])
     # what, besides its training data, decides a model's figures: test set, classes, recipe
-    scored_on = _digest(test_images, test_masks, extra={"ids": ids, "config": asdict(config), "version": 1})
+    scored_on = _digest(test_images, test_masks, extra={"ids": ids, "config": _recipe_key(config, "segmenter"),
+                                                         "version": 1})
     results = {}
     for name, (x, y, n) in {
         "real": (real_x, real_y, len(real_x)),
@@ -228,7 +236,7 @@ def run_task_downstream(
     if task == "instance" and class_ids != list(range(1, num_classes)):
         raise DatasetdmError(f"categories {class_ids}: the instance model needs ids 1..{len(class_ids)}")
     scored_on = _digest(*test_d.arrays(), extra={"task": task, "ids": [c.id for c in categories],
-                                                 "config": asdict(config), "version": 1})
+                                                 "config": _recipe_key(config, "task"), "version": 1})
     joint = concat_data([real_d, syn_d])
     half = np.concatenate([np.full(len(real_d), 0.5 / len(real_d)), np.full(len(syn_d), 0.5 / len(syn_d))])
     results = {}
@@ -308,13 +316,24 @@ def build_and_run(out: str | Path, test_seed: int, n_test: int = 500, real: Path
                   min_pixel_confidence: float | None = None, task: str = "semantic", task_config=None,
                   class_quota: int | None = None, long_tail: Sequence[str] = (), head_images: int = 20,
                   tail_images: int = 2, device: str = "auto", dtype: str | None = None,
-                  domain: str | None = None, zero_shot: Sequence[str] = ()) -> dict:
+                  domain: str | None = None, zero_shot: Sequence[str] = (), guidance: float = GUIDANCE_SCALE,
+                  generation_steps: int = GENERATION_STEPS, capture_step: int = -1,
+                  prompts: str | Path = "captions") -> dict:
     """The `datasetdm downstream` command: build what is not given, run, write ``downstream.json``
     (``downstream-{task}.json`` for the other tasks). Holds ``out``'s lock (``io.output_lock``):
     two runs would share its caches. ``task_config`` (``task_models.TaskModelConfig``) is the
-    depth / instance / pose recipe; without it those take ``config``'s steps, batch, lr and seed.
+    depth / instance / pose recipe; without it those take ``config``'s training fields.
     ``device``/``dtype``: where the decoders train and the backbone generates (the ordinary models
-    train on the CPU)."""
+    train on the CPU).
+
+    The generation (when ``synthetic`` is not given; the ablation benches vary these):
+    ``n_synthetic`` samples, ``generation_steps`` denoising steps at ``guidance``, the decoders
+    reading the features of denoising step ``capture_step`` (default the last), prompted by
+    ``prompts``: "captions" (world val captions, the default), "templates" (class-name templates
+    over the decoders' classes) or a prompt file or folder (``prompts.load_prompts``). A setting
+    away from its default names its own shard and synthetic folders and result file (e.g.
+    ``downstream-semantic-n250.json``), so runs of several settings share ``out``: its decoders,
+    real set and real-only model."""
     from datasetdm.io import output_lock
 
     if task not in DOWNSTREAM_TASKS:
@@ -325,6 +344,16 @@ def build_and_run(out: str | Path, test_seed: int, n_test: int = 500, real: Path
         raise DatasetdmError("--long-tail: measured on semantic segmentation (head / tail mIoU); use --task semantic")
     if long_tail and real is not None:
         raise DatasetdmError("--long-tail makes the real few-shot set itself; drop --real")
+    if long_tail and str(prompts) != "captions":
+        raise DatasetdmError("--long-tail prompts with the long-tail set's own captions; drop --prompts")
+    if str(prompts) not in ("captions", "templates") and not Path(prompts).exists():
+        raise DatasetdmError(f"--prompts {prompts}: no such prompt file or folder (or: captions, templates)")
+    generation = _generation_settings(n_synthetic, generation_steps, guidance, capture_step, prompts)
+    if synthetic is not None and generation["tag"]:
+        raise DatasetdmError("--synthetic is generated already: drop the generation settings "
+                             f"({generation['tag'].lstrip('-')})")
+    if not -generation_steps <= capture_step < generation_steps:
+        raise DatasetdmError(f"--capture-step {capture_step}: out of range for {generation_steps} denoising steps")
     if domain is not None and (real is not None or long_tail):
         raise DatasetdmError("--domain makes the real few-shot set itself; drop --real and --long-tail")
     if zero_shot and (task != "semantic" or real is not None or long_tail or domain is not None
@@ -346,17 +375,38 @@ def build_and_run(out: str | Path, test_seed: int, n_test: int = 500, real: Path
         return _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler, backbone, config,
                               decoder_iterations, seed, cache_dir, min_pixel_confidence, task, task_config,
                               class_quota, list(long_tail), head_images, tail_images, device, dtype, domain,
-                              list(zero_shot))
+                              list(zero_shot), generation)
+
+
+# default of each generation setting, and how a run away from it is tagged in folder and file names
+_GENERATION_DEFAULTS = {"n": 1000, "steps": GENERATION_STEPS, "guidance": GUIDANCE_SCALE, "capture_step": -1,
+                        "prompts": "captions"}
+
+
+def _generation_settings(n: int, steps: int, guidance: float, capture_step: int, prompts) -> dict:
+    """The synthetic set's generation settings and their tag: empty at the defaults, so the folders
+    and results of runs made before these were settings keep their names."""
+    source = str(prompts)
+    settings = {"n": n, "steps": steps, "guidance": float(guidance), "capture_step": capture_step,
+                "prompts": source}
+    tag = ""
+    for key, short in (("n", "n"), ("steps", "steps"), ("guidance", "g"), ("capture_step", "capture")):
+        value = settings[key]
+        if value != _GENERATION_DEFAULTS[key]:
+            tag += f"-{short}{value:g}" if isinstance(value, float) else f"-{short}{value}"
+    if source != "captions":
+        tag += "-prompts-" + ("templates" if source == "templates" else Path(source).stem)
+    return {**settings, "tag": tag}
 
 
 def _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler, backbone, config,
                    decoder_iterations, seed, cache_dir, min_pixel_confidence, task, task_config, class_quota,
-                   long_tail, head_images, tail_images, device, dtype, domain, zero_shot) -> dict:
+                   long_tail, head_images, tail_images, device, dtype, domain, zero_shot, generation) -> dict:
     from rich.console import Console
 
     from datasetdm.backbone.loader import embedded_backbone_path
     from datasetdm.formats.export import export_shards
-    from datasetdm.generation.defaults import GENERATION_BATCH, GENERATION_STEPS, GUIDANCE_SCALE
+    from datasetdm.generation.defaults import GENERATION_BATCH
     from datasetdm.generation.setup import generate_labelled
     from datasetdm.labelers.registry import LABELERS
     from datasetdm.io import write_json_atomic
@@ -398,12 +448,21 @@ def _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler
         say(f"downstream: zero-shot, unseen {', '.join(zero_shot)} (labels removed from the real set)")
         real = render_seen_only_folder(out / f"real{tag}", "train", seed, 100, zero_shot)
     real = Path(real) if real else render_world_folder(out / "real", "train", seed, 100)
-    if synthetic is None:
+    run_tag = tag + (f"-quota{class_quota}" if class_quota else "") + generation["tag"]
+    generated = synthetic is None
+    if generated:
         source = backbone or str(embedded_backbone_path())
         # long-tail: prompts are the real set's captions, so they share its imbalance (unless quotas)
-        prompts = real if long_tail else world_prompt_file(out / "prompts.txt", n_synthetic, seed)
+        if long_tail:
+            prompts = real
+        elif generation["prompts"] == "captions":  # as many captions as samples: one file per size
+            n_tag = f"-n{n_synthetic}" if n_synthetic != _GENERATION_DEFAULTS["n"] else ""
+            prompts = world_prompt_file(out / f"prompts{n_tag}.txt", n_synthetic, seed)
+        elif generation["prompts"] == "templates":
+            prompts = None  # generate_labelled's templates over the decoders' classes
+        else:
+            prompts = Path(generation["prompts"])
         kind = labeler if task == "semantic" else f"{labeler}-{task}"
-        run_tag = tag + (f"-quota{class_quota}" if class_quota else "")
         shards = out / f"shards-{kind}{run_tag}"
         decoders = []
         if zero_shot:  # an open-vocabulary decoder that never saw the unseen classes' labels or names
@@ -421,9 +480,9 @@ def _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler
                                            log=say, **placement).values())
         generate_labelled(shards, labeler=labeler, backbone=source, decoders=decoders,
                           categories=list(CATEGORIES) if labeler == "attention" else (), prompts=prompts,
-                          n=n_synthetic, seed=seed, steps=GENERATION_STEPS, guidance=GUIDANCE_SCALE,
+                          n=n_synthetic, seed=seed, steps=generation["steps"], guidance=generation["guidance"],
                           batch_size=GENERATION_BATCH, min_pixel_confidence=min_pixel_confidence,
-                          class_quota=class_quota, **placement)
+                          class_quota=class_quota, capture_step=generation["capture_step"], **placement)
         synthetic = out / f"synthetic-{kind}{run_tag}"
         export_shards(shards, synthetic, overwrite=True)
     say(f"downstream ({task}): real {real}, synthetic {synthetic}, {n_test} test scenes (seed {test_seed})")
@@ -454,8 +513,7 @@ def _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler
             from datasetdm.evaluation.task_models import TaskModelConfig
 
             if task_config is None:
-                c = config or DownstreamConfig()
-                task_config = TaskModelConfig(steps=c.steps, batch_size=c.batch_size, lr=c.lr, seed=c.seed)
+                task_config = TaskModelConfig(**asdict(config or DownstreamConfig()))
             categories = list(CATEGORIES)
             if test_samples is None:
                 test_samples = world_test_samples(test_seed, n_test)
@@ -489,11 +547,12 @@ def _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler
     if domain is not None:
         result["domain"] = {"setting": setting, "lighting": lighting, "test": "outside"}
         headline["domain"] = domain
-    write_json_atomic(out / ("downstream.json" if task == "semantic" and not tag and not class_quota
-                             else f"downstream-{task}{tag}{f'-quota{class_quota}' if class_quota else ''}.json"),
-                      result)
+    if generated:
+        result["generation"] = {**{k: v for k, v in generation.items() if k != "tag"}, "shards": str(shards)}
+    saved = out / ("downstream.json" if task == "semantic" and not run_tag else f"downstream-{task}{run_tag}.json")
+    write_json_atomic(saved, result)
     headline.update({"n_real": result["n_real"], "n_synthetic": result["n_synthetic"], "n_test": n_test,
-                     "test_seed": test_seed, "labeler": labeler})
+                     "test_seed": test_seed, "labeler": labeler, "result_file": str(saved)})
     return {"table": table, **headline}
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from datasetdm.errors import DatasetdmError
-from datasetdm.evaluation.segmenter import UNetSegmenter
+from datasetdm.evaluation.segmenter import SegmenterTrainConfig, UNetSegmenter
 from datasetdm.formats.sample import IGNORE_INDEX, Category, Instance, LabelledSample
 
 TASKS = ("depth", "instance", "pose")
@@ -43,17 +43,14 @@ for _a, _b in _FLIP_PAIRS:
 
 
 @dataclass
-class TaskModelConfig:
-    """Recipe of the downstream depth / instance / pose models (one for all three trainings)."""
+class TaskModelConfig(SegmenterTrainConfig):
+    """Recipe of the downstream depth / instance / pose models (one for all three trainings): the
+    segmenter's training fields (``SegmenterTrainConfig``), the downstream check's steps, and the
+    task heads' settings."""
 
-    steps: int = 2000
-    batch_size: int = 32
-    lr: float = 3e-3
-    weight_decay: float = 1e-4
-    seed: int = 0
+    steps: int = 2000  # the semantic downstream check's (DownstreamConfig)
     base: int = 24  # U-Net width and depth: those of the semantic downstream segmenter
     depth: int = 4
-    flip: bool = True
     center_sigma: float = 2.0  # px, the instance-centre Gaussians
     keypoint_sigma: float = 2.0  # px, the joint Gaussians (the pose decoder's default)
     center_weight: float = 200.0  # Panoptic-DeepLab's loss weights: centre MSE 200 ...
@@ -295,7 +292,9 @@ def train_task_model(data: TaskData, num_classes: int, config: TaskModelConfig |
             batch = _flip_batch(batch, torch.rand(len(idx), generator=gen) < 0.5, width)
         x = batch["images"].contiguous(memory_format=torch.channels_last).to(dev)
         batch = {k: v.to(dev) for k, v in batch.items()}
-        loss = task_loss(data.task, model(x), batch, config)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=config.bf16):  # as train_segmenter
+            out = model(x)
+        loss = task_loss(data.task, out, batch, config)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -27,6 +27,7 @@ class LabelerSpec:
     min_instance_score: float | None = None
     device: str = "cpu"
     dtype: str | None = None
+    capture_step: int = -1  # the denoising step the decoders read (create_labeler)
 
 
 def build_labeling(spec: LabelerSpec):
@@ -39,7 +40,7 @@ def build_labeling(spec: LabelerSpec):
     labeling = create_labeler(spec.labeler, bb, steps=spec.steps, guidance=spec.guidance, decoders=spec.decoders,
                               categories=spec.categories, attention=spec.attention,
                               min_pixel_confidence=spec.min_pixel_confidence,
-                              min_instance_score=spec.min_instance_score)
+                              min_instance_score=spec.min_instance_score, capture_step=spec.capture_step)
     import torch
 
     if bb.dtype != torch.float32:  # fp32 runs keep the settings they had, so they still resume
@@ -56,7 +57,7 @@ def generate_labelled(out: Path, *, labeler: str = "decoder", backbone: str | No
                       min_instance_score: float | None = None,
                       filters: Filters | None = None, samples_per_shard: int = 1000, resume: bool | None = None,
                       device: str = "cpu", dtype: str | None = None, show_progress: bool = True,
-                      class_quota: int | None = None, scaleout=None) -> GenerationSummary:
+                      class_quota: int | None = None, scaleout=None, capture_step: int = -1) -> GenerationSummary:
     """Generate ``n`` labelled samples into ``out``. Prompts come from the file or folder
     ``prompts``, else from templates over ``classes`` (default: every labelled class).
     ``resume=None`` resumes when ``out`` holds an interrupted run. ``device``/``dtype``: see
@@ -65,14 +66,16 @@ def generate_labelled(out: Path, *, labeler: str = "decoder", backbone: str | No
     planned so that every class (``classes``, default every labelled class) is named by at least
     that many samples (``prompts.quota.QuotaPrompts``); the plan's class counts go into run.json
     (``config.class_quota``) and the manifest's metadata. ``scaleout``: a
-    ``generation.scaleout.ScaleOut`` to label on Ray workers (same samples, byte for byte)."""
+    ``generation.scaleout.ScaleOut`` to label on Ray workers (same samples, byte for byte).
+    ``capture_step``: the denoising step whose features the decoders read (default the last);
+    recorded in run.json when not the default."""
     from datasetdm.errors import DatasetdmError
     from datasetdm.labelers.registry import check_labeler_args
     from datasetdm.prompts import TemplatePrompts, load_prompts
 
     check_labeler_args(labeler, decoders, categories, min_pixel_confidence)
     spec = LabelerSpec(labeler, backbone, steps, guidance, tuple(Path(d) for d in decoders), tuple(categories),
-                       attention, min_pixel_confidence, min_instance_score, device, dtype)
+                       attention, min_pixel_confidence, min_instance_score, device, dtype, capture_step)
     executor = None
     if scaleout is not None:
         from datasetdm.generation.scaleout import ray_executor

@@ -26,14 +26,23 @@ class Labeling:
 
 def create_labeler(name: str, backbone, *, steps: int, guidance: float, decoders: Sequence[Path] = (),
                    categories: Sequence[Category] = (), attention=None,
-                   min_pixel_confidence: float | None = None, min_instance_score: float | None = None) -> Labeling:
+                   min_pixel_confidence: float | None = None, min_instance_score: float | None = None,
+                   capture_step: int = -1) -> Labeling:
     """``decoder``: the P-Decoder checkpoints ``decoders`` each label every image (DatasetDM);
     ``attention``: the model's own attention labels ``categories`` (Dataset Diffusion), with
-    ``attention`` an ``AttentionLabelerConfig`` or None for its defaults."""
+    ``attention`` an ``AttentionLabelerConfig`` or None for its defaults. ``capture_step``: the
+    denoising step whose features the decoders read (``backbone.capture.generate``; default the
+    last, as DatasetDM does)."""
     check_labeler_args(name, decoders, categories, min_pixel_confidence)
+    if not -steps <= capture_step < steps:
+        raise DatasetdmError(f"--capture-step {capture_step}: out of range for {steps} denoising steps")
     config: dict = {"steps": steps, "guidance": guidance}
     if name == "decoder":
+        if capture_step != -1:  # only when set, so runs made before the option still resume
+            config["capture_step"] = capture_step
         return _decoder_labeling(backbone, decoders, config, min_pixel_confidence, min_instance_score)
+    if capture_step != -1:
+        raise DatasetdmError("--capture-step is for decoder labels; the attention labeler reads the last step")
     from dataclasses import asdict
 
     from datasetdm.labelers.attention import AttentionLabeler, AttentionLabelerConfig
@@ -92,10 +101,11 @@ def _decoder_labeling(backbone, decoders, config: dict, min_pixel_confidence, mi
         config["min_instance_score"] = min_instance_score
     if min_pixel_confidence is not None:  # only when set, so runs made before the option still resume
         config["min_pixel_confidence"] = min_pixel_confidence
-    steps, guidance = config["steps"], config["guidance"]
+    steps, guidance, capture_step = config["steps"], config["guidance"], config.get("capture_step", -1)
 
     def generate_fn(texts, seeds):
-        return generate(backbone, texts, seeds, num_inference_steps=steps, guidance_scale=guidance)
+        return generate(backbone, texts, seeds, num_inference_steps=steps, guidance_scale=guidance,
+                        capture_step=capture_step)
 
     def read_prompt(text):
         from datasetdm.backbone.tokens import fit_prompt
