@@ -282,14 +282,15 @@ def test_prompt_modes(world, tiny_clip_path, tmp_path, monkeypatch):
 
     # a checkpoint records the mode and evaluate reads the test images with the same kind of prompt
     from datasetdm.evaluation.evaluate import evaluate_decoder
-    from datasetdm.training import FeatureSource, train_decoder
+    from datasetdm.decoder.predictor import Predictor
+    from datasetdm.training import train_decoder
 
     ck = tmp_path / "caption.ckpt"
     train_decoder(train, ck, TrainOptions(task="semantic", **opts), str(tiny_clip_path), show_progress=False)
     seen = []
-    extract = FeatureSource.extract
-    monkeypatch.setattr(FeatureSource, "extract", lambda self, images, prompts, *a, **k: (
-        seen.extend(prompts), extract(self, images, prompts, *a, **k))[1])
+    set_images = Predictor.set_images
+    monkeypatch.setattr(Predictor, "set_images", lambda self, images, prompts, *a, **k: (
+        seen.extend(prompts), set_images(self, images, prompts, *a, **k))[1])
     evaluate_decoder(ck, world[1], n_images=2)
     test = read_labelled_folder(world[1])
     assert seen == [test[0].caption, test[1].caption]

@@ -180,13 +180,13 @@ class PDecoder(nn.Module):
     def predict_hypercolumns(self, hypercolumns, images, tokenizer, **kw) -> list[dict]:
         """Predict from captured ``Hypercolumns`` (generation, or ``capture_real``) and the images they
         belong to ((B, H, W, 3) uint8); ``tokenizer`` is the backbone's, to find class tokens in the
-        prompts. What ``generation.decoder_annotator`` does, as one call."""
-        from datasetdm.backbone.tokens import name_token_ids
-        from datasetdm.decoder.inputs import hypercolumn_input, image_tensor
+        prompts. What ``labelers.decoder.decoder_annotator`` does, as one call (``decoder.predictor``)."""
+        from datasetdm.decoder.predictor import Predictor
 
-        class_tokens = name_token_ids(tokenizer, [c["name"] for c in self.cfg.categories])
-        images = image_tensor(images)
-        return self.predict(hypercolumn_input(hypercolumns, class_tokens, images, images.shape[-2:]), **kw)
+        predictor = Predictor(decoders={"decoder": self}, tokenizer=tokenizer)
+        predictor.set_hypercolumns(hypercolumns, images)
+        return predictor.predict("decoder", **kw)
+
 
 
 def _to_float(x):

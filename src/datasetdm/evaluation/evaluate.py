@@ -135,10 +135,11 @@ def evaluate_decoder(ckpt, data_dir, out=None, backbone_source=None, n_images: i
                                  dtype=dtype)
     decoder = load_decoder(ckpt, backbone=source.fingerprint, map_location=device)
     decoder.precision = dtype  # the decoder in the backbone's precision (autocast)
+    predictor = source.predictor({cfg.task: decoder})  # inputs made as training's cache makes them
+    names = [c["name"] for c in categories]
 
     kw = {}
     if cfg.task == "open-vocab":
-        names = [c["name"] for c in categories]
         emb = decoder.head.embeddings_for(names, source.text_embeddings if new_names else None)
         kw = {"text_embeddings": emb, "class_index": list(range(len(categories))),
               "class_ids": [c["id"] for c in categories]}
@@ -159,8 +160,8 @@ def evaluate_decoder(ckpt, data_dir, out=None, backbone_source=None, n_images: i
             views = [augment(s, None, size) for s in samples]  # the decoder's size (a no-op when equal)
             prompts = [prompt_for(v, categories, mode=cfg.prompt) for v in views]
             seeds = [sample_seed(seed, b + j, "noise") for j in range(len(views))]
-            inp = source.extract([v.image for v in views], prompts, seeds, timestep=cfg.timestep)
-            for s, p in zip(samples, decoder.predict(inp, **kw)):
+            predictor.set_images([v.image for v in views], prompts, seeds, timestep=cfg.timestep)
+            for s, p in zip(samples, predictor.predict(cfg.task, names=names, **kw)):
                 scores.add(s, resize_prediction(p, size, s.size))
             if progress:
                 progress.advance(progress.task_ids[0], len(samples))

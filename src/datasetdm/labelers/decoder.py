@@ -10,7 +10,6 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from datasetdm.backbone.tokens import name_token_ids
 from datasetdm.errors import DatasetdmError
 from datasetdm.formats.sample import Category, LabelledSample
 from datasetdm.prompts.base import Prompt
@@ -55,14 +54,28 @@ def decoder_annotator(decoder, tokenizer, min_pixel_confidence: float | None = N
     whose winning class holds a smaller share of the scores are labelled ignore (255).
     Instance and pose decoders keep the instances scoring at least ``min_instance_score``.
     """
-    from datasetdm.decoder.inputs import hypercolumn_input, image_tensor
+    from datasetdm.decoder.predictor import Predictor
 
-    names = [c["name"] for c in decoder.cfg.categories]
-    class_tokens = name_token_ids(tokenizer, names)
+    predictor = Predictor(decoders={"decoder": decoder}, tokenizer=tokenizer)
+    label = predictor_annotator(predictor, "decoder", min_pixel_confidence, min_instance_score)
 
     def annotate(images: np.ndarray, hypercolumns, prompts: list[Prompt]) -> list[LabelledSample]:
-        inp = hypercolumn_input(hypercolumns, class_tokens, image_tensor(images), images.shape[1:3])
-        predictions = decoder.predict(inp, min_pixel_confidence=min_pixel_confidence)
+        try:
+            return label(images, hypercolumns, prompts)
+        finally:
+            predictor.reset()  # nothing else reads this batch: hold none of it until the next
+
+    return annotate
+
+
+def predictor_annotator(predictor, name: str, min_pixel_confidence: float | None = None,
+                        min_instance_score: float = DEFAULT_MIN_INSTANCE_SCORE):
+    """Annotator for the decoder ``name`` of a ``decoder.predictor.Predictor``; the annotators of
+    one predictor share each batch's decoder inputs (see ``decoder_annotator`` for the options)."""
+
+    def annotate(images: np.ndarray, hypercolumns, prompts: list[Prompt]) -> list[LabelledSample]:
+        predictor.set_hypercolumns(hypercolumns, images)
+        predictions = predictor.predict(name, min_pixel_confidence=min_pixel_confidence)
         return labels_from_predictions(predictions, images, min_instance_score)
 
     return annotate

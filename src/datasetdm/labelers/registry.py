@@ -76,12 +76,13 @@ def check_labeler_args(name: str, decoders: Sequence[Path] = (), categories: Seq
 
 def _decoder_labeling(backbone, decoders, config: dict, min_pixel_confidence, min_instance_score) -> Labeling:
     from datasetdm.backbone.capture import generate
+    from datasetdm.decoder.predictor import Predictor
     from datasetdm.labelers.decoder import (
         DEFAULT_MIN_INSTANCE_SCORE,
-        decoder_annotator,
         decoder_categories,
         file_digest,
         load_decoder_checkpoint,
+        predictor_annotator,
     )
 
     if min_instance_score is None:
@@ -91,11 +92,12 @@ def _decoder_labeling(backbone, decoders, config: dict, min_pixel_confidence, mi
     for _, dec in loaded:
         dec.check_backbone(backbone)  # a decoder reads the features of the backbone it was trained on
     annotators = {}
+    predictor = Predictor(backbone)  # one for all decoders: each batch's inputs are made once per class list
     for _, dec in loaded:
         key = dec.cfg.task if dec.cfg.task not in annotators else f"{dec.cfg.task}{len(annotators)}"
         dec.precision = backbone.dtype  # the decoder in the backbone's precision (autocast, fp32 outputs)
-        annotators[key] = decoder_annotator(dec.to(backbone.device), backbone.tokenizer, min_pixel_confidence,
-                                            min_instance_score)
+        predictor.decoders[key] = dec.to(backbone.device)
+        annotators[key] = predictor_annotator(predictor, key, min_pixel_confidence, min_instance_score)
     config["decoders"] = [file_digest(p) for p, _ in loaded]
     if any(dec.cfg.task in ("instance", "pose") for _, dec in loaded):
         config["min_instance_score"] = min_instance_score
@@ -104,6 +106,7 @@ def _decoder_labeling(backbone, decoders, config: dict, min_pixel_confidence, mi
     steps, guidance, capture_step = config["steps"], config["guidance"], config.get("capture_step", -1)
 
     def generate_fn(texts, seeds):
+        predictor.reset()  # the previous batch is freed before this one is made
         return generate(backbone, texts, seeds, num_inference_steps=steps, guidance_scale=guidance,
                         capture_step=capture_step)
 

@@ -27,13 +27,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from datasetdm.backbone.tokens import name_token_ids, span_positions
-from datasetdm.decoder.inputs import (
-    RAW_PIXELS,
-    DecoderInput,
-    class_attention_maps,
-    image_tensor,
-    raw_pixel_input,
-)
+from datasetdm.decoder.inputs import RAW_PIXELS, DecoderInput, image_tensor
+from datasetdm.decoder.predictor import Predictor
 from datasetdm.errors import DatasetdmError
 from datasetdm.io import atomic_path
 from datasetdm.training.views import view_noise_seeds
@@ -44,17 +39,22 @@ EMBEDDED = "embedded"  # the loader's printable source of the embedded backbone
 # ------------------------------------------------------------------------------------ features
 
 
+CACHE_DTYPE = torch.float16  # hypercolumn inputs as the cache stores them (and evaluate reads them)
+
+
 class FeatureSource:
-    """Turns images + prompts into ``DecoderInput``: hypercolumns of a backbone, or raw pixels."""
+    """Turns images + prompts into ``DecoderInput``: hypercolumns of a backbone, or raw pixels
+    (``decoder.predictor.Predictor``'s hypercolumn step, stored in ``CACHE_DTYPE``)."""
 
     def __init__(self, kind: str, categories: list[dict], backbone=None):
         self.kind = kind
         self.categories = categories
         self.backbone = backbone
-        self.class_tokens = None
-        if backbone is not None:
-            tok = backbone.tokenizer
-            self.class_tokens = name_token_ids(tok, [c["name"] for c in categories])
+        self._predictor = self.predictor()
+
+    def predictor(self, decoders=None) -> Predictor:
+        """A predictor whose decoders read inputs made exactly as this source makes the cache's."""
+        return Predictor(None if self.kind == RAW_PIXELS else self.backbone, decoders, store_dtype=CACHE_DTYPE)
 
     @property
     def fingerprint(self) -> str:
@@ -97,16 +97,11 @@ class FeatureSource:
 
     @torch.no_grad()
     def extract(self, images: list[np.ndarray], prompts: list[str], seeds: list[int], timestep: int = 1) -> DecoderInput:
-        img = image_tensor(images)
-        if self.kind == RAW_PIXELS:
-            return raw_pixel_input(img, len(self.categories))
-        from datasetdm.backbone.capture import capture_real
-
-        H, W = img.shape[-2:]
-        hc = capture_real(self.backbone, list(img), prompts, t=timestep, seeds=seeds, size=(H, W))
-        att = class_attention_maps(hc, self.class_tokens)
-        feats = [f.float().cpu().half() for f in hc.features]
-        return DecoderInput(feats, [a.float().cpu().half() for a in att], img, (H, W))
+        self._predictor.set_images(images, prompts, seeds, timestep=timestep)
+        try:
+            return self._predictor.inputs([c["name"] for c in self.categories])
+        finally:
+            self._predictor.reset()  # nothing of the batch is held past it
 
     @torch.no_grad()
     def text_embeddings(self, names: list[str]) -> torch.Tensor:
