@@ -1,6 +1,7 @@
 """Helpers of the fault tests (tests/test_faults*.py): their inputs (a labelled folder and a
 generate run of world scenes, made without a model), run the CLI in this process, check its
-one-line error, disks that fail like a full or a read-only one, and planted pickles."""
+one-line error, kill -9 a child at a chosen moment, disks that fail like a full or a read-only
+one, and planted pickles."""
 
 from __future__ import annotations
 
@@ -8,9 +9,13 @@ import builtins
 import errno
 import io
 import os
+import signal
+import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -74,6 +79,36 @@ def leftovers(folder: Path) -> list[str]:
 
 def tree_bytes(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------ kill -9
+
+
+def kill_when(command: list, ready: Callable[[], bool], watch: Callable[[int], None] | None = None,
+              timeout: float = 120.0) -> None:
+    """Run ``command`` in a child and SIGKILL it the moment ``ready()`` holds (polled every 10 ms),
+    or at ``timeout``. ``watch(pid)`` is called at each poll and just before the kill (e.g. to
+    note the child's descendants while they exist). Asserts the child was still running then
+    (else fails with its stderr) and that it died of the kill; a child left over is killed."""
+    child = subprocess.Popen([str(c) for c in command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + timeout
+        while child.poll() is None and time.monotonic() < deadline:
+            if watch is not None:
+                watch(child.pid)
+            if ready():
+                break
+            time.sleep(0.01)
+        assert child.poll() is None, child.stderr.read().decode()
+        if watch is not None:
+            watch(child.pid)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == -signal.SIGKILL
 
 
 # ------------------------------------------------------------------ failing disks

@@ -1,7 +1,4 @@
-import os
 import re
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,6 +13,7 @@ from datasetdm.formats.sample import Category, Instance, LabelledSample
 from datasetdm.formats.shards import MANIFEST_FILE, read_manifest, read_shards
 from datasetdm.generation import Filters, generate_dataset, quality_scores
 from datasetdm.prompts import Prompt, TemplatePrompts
+from faults_support import kill_when
 
 CATS = [Category(1, "dog"), Category(2, "cat"), Category(3, "bus")]
 IDS = {c.name: c.id for c in CATS}
@@ -173,22 +171,9 @@ def test_resume_after_sigkill(reference, tmp_path):
     out, _ = reference
     target = tmp_path / "killed"
     code = _CHILD.format(tests=str(Path(__file__).parent), out=str(target))
-    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 120
-        # kill once a shard is complete and the next one is being written
-        while time.time() < deadline and child.poll() is None:
-            if (target / MANIFEST_FILE).exists() and list((target / "shards").glob(".*.tmp")):
-                break
-            time.sleep(0.02)
-        assert child.poll() is None, child.stderr.read().decode()
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait()
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-    assert child.returncode == -signal.SIGKILL
+    # kill once a shard is complete and the next one is being written
+    kill_when([sys.executable, "-c", code],
+              lambda: (target / MANIFEST_FILE).exists() and bool(list((target / "shards").glob(".*.tmp"))))
     done = read_manifest(target).num_rows
     assert 0 < done < 23
     summary = run(target, resume=True)

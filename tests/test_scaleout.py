@@ -10,9 +10,6 @@ in this process instead (`test_workers_in_any_order_write_the_single_process_byt
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from datasetdm.formats.shards import MANIFEST_FILE, read_manifest
-from faults_support import assert_one_line_error, run_cli
+from faults_support import assert_one_line_error, kill_when, run_cli
 
 N, PER_SHARD, BATCH = 8, 2, 2
 
@@ -180,25 +177,11 @@ def test_killed_driver_is_finished_by_one_worker(single_process, tiny_clip_path,
     pytest.importorskip("ray.data")
     out = tmp_path / "run"
     args = generate_args(tiny_clip_path, decoders, out, "--workers", 2)
-    child = subprocess.Popen([sys.executable, "-c", "from datasetdm.cli import main; main()", *map(str, args)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ray_processes: set[int] = set()
-    try:
-        # kill once a shard is complete and more are to come
-        while child.poll() is None:
-            ray_processes |= _descendants(child.pid)
-            if (out / MANIFEST_FILE).exists():
-                break
-            time.sleep(0.01)
-        assert child.poll() is None, child.stderr.read().decode()
-        ray_processes |= _descendants(child.pid)
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait()
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-    assert child.returncode == -signal.SIGKILL
+    # kill once a shard is complete and more are to come, noting the Ray processes it started
+    kill_when([sys.executable, "-c", "from datasetdm.cli import main; main()", *args],
+              lambda: (out / MANIFEST_FILE).exists(), watch=lambda pid: ray_processes.update(_descendants(pid)),
+              timeout=600)
     done = read_manifest(out).num_rows
     assert 0 < done < N
     code, _, err = run_cli(capsys, monkeypatch, *generate_args(tiny_clip_path, decoders, out, "--resume", "--workers", 1))
