@@ -24,6 +24,14 @@ same trajectory up to float differences, reported as ``max_miou_gap`` over the s
 hypercolumns carry no semantics, so the mIoU is low, but both runs follow the same trajectory and
 the time each step costs is the real model's, which is what the speedup is about.
 
+The decoder is built as ``datasetdm train`` builds it: from 256 px up its masks are predicted at
+1/4 of the image with point-sampled mask losses (``--mask-stride`` / ``--point-loss-points``,
+default "auto"; ``--mask-stride 1 --point-loss-points 0`` is the full-resolution decoder the first
+SD-shaped figures used). ``--step-timing N`` times N decoder steps only, full-resolution settings
+against the chosen ones, on random hypercolumns of SD 1.5's shapes (no UNet, a minute or two):
+
+    python bench/decoder_training.py --sd15-shaped --image-size 256 --step-timing 5 --threads 2
+
 The speedup is bounded twice: by how often each cached view is reused before the target (steps ×
 batch / views), and by (UNet time per batch + decoder step) / decoder step. So it grows with the
 backbone's cost: the embedded backbone's UNet is small (on 2 CPU cores a batch of 8 costs about
@@ -137,6 +145,11 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32 for backbone and decoder "
                     "(default: fp16 on CUDA, fp32 on the CPU)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mask-stride", default="auto", help="decoder mask stride: auto | N (1: full resolution)")
+    ap.add_argument("--point-loss-points", default="auto", help="points per mask for the mask losses: auto | N (0: dense)")
+    ap.add_argument("--step-timing", type=int, default=0, metavar="N",
+                    help="only time N decoder steps (batch --batch-size), full-resolution vs chosen settings, "
+                    "on random SD 1.5-shaped hypercolumns (with --sd15-shaped)")
     args = ap.parse_args()
 
     import torch
@@ -144,9 +157,66 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench_decoder_"))
     try:
-        print(json.dumps(bench(args, tmp)))
+        print(json.dumps(step_timing(args) if args.step_timing else bench(args, tmp)))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _auto_int(value):
+    return value if value == "auto" else int(value)
+
+
+# SD 1.x hypercolumns (up-block outputs, highest resolution first): channels, and stride in latent px
+SD15_LEVELS = ((320, 1), (640, 2), (1280, 4), (1280, 8))
+
+
+def step_timing(args) -> dict:
+    """Seconds per decoder step (wall and this process's CPU), full-resolution decoder (mask stride
+    1, dense losses: the old one) against the settings chosen, on the same random SD 1.5-shaped
+    hypercolumns and world-scene targets. The UNet is not run: this is the cached step only."""
+    import torch
+
+    from datasetdm.decoder import DecoderConfig, DecoderInput, build_decoder
+    from datasetdm.decoder.build import resolve_mask_resolution
+    from datasetdm.training import Trainer, TrainOptions, augment
+    from datasetdm.world.render import CATEGORIES, render_scene
+
+    if not args.sd15_shaped:
+        raise SystemExit("--step-timing needs --sd15-shaped (the shapes it times)")
+    size, B = args.image_size or 512, args.batch_size
+    cats = [{"id": int(c.id), "name": c.name} for c in CATEGORIES]
+    latent = size // 8
+    chans = [c for c, _ in SD15_LEVELS]
+    sizes = [[latent // s] * 2 for _, s in SD15_LEVELS]
+    g = torch.Generator().manual_seed(args.seed)
+    inp = DecoderInput([torch.randn(B, c, h, w, generator=g) for c, (h, w) in zip(chans, sizes)],
+                       [torch.rand(B, len(cats), h, w, generator=g) for h, w in sizes],
+                       torch.rand(B, 3, size, size, generator=g), (size, size))
+    scenes = [augment(render_scene("train", 0, i), None, (size, size)) for i in range(B)]
+    chosen = resolve_mask_resolution("semantic", (size, size), _auto_int(args.mask_stride),
+                                     _auto_int(args.point_loss_points))
+    result = {}
+    for name, (stride, points) in (("full_resolution", (1, 0)), ("chosen", chosen)):
+        cfg = DecoderConfig(task="semantic", categories=cats, feature_channels=chans, feature_sizes=sizes,
+                            image_size=[size, size], mask_stride=stride, point_loss_points=points)
+        torch.manual_seed(args.seed)
+        decoder = build_decoder(cfg)
+        opts = TrainOptions(task="semantic", batch_size=B, seed=args.seed, device=args.device, dtype=args.dtype)
+        trainer = Trainer(decoder, None, [decoder.targets(s) for s in scenes], opts)
+        targets = list(trainer.targets)
+        trainer.step(inp, targets)  # warm-up
+        wall, cpu = time.perf_counter(), time.process_time()
+        losses = [trainer.step(inp, targets)["loss"] for _ in range(args.step_timing)]
+        result[name] = {"mask_stride": stride, "point_loss_points": points,
+                        "seconds_per_step": round((time.perf_counter() - wall) / args.step_timing, 4),
+                        "cpu_seconds_per_step": round((time.process_time() - cpu) / args.step_timing, 4),
+                        "loss_first_last": [round(losses[0], 3), round(losses[-1], 3)]}
+        print(f"  {name}: {result[name]}", flush=True)
+    full, new = result["full_resolution"], result["chosen"]
+    return {**result, "step_ratio": round(full["seconds_per_step"] / new["seconds_per_step"], 2),
+            "cpu_step_ratio": round(full["cpu_seconds_per_step"] / new["cpu_seconds_per_step"], 2),
+            "image_size": [size, size], "batch_size": B, "steps": args.step_timing, "threads": args.threads,
+            "backbone": "sd15-shaped (random hypercolumns)"}
 
 
 def bench(args, tmp: Path) -> dict:
@@ -167,7 +237,8 @@ def bench(args, tmp: Path) -> dict:
     data = args.data or world_folder(tmp / "train", "train", args.n_images, args.image_size)
     val = args.val or world_folder(tmp / "val", "val", args.n_val, args.image_size)
     opts = TrainOptions(task="semantic", n_images=args.n_images, views=args.views, iterations=args.iterations,
-                        batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype)
+                        batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype,
+                        mask_stride=_auto_int(args.mask_stride), point_loss_points=_auto_int(args.point_loss_points))
 
     prep = prepare(data, opts, backbone)  # loads the backbone and builds the cache (untimed: warm-up)
     cfg, source, views = prep.decoder.cfg, prep.source, prep.views
@@ -217,6 +288,9 @@ def bench(args, tmp: Path) -> dict:
         "extrapolated": extrapolated,
         "max_miou_gap": None if gap is None else round(gap, 4),
         "seconds_per_step": {"cached": round(cached_step, 4), "recompute": round(re_step, 4)},
+        "decoder_step_seconds": round(cached_step, 4),  # the cached step is the decoder step alone
+        "mask_stride": cfg.mask_stride,
+        "point_loss_points": cfg.point_loss_points,
         "views": len(views),
         "batch_size": args.batch_size,
         "backbone": "sd15-shaped-random" if args.sd15_shaped else "tiny-random" if args.tiny else source.description["source"],

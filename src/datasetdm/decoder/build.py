@@ -44,6 +44,15 @@ class DecoderConfig:
     # pose: σ of the Gaussian keypoint targets, in output pixels. The paper's σ = 1 is at 512 px;
     # at the world's 64 px, σ = 2 lifted keypoint AP from 0.28 to 0.53 (tuning seed, NOTES session 10)
     keypoint_sigma: float = 2.0
+    # issue 19 item 4: at Stable Diffusion's sizes the decoder step is dominated by full-resolution
+    # mask products and losses. ``mask_stride``: mask logits of the mask tasks (semantic, instance,
+    # open-vocab) at 1/stride of the image, upsampled only at inference (Mask2Former: 1/4); depth
+    # and pose keep 1. ``point_loss_points``: mask losses on that many sampled points per mask
+    # (Mask2Former §3.2/§4, PointRend's importance sampling; losses.point_mask_losses); 0 = dense.
+    # Configs written before these fields existed load as 1 and 0: the old behaviour, to the bit.
+    # ``resolve_mask_resolution`` gives the defaults training records.
+    mask_stride: int = 1
+    point_loss_points: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,6 +71,51 @@ class DecoderConfig:
         # open-vocab: the set of classes varies per call, so one class-agnostic map (the max
         # over the named classes); closed vocabularies: one map per class
         return 1 if self.task == "open-vocab" else len(self.categories)
+
+    @property
+    def mask_size(self) -> tuple[int, int]:
+        """(h, w) of the mask logits the pixel decoder's image path ends at."""
+        return mask_size(self.image_size, self.mask_stride)
+
+
+AUTO = "auto"
+AUTO_MIN_SIDE = 256  # images at least this side (SD-sized backbones) get the cheap mask path
+AUTO_MASK_STRIDE = 4  # Mask2Former's mask resolution, 1/4 of the image
+AUTO_MAX_POINTS = 12544  # Mask2Former's 112 × 112 points per mask
+FULL_RESOLUTION_TASKS = ("depth", "pose")  # per-pixel regression and keypoint heatmaps need every pixel
+
+
+def mask_size(image_size, stride: int) -> tuple[int, int]:
+    return tuple(-(-int(s) // int(stride)) for s in image_size)
+
+
+def resolve_mask_resolution(task: str, image_size, mask_stride: int | str = AUTO,
+                            point_loss_points: int | str = AUTO) -> tuple[int, int]:
+    """(mask_stride, point_loss_points) for a decoder of ``task`` on images of ``image_size``.
+
+    "auto": below ``AUTO_MIN_SIDE`` (the embedded 64-px backbone) the dense full-resolution path,
+    stride 1 and no points, exactly what decoders did before the fields existed; from it up, masks
+    at 1/4 and point losses with one point per mask-logit pixel up to Mask2Former's 12544 (at
+    256 px the logits have 4096 pixels; more points than that resample the same bilinear surface).
+    Depth never samples points (its loss is not a mask loss); pose keeps full resolution for its
+    heatmaps but samples its person masks' losses."""
+    big = min(int(s) for s in image_size) >= AUTO_MIN_SIDE
+    stride = mask_stride
+    if stride == AUTO:
+        stride = AUTO_MASK_STRIDE if big and task not in FULL_RESOLUTION_TASKS else 1
+    stride = int(stride)
+    if stride < 1:
+        raise DatasetdmError(f"mask stride must be at least 1, got {stride}")
+    if stride > 1 and task in FULL_RESOLUTION_TASKS:
+        raise DatasetdmError(f"{task} decoders predict at full resolution: mask stride must be 1, got {stride}")
+    points = point_loss_points
+    if points == AUTO:
+        h, w = mask_size(image_size, stride)
+        points = min(AUTO_MAX_POINTS, h * w) if big and task != "depth" else 0
+    points = int(points)
+    if points < 0:
+        raise DatasetdmError(f"point-loss points must be ≥ 0 (0: dense losses), got {points}")
+    return stride, points
 
 
 def check_backbone(cfg: DecoderConfig, backbone, name) -> None:
@@ -95,9 +149,13 @@ class PDecoder(nn.Module):
         super().__init__()
         if cfg.task not in HEADS:
             raise ValueError(f"unknown task {cfg.task!r}; one of {TASKS}")
+        if cfg.mask_stride < 1 or (cfg.mask_stride > 1 and cfg.task in FULL_RESOLUTION_TASKS):
+            raise ValueError(f"mask_stride {cfg.mask_stride} is not valid for a {cfg.task} decoder")
+        if cfg.point_loss_points < 0:
+            raise ValueError(f"point_loss_points must be ≥ 0, got {cfg.point_loss_points}")
         self.cfg = cfg
         self.fusion = Fusion(cfg.feature_channels, cfg.attention_channels, cfg.dim)
-        stages = image_stages(tuple(cfg.feature_sizes[0]), tuple(cfg.image_size)) if cfg.use_image else 0
+        stages = image_stages(tuple(cfg.feature_sizes[0]), cfg.mask_size) if cfg.use_image else 0
         self.pixel_decoder = PixelDecoder(len(cfg.feature_channels), cfg.dim, stages)
         self.head = HEADS[cfg.task](cfg)
 
@@ -151,7 +209,7 @@ class PDecoder(nn.Module):
 
     def _forward(self, inp: DecoderInput, kw: dict) -> dict:
         fused = self.fusion(inp.features, self._attention(inp, kw.get("class_index")))
-        levels, pixel_embed = self.pixel_decoder(fused, inp.image if self.cfg.use_image else None)
+        levels, pixel_embed = self.pixel_decoder(fused, inp.image if self.cfg.use_image else None, self.cfg.mask_stride)
         return self.head(levels, pixel_embed, inp, **kw)
 
     def loss(self, out: dict, targets: list[dict]):

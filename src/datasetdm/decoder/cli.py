@@ -47,6 +47,10 @@ def train(
         None, "--feature-cache", help="folder of the on-disk feature cache (fp16 shards, reused by any run on the "
         "same images, views and backbone; kept); default {out}.work/, removed after training unless --keep-cache; "
         "'memory' keeps the features in RAM instead"),
+    mask_stride: str = typer.Option("auto", "--mask-stride", help="mask logits of semantic/instance/open-vocab "
+                                    "at 1/N of the image (auto: 4 from 256 px up, else 1)"),
+    point_loss_points: str = typer.Option("auto", "--point-loss-points", help="mask losses on N sampled points "
+                                          "per mask, 0: every pixel (auto: from 256 px up, else 0)"),
     checkpoint_every: int = typer.Option(250, "--checkpoint-every", min=1,
                                          help="save the resumable training state every N iterations"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a decoder checkpoint already in --out"),
@@ -74,13 +78,23 @@ def train(
     opts = TrainOptions(task=task, n_images=n_images, views=views, iterations=iterations, batch_size=batch_size,
                         lr=lr, seed=seed, features=features, attention=attention, use_image=use_image,
                         held_out=held, keep_cache=keep_cache, device=device, dtype=dtype, prompt=prompt,
-                        checkpoint_every=checkpoint_every)
+                        checkpoint_every=checkpoint_every, mask_stride=_auto_int(mask_stride, "--mask-stride"),
+                        point_loss_points=_auto_int(point_loss_points, "--point-loss-points"))
     if feature_cache == "memory":
         opts.feature_cache = "memory"
     elif feature_cache:
         opts.cache_dir = feature_cache
     summary = train_decoder(data, out, opts, backbone_source=backbone, show_progress=progress, overwrite=overwrite)
     typer.echo(json.dumps({"checkpoint": str(out), **summary}))
+
+
+def _auto_int(value: str, flag: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise DatasetdmError(f"{flag}: 'auto' or a whole number, not {value!r}") from None
 
 
 def evaluate(

@@ -28,6 +28,7 @@ from datasetdm.decoder.losses import (
     heatmap_mse,
     heatmap_peaks,
     masked_bce_dice,
+    point_mask_losses,
     resize_logits,
     silog_loss,
 )
@@ -68,7 +69,7 @@ class _QueryHead(Head):
         self.query_pos = nn.Embedding(num_queries, cfg.dim)
         self.transformer = MaskedAttentionDecoder(cfg.dim, cfg.heads, cfg.ffn_dim, cfg.layers)
         self.class_embed = nn.Linear(cfg.dim, num_classes + 1)  # + "no object"
-        self.criterion = SetCriterion(num_classes)
+        self.criterion = SetCriterion(num_classes, num_points=cfg.point_loss_points)
 
     def decode(self, levels, pixel_embed):
         B = pixel_embed.shape[0]
@@ -353,13 +354,18 @@ class OpenVocabHead(Head):
             ce = F.binary_cross_entropy_with_logits(pl, present)
             bce = dice = pl.new_zeros(())
             n = max(1, int(present.sum()))
-            for b, t in enumerate(targets):
-                idx = t["present"].nonzero()[:, 0]
-                if len(idx) == 0:
-                    continue
-                m = resize_logits(ml[b, idx][None], t["masks"].shape[-2:])[0]
-                l_bce, l_dice = masked_bce_dice(m, t["masks"][idx], t["valid"][None].expand_as(m))
-                bce, dice = bce + l_bce, dice + l_dice
+            if self.cfg.point_loss_points:  # every present class's mask at once, on sampled points
+                idx = [t["present"].nonzero()[:, 0] for t in targets]
+                if any(len(i) for i in idx):
+                    bce, dice = point_mask_losses(ml, [(i, i) for i in idx], targets, self.cfg.point_loss_points)
+            else:
+                for b, t in enumerate(targets):
+                    idx = t["present"].nonzero()[:, 0]
+                    if len(idx) == 0:
+                        continue
+                    m = resize_logits(ml[b, idx][None], t["masks"].shape[-2:])[0]
+                    l_bce, l_dice = masked_bce_dice(m, t["masks"][idx], t["valid"][None].expand_as(m))
+                    bce, dice = bce + l_bce, dice + l_dice
             losses = {"loss_class": 2.0 * ce, "loss_mask": 5.0 * bce / n, "loss_dice": 5.0 * dice / n}
             total = total + sum(losses.values())
             parts = {k: v.detach() for k, v in losses.items()}

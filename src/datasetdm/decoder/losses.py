@@ -2,9 +2,10 @@
 
 Masks: Hungarian matching (`matcher.HungarianMatcher`: Mask2Former's cost, scipy's assignment), then
 sigmoid BCE + dice on matched masks and cross-entropy on classes with a down-weighted "no object".
-Our mask losses are computed densely with a validity map instead of Mask2Former's point sampling:
-at 64×64 px the full mask is cheaper than 12k sampled points, and dense losses can honour the
-semantic ignore value (255), which Mask2Former's point-sampled loss cannot.
+Mask losses are dense by default, with a validity map: at 64×64 px the full mask is cheaper than
+12k sampled points. At Stable Diffusion's sizes (``DecoderConfig.point_loss_points``) they are
+computed on sampled points instead (``point_mask_losses``, Mask2Former §3.2/§4 after PointRend), the
+validity map sampled at the same points, so the semantic ignore value (255) is honoured there too.
 Depth: scale-invariant log loss (Eigen et al.; the SigLoss DepthFormer uses).
 Pose: MSE against Gaussian heatmaps with σ = 1 px.
 """
@@ -33,12 +34,76 @@ def masked_bce_dice(logits: torch.Tensor, target: torch.Tensor, valid: torch.Ten
     return bce.sum(), dice.sum()
 
 
+# Mask2Former's importance sampling (§4 "Training"; PointRend, Kirillov et al. 2020, §3.1):
+# oversample k·N uniform points, keep the β·N where the prediction is least certain, add (1 − β)·N
+# uniform ones
+POINT_OVERSAMPLE = 3.0  # k
+POINT_IMPORTANCE = 0.75  # β
+
+
+def sample_at(maps: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """(M, H, W) maps read bilinearly at per-map points (M, P, 2), (x, y) in [0, 1]² → (M, P).
+
+    Pixel centres sit at (j + 0.5) / W (align_corners=False). Outside the outermost centres the
+    border value is repeated, not blended with zeros as Mask2Former's ``point_sample`` does, so a
+    uniform point's expected value is the map's pixel mean (the loss is unbiased at the edges)."""
+    grid = (2 * points - 1)[:, :, None, :].to(maps.dtype)  # (M, P, 1, 2)
+    return F.grid_sample(maps[:, None], grid, mode="bilinear", padding_mode="border", align_corners=False)[:, 0, :, 0]
+
+
+def importance_points(logits: torch.Tensor, num_points: int, oversample: float = POINT_OVERSAMPLE,
+                      importance: float = POINT_IMPORTANCE) -> torch.Tensor:
+    """(M, num_points, 2) points per mask of ``logits`` (M, h, w): the ``importance`` share where
+    |logit| is smallest among ``oversample`` × num_points uniform candidates, the rest uniform.
+    Drawn from torch's global generator (the trainer seeds it per step)."""
+    M, device = logits.shape[0], logits.device
+    n_uncertain = int(importance * num_points)
+    if n_uncertain == 0:
+        return torch.rand(M, num_points, 2, device=device)
+    candidates = torch.rand(M, max(int(oversample * num_points), n_uncertain), 2, device=device)
+    with torch.no_grad():
+        uncertainty = -sample_at(logits.detach().float(), candidates).abs()
+    # unsorted: the loss is a sum over points, and topk's sort costs as much as the selection
+    idx = uncertainty.topk(n_uncertain, dim=1, sorted=False).indices
+    chosen = candidates.gather(1, idx[..., None].expand(-1, -1, 2))
+    return torch.cat([chosen, torch.rand(M, num_points - n_uncertain, 2, device=device)], 1)
+
+
+def point_mask_losses(mask_logits: torch.Tensor, pairs, targets: list[dict], num_points: int,
+                      points: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``masked_bce_dice`` of matched masks on sampled points instead of every pixel.
+
+    mask_logits (B, Q, h, w) at any resolution; ``pairs[b]`` = (prediction rows, target rows) of
+    image b; ``targets[b]``: ``masks`` (N, H, W) and ``valid`` (H, W) at the image's resolution,
+    read at the same points as the logits. Points: ``importance_points`` of the matched logits,
+    unless ``points`` (M, P, 2), M = all pairs in order, is given. Nothing is resized or copied at
+    the image's resolution: the cost is M × points, not M × H × W."""
+    rows = [(b, qi, ti) for b, (qi, ti) in enumerate(pairs) if len(qi)]
+    # one gather over (B·Q): its backward scatters once, not once per image into a zero (B, Q, h, w)
+    flat = torch.cat([b * mask_logits.shape[1] + torch.as_tensor(qi) for b, qi, _ in rows]).to(mask_logits.device)
+    logits = mask_logits.flatten(0, 1)[flat]
+    if points is None:
+        points = importance_points(logits, num_points)
+    pred = sample_at(logits, points)
+    target, valid, start = [], [], 0
+    for b, _, ti in rows:
+        p, start = points[start:start + len(ti)], start + len(ti)
+        masks = targets[b]["masks"].to(pred.dtype)
+        # each target's points at its own row (the rows are distinct): no (n, H, W) gather
+        grid = p.new_full((masks.shape[0], p.shape[1], 2), 0.5)
+        grid[ti] = p
+        target.append(sample_at(masks, grid)[ti])
+        valid.append(sample_at(targets[b]["valid"][None].to(pred.dtype), p.reshape(1, -1, 2)).view(len(ti), -1))
+    return masked_bce_dice(pred, torch.cat(target), torch.cat(valid))
+
+
 class SetCriterion:
     """Matching + BCE/dice/CE over every decoder stage (Mask2Former's deep supervision)."""
 
     def __init__(self, num_classes: int, no_object_weight: float = 0.1, w_class: float = 2.0,
-                 w_mask: float = 5.0, w_dice: float = 5.0):
+                 w_mask: float = 5.0, w_dice: float = 5.0, num_points: int = 0):
         self.num_classes = num_classes
+        self.num_points = num_points  # > 0: mask losses on sampled points (point_mask_losses)
         self.w_class, self.w_mask, self.w_dice = w_class, w_mask, w_dice
         self.class_weight = torch.ones(num_classes + 1)
         self.class_weight[-1] = no_object_weight
@@ -55,10 +120,14 @@ class SetCriterion:
             if len(qi) == 0:
                 continue
             target_classes[b, qi] = t["labels"][ti].to(class_logits.device)
+            if self.num_points:
+                continue
             m = resize_logits(mask_logits[b, qi][None], t["masks"].shape[-2:])[0]
             valid = t["valid"][None].expand_as(m)
             l_bce, l_dice = masked_bce_dice(m, t["masks"][ti].float(), valid)
             bce, dice = bce + l_bce, dice + l_dice
+        if self.num_points and any(len(qi) for qi, _ in indices):
+            bce, dice = point_mask_losses(mask_logits, indices, targets, self.num_points)
         ce = F.cross_entropy(class_logits.transpose(1, 2), target_classes, weight=self.class_weight.to(class_logits))
         losses = {"loss_class": self.w_class * ce, "loss_mask": self.w_mask * bce / num_masks,
                   "loss_dice": self.w_dice * dice / num_masks}

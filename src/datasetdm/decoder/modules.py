@@ -89,8 +89,9 @@ class PixelDecoder(nn.Module):
         self.out = nn.Conv2d(widths[-1] if widths else dim, dim, 1)
 
     def forward(
-        self, fused: list[torch.Tensor], image: torch.Tensor | None = None
+        self, fused: list[torch.Tensor], image: torch.Tensor | None = None, stride: int = 1
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """``stride``: the image path ends at 1/stride of the image (DecoderConfig.mask_stride)."""
         x = fused[-1]
         outs = [x]
         for i in range(len(fused) - 2, -1, -1):
@@ -100,11 +101,12 @@ class PixelDecoder(nn.Module):
         if len(self.image_stems):
             if image is None:
                 raise ValueError("this decoder was built with the image path: pass the image")
-            H, W = image.shape[-2:]
+            full = tuple(image.shape[-2:])
+            H, W = full if stride == 1 else (-(-full[0] // stride), -(-full[1] // stride))
             for k, (stem, lat, mix) in enumerate(zip(self.image_stems, self.image_lateral, self.image_mix)):
                 last = k == len(self.image_stems) - 1
                 size = (H, W) if last else (min(H, x.shape[-2] * 2), min(W, x.shape[-1] * 2))
-                img = image if tuple(size) == (H, W) else F.interpolate(image, size=size, mode="area")
+                img = image if tuple(size) == full else F.interpolate(image, size=size, mode="area")
                 up = F.interpolate(lat(x), size=size, mode="bilinear", align_corners=False)
                 x = mix(torch.cat([up, stem(img * 2 - 1)], 1))
         # Mask2Former attends over three levels, coarsest first; pad by repetition for shallow UNets.

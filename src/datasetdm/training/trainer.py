@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from datasetdm.decoder.build import DecoderConfig, PDecoder, build_decoder
+from datasetdm.decoder.build import DecoderConfig, PDecoder, build_decoder, resolve_mask_resolution
 from datasetdm.decoder.checkpoint import decoder_config, is_checkpoint, save_decoder
 from datasetdm.decoder.heads import TASKS
 from datasetdm.decoder.inputs import RAW_PIXELS, DecoderInput
@@ -89,6 +89,11 @@ class TrainOptions:
     device: str = "auto"  # backbone and decoder (backbone.device.resolve_device); the cache stays on the CPU
     dtype: str | None = None  # fp16 | bf16 | fp32 for backbone and decoder; None: fp16 on CUDA, else fp32
     prompt: str = "auto"  # "caption", "template", or "auto": captions when every image has one
+    # mask logits at 1/stride of the image and mask losses on sampled points (DecoderConfig);
+    # "auto": both from 256 px up (SD-sized backbones), the dense full-resolution path below
+    # (decoder.build.resolve_mask_resolution). The checkpoint records the resolved values.
+    mask_stride: int | str = "auto"
+    point_loss_points: int | str = "auto"
 
 
 # ------------------------------------------------------------------------------------ training
@@ -96,6 +101,7 @@ class TrainOptions:
 
 def make_decoder_config(opts: TrainOptions, categories, inp: DecoderInput, source: FeatureSource, text_dim=0,
                         prompt_mode: str = "template") -> DecoderConfig:
+    stride, points = resolve_mask_resolution(opts.task, inp.image_size, opts.mask_stride, opts.point_loss_points)
     return DecoderConfig(
         task=opts.task,
         categories=categories,
@@ -113,6 +119,8 @@ def make_decoder_config(opts: TrainOptions, categories, inp: DecoderInput, sourc
         name_dropout=opts.name_dropout if opts.task == "open-vocab" else 0.0,
         backbone=source.description,
         prompt=prompt_mode,
+        mask_stride=stride,
+        point_loss_points=points,
     )
 
 
