@@ -246,7 +246,6 @@ class PDecoder(nn.Module):
         return predictor.predict("decoder", **kw)
 
 
-
 def _to_float(x):
     if isinstance(x, torch.Tensor):
         return x.float() if x.is_floating_point() else x
