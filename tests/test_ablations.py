@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from datasetdm.errors import DatasetdmError
 from datasetdm.formats.shards import read_manifest, read_run_info
@@ -141,26 +140,6 @@ def test_build_and_run_checks_generation_options_first(tmp_path):
     accepted = inspect.signature(build_and_run).parameters
     for ablation in bench.ABLATIONS:
         assert set(bench.setting_kwargs(ablation, 0)) <= set(accepted)
-
-
-@pytest.fixture(scope="module")
-def semantic_checkpoint(tiny_clip, tmp_path_factory):
-    """A random-weight semantic P-Decoder for the tiny CLIP backbone: what reads the features."""
-    from datasetdm.backbone.capture import generate
-    from datasetdm.decoder import DecoderConfig, build_decoder
-    from datasetdm.decoder.checkpoint import save_decoder
-
-    images, hc = generate(tiny_clip, ["a photo of a dog"], [0], num_inference_steps=2, guidance_scale=1.0)
-    cfg = DecoderConfig(
-        task="semantic", categories=[{"id": 1, "name": "dog"}, {"id": 2, "name": "cat"}],
-        feature_channels=[f.shape[1] for f in hc.features], feature_sizes=[list(f.shape[-2:]) for f in hc.features],
-        image_size=list(images.shape[1:3]), dim=16, num_queries=4, layers=2, heads=2, ffn_dim=32,
-        backbone={"source": "tiny", "fingerprint": tiny_clip.fingerprint},
-    )
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("dec") / "semantic"
-    save_decoder(build_decoder(cfg).eval(), path)
-    return path
 
 
 def test_capture_step_is_the_step_the_labeler_reads(tiny_clip, semantic_checkpoint):

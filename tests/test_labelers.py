@@ -2,33 +2,12 @@
 
 import numpy as np
 import pytest
-import torch
 
 from datasetdm.errors import DatasetdmError
 from datasetdm.formats.sample import Category
 from datasetdm.labelers.registry import LABELERS, check_labeler_args, create_labeler
 
 CATS = [Category(1, "dog"), Category(2, "cat")]
-
-
-@pytest.fixture(scope="module")
-def semantic_checkpoint(tiny_clip, tmp_path_factory):
-    """A random-weight semantic P-Decoder checkpoint for the tiny CLIP backbone."""
-    from datasetdm.backbone.capture import generate
-    from datasetdm.decoder import DecoderConfig, build_decoder
-    from datasetdm.decoder.checkpoint import save_decoder
-
-    images, hc = generate(tiny_clip, ["a photo of a dog"], [0], num_inference_steps=2, guidance_scale=1.0)
-    cfg = DecoderConfig(
-        task="semantic", categories=[{"id": c.id, "name": c.name} for c in CATS],
-        feature_channels=[f.shape[1] for f in hc.features], feature_sizes=[list(f.shape[-2:]) for f in hc.features],
-        image_size=list(images.shape[1:3]), dim=16, num_queries=4, layers=2, heads=2, ffn_dim=32,
-        backbone={"source": "tiny", "fingerprint": tiny_clip.fingerprint},
-    )
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("dec") / "semantic"
-    save_decoder(build_decoder(cfg).eval(), path)
-    return path
 
 
 @pytest.mark.parametrize("name", LABELERS)
