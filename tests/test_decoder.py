@@ -390,6 +390,34 @@ def test_transformer_decoder_and_matcher_compute_what_mask2former_did():
     assert [(q.tolist(), t.tolist()) for q, t in got] == [(q.tolist(), t.tolist()) for q, t in want]
 
 
+def test_transformer_decoder_starts_from_mask2formers_initial_weights():
+    """The redesign changes no result from the very start: at one seed the own decoder draws the
+    initial weights version-1 decoders (transformers' classes, level embedding first) drew."""
+    from torch import nn
+
+    from datasetdm.decoder.transformer import MaskedAttentionDecoder, upgrade_legacy_keys
+
+    conf, model = _mask2former_reference()
+    dim, heads, ffn, layers = 32, 4, 64, 3
+    torch.manual_seed(0)
+    level_embed = nn.Embedding(3, dim)  # the version-1 wrapper made it before the decoder
+    reference = model.Mask2FormerMaskedAttentionDecoder(conf.Mask2FormerConfig(
+        hidden_dim=dim, num_attention_heads=heads, dim_feedforward=ffn, decoder_layers=layers + 1,
+        mask_feature_size=dim, dropout=0.0, pre_norm=False, backbone_config=None, use_pretrained_backbone=False))
+    legacy = {f"transformer.decoder.{k}": v for k, v in reference.state_dict().items()}
+    legacy["transformer.level_embed.weight"] = level_embed.weight.detach()
+    want = {k.removeprefix("transformer."): v for k, v in upgrade_legacy_keys(legacy).items()}
+    torch.manual_seed(0)
+    got = MaskedAttentionDecoder(dim, heads, ffn, layers).state_dict()
+    assert sorted(got) == sorted(want)
+    different = [k for k in got if not torch.equal(got[k], want[k])]
+    assert different == []
+    # and the weights are not trivially equal: two seeds give two starts
+    torch.manual_seed(1)
+    other = MaskedAttentionDecoder(dim, heads, ffn, layers).state_dict()
+    assert not torch.equal(other["layers.0.self_attn.in_proj_weight"], got["layers.0.self_attn.in_proj_weight"])
+
+
 def _legacy_names(state: dict) -> dict:
     """The inverse of ``upgrade_legacy_keys``: how a version-1 checkpoint named the same weights."""
     out = {}

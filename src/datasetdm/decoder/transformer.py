@@ -48,10 +48,20 @@ class MaskedAttentionLayer(nn.Module):
     def __init__(self, dim: int, heads: int, ffn_dim: int):
         super().__init__()
         self.heads = heads
+        # Initial weights are drawn as Mask2Former's reference layer draws them (self-attention's
+        # k, v, q and output projections as plain Linear layers, then cross-attention, then the
+        # FFN), so a seed gives the weights version-1 decoders started from: the decoder's
+        # few-shot results (open-vocab unseen classes most of all) depend on the start.
+        k, v, q, out = (nn.Linear(dim, dim) for _ in range(4))
+        with torch.random.fork_rng(devices=[]):  # its own draws are replaced just below
+            self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        with torch.no_grad():
+            self.self_attn.in_proj_weight.copy_(torch.cat([q.weight, k.weight, v.weight]))
+            self.self_attn.in_proj_bias.copy_(torch.cat([q.bias, k.bias, v.bias]))
+            self.self_attn.out_proj.load_state_dict(out.state_dict())
+        self.self_norm = nn.LayerNorm(dim)
         self.cross_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.cross_norm = nn.LayerNorm(dim)
-        self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
-        self.self_norm = nn.LayerNorm(dim)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(), nn.Linear(ffn_dim, dim))
         self.ffn_norm = nn.LayerNorm(dim)
 
