@@ -2,11 +2,13 @@
 
 Three modes on the same backbone, prompts (world-style captions), seeds, steps and guidance:
 
-- ``plain``: ``generate(..., capture=False)``, images only;
+- ``plain``: ``generate(..., capture=False)`` (a ``Predictor`` without decoders), images only;
 - ``decoder``: ``generate`` with capture, then a semantic P-Decoder labels each image from the
   captured hypercolumns (DatasetDM);
 - ``attention``: class-prompt appending + side-branch class attention + 16x16 self-attention,
   labelled by the training-free ``AttentionLabeler`` (Dataset Diffusion).
+
+Both labelers come from ``labelers.registry.create_labeler``, as ``datasetdm generate`` makes them.
 
 Time: modes alternate (A B C C B A …) in one process after a warm-up; each mode's minimum over
 repeats is used (the machine is shared; the minimum is the least disturbed run). Memory: each
@@ -62,13 +64,11 @@ class PeakRSS:
 
 
 def setup(args):
-    from datasetdm.backbone.capture import generate
     from datasetdm.backbone.loader import load_backbone
-    from datasetdm.decoder import load_decoder
+    from datasetdm.decoder.predictor import Predictor
     from datasetdm.demo import resolve_backbone
+    from datasetdm.labelers.registry import create_labeler
     from datasetdm.world.folders import render_world_folder as render_world
-    from datasetdm.labelers.decoder import decoder_annotator
-    from datasetdm.labelers.attention import AttentionLabeler
     from datasetdm.world.render import CATEGORIES, render_scene
 
     work = Path(args.work)
@@ -83,29 +83,29 @@ def setup(args):
             data = render_world(work / "world", "train", 0, 16)
             train_decoder(data, decoder_path, TrainOptions(task="semantic", n_images=16, views=1, iterations=20),
                           backbone_source=source, show_progress=False)
-    decoder = load_decoder(decoder_path)
-    decoder.check_backbone(bb)
-    annotate = decoder_annotator(decoder, bb.tokenizer)
-    labeler = AttentionLabeler(bb, list(CATEGORIES))
+    # the labelers as `datasetdm generate` builds them (one factory)
+    decoder = create_labeler("decoder", bb, steps=args.steps, guidance=args.guidance, decoders=[decoder_path])
+    attention = create_labeler("attention", bb, steps=args.steps, guidance=args.guidance, categories=CATEGORIES)
+    images_only = Predictor(bb)  # no decoders: text to images
     prompts = [render_scene("val", 0, i).caption for i in range(args.batch)]
     seeds = list(range(args.batch))
 
     def plain():
-        generate(bb, prompts, seeds, num_inference_steps=args.steps, guidance_scale=args.guidance, capture=False)
+        images_only.generate(prompts, seeds, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                             capture=False)
 
-    def with_decoder():
-        images, hc = generate(bb, prompts, seeds, num_inference_steps=args.steps, guidance_scale=args.guidance)
-        annotate(images, hc, prompts)
+    def labelled(labeling):
+        def run():
+            images, hc = labeling.generate_fn(prompts, seeds)
+            for annotate in labeling.annotators.values():
+                annotate(images, hc, prompts)
+            labeling.release()  # nothing of this batch is held into the next one (or the memory base)
 
-    attention_run = labeler.generate_fn(num_inference_steps=args.steps, guidance_scale=args.guidance)
-
-    def with_attention():
-        images, hc = attention_run(prompts, seeds)
-        labeler.annotate(images, hc, prompts)
+        return run
 
     info = {"backbone": str(source), "batch": args.batch,
             "steps": args.steps, "guidance": args.guidance}
-    return {"plain": plain, "decoder": with_decoder, "attention": with_attention}, info
+    return {"plain": plain, "decoder": labelled(decoder), "attention": labelled(attention)}, info
 
 
 def memory_worker(args, mode: str) -> None:

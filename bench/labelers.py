@@ -66,10 +66,8 @@ def main() -> None:
 
     from datasetdm.embedded import gates
     from datasetdm.backbone.loader import embedded_backbone_path, load_backbone
-    from datasetdm.decoder import load_decoder
-    from datasetdm.labelers.decoder import decoder_annotator
     from datasetdm.io import sample_seed
-    from datasetdm.labelers.attention import AttentionLabeler
+    from datasetdm.labelers.registry import create_labeler
     from datasetdm.prompts import Prompt, classes_in_text
     from datasetdm.world.render import CATEGORIES, render_scene
 
@@ -86,13 +84,24 @@ def main() -> None:
         decoder_path = train_decoders(train_dir, work / "decoders", ["semantic"], source, args.iterations,
                                       show_progress=False)["semantic"]
     bb = load_backbone(source)
-    decoder = load_decoder(decoder_path, task="semantic")
-    decoder.check_backbone(bb)
-    attention = AttentionLabeler(bb, list(CATEGORIES))
-    labelers = {"decoder": decoder_annotator(decoder, bb.tokenizer), "attention": attention.annotator}
+    setting = dict(steps=args.steps, guidance=args.guidance)
+    attention = create_labeler("attention", bb, categories=CATEGORIES, **setting)
+
+    def decoder_labels(min_pixel_confidence=None):
+        # one labeling per threshold, each with its own predictor: every annotator makes its own
+        # decoder inputs, so its annotate time is its whole cost
+        annotators = create_labeler("decoder", bb, decoders=[decoder_path], min_pixel_confidence=min_pixel_confidence,
+                                    **setting).annotators
+        if list(annotators) != ["semantic"]:
+            raise SystemExit(f"{decoder_path}: a semantic decoder is needed, not {', '.join(annotators)}")
+        return annotators["semantic"]
+
+    labelers = {"decoder": decoder_labels(), "attention": attention.annotators["attention"]}
     for t in filter(None, args.min_pixel_confidence.split(",")):
-        labelers[f"decoder@{float(t):g}"] = decoder_annotator(decoder, bb.tokenizer, min_pixel_confidence=float(t))
-    generate = attention.generate_fn(args.steps, args.guidance)
+        labelers[f"decoder@{float(t):g}"] = decoder_labels(float(t))
+    # one pass for both: the attention labeling's generation also captures every hypercolumn the
+    # decoder reads, and a decoder annotator labels whatever hypercolumns it is given
+    generate = attention.generate_fn
     reference = gates.reference_segmenter(gates.ReferenceConfig(), args.reference_cache, log=log)
 
     texts = [render_scene("val", args.seed, i).caption for i in range(args.n)]

@@ -22,6 +22,10 @@ class Labeling:
     generate_fn: Callable  # (prompts, seeds) -> (images, hypercolumns)
     config: dict = field(default_factory=dict)  # goes into run.json; a resume must match it
     read_prompt: Callable | None = None  # text -> PromptFit: what the model reads of the prompt it is given
+    # drops what the annotators keep of the current batch (the decoder predictor's hypercolumns
+    # and inputs, otherwise held until the next generate_fn); for a caller that measures memory
+    # between batches, as bench/generation.py does
+    release: Callable[[], None] = lambda: None
 
 
 def create_labeler(name: str, backbone, *, steps: int, guidance: float, decoders: Sequence[Path] = (),
@@ -115,4 +119,5 @@ def _decoder_labeling(backbone, decoders, config: dict, min_pixel_confidence, mi
 
         return fit_prompt(backbone.tokenizer, text, backbone.max_tokens)
 
-    return Labeling(decoder_categories(loaded), annotators, generate_fn, config, read_prompt=read_prompt)
+    return Labeling(decoder_categories(loaded), annotators, generate_fn, config, read_prompt=read_prompt,
+                    release=predictor.reset)
