@@ -134,14 +134,17 @@ def test_decoder_learns_from_few_images(world, tiny_clip_path, tmp_path):
     assert scores[30]["delta1"] > scores[1]["delta1"] + 0.3, scores
 
 
-def test_training_resumes_where_it_stopped(world, tiny_clip_path, tmp_path, monkeypatch):
-    """An interrupted run keeps its feature cache and last saved state; the rerun skips the UNet,
-    continues from that step and ends with exactly the weights of an uninterrupted run."""
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_training_resumes_where_it_stopped(world, tiny_clip_path, tmp_path, monkeypatch, ema_decay):
+    """An interrupted run keeps its feature cache and last saved state (the weights' moving average
+    too); the rerun skips the UNet, continues from that step and ends with exactly the weights of
+    an uninterrupted run."""
     import datasetdm.backbone.capture as capture
     from datasetdm import training
     from datasetdm.training import TrainOptions, train_decoder
 
-    opts = TrainOptions(task="instance", iterations=8, views=2, batch_size=4, dim=16, num_queries=4, checkpoint_every=3)
+    opts = TrainOptions(task="instance", iterations=8, views=2, batch_size=4, dim=16, num_queries=4, checkpoint_every=3,
+                        ema_decay=ema_decay)
     bb = str(tiny_clip_path)
     train_decoder(world[0], tmp_path / "straight", opts, backbone_source=bb, show_progress=False)
 
@@ -173,6 +176,33 @@ def test_training_resumes_where_it_stopped(world, tiny_clip_path, tmp_path, monk
     assert not work.exists()
     a, b = load_decoder(tmp_path / "straight").state_dict(), load_decoder(ck).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ema_checkpoint_holds_the_moving_average_of_the_weights(world, tiny_clip_path, tmp_path, monkeypatch):
+    """With --ema-decay the checkpoint is the average of the steps' weights that diffusers' EMAModel
+    keeps (the first update copies, then decay min(d, (1+s)/(10+s))), not the last step's weights."""
+    from datasetdm import training
+    from datasetdm.training import TrainOptions, train_decoder
+
+    seen = []
+    step = training.Trainer.step
+
+    def recording(self, *a, **k):
+        logs = step(self, *a, **k)
+        seen.append({n: p.detach().clone() for n, p in self.decoder.named_parameters()})
+        return logs
+
+    monkeypatch.setattr(training.Trainer, "step", recording)
+    opts = TrainOptions(task="semantic", iterations=5, views=2, batch_size=4, dim=16, num_queries=4, ema_decay=0.6)
+    train_decoder(world[0], tmp_path / "ema", opts, backbone_source=str(tiny_clip_path), show_progress=False)
+    saved = load_decoder(tmp_path / "ema").state_dict()
+    average = dict(seen[0])
+    for s, weights in enumerate(seen[1:], start=1):
+        decay = min(0.6, (1 + s) / (10 + s))
+        average = {n: decay * average[n] + (1 - decay) * w for n, w in weights.items()}
+    for n, w in average.items():
+        assert torch.allclose(saved[n], w, atol=1e-6), n
+    assert any(not torch.allclose(saved[n], seen[-1][n]) for n in average)  # not the last step's weights
 
 
 def _break(case, data, ckpt):

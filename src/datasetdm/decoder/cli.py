@@ -39,6 +39,8 @@ def train(
     prompt: str = typer.Option("auto", "--prompt", help="auto | caption | template: what the backbone reads with "
                                "each image (auto: captions when every image has one)"),
     lr: float = typer.Option(1e-3, "--lr"),
+    ema_decay: float = typer.Option(0.0, "--ema-decay", help="keep a moving average of the "
+                                    "weights with this decay (e.g. 0.995) and save it; 0: the last step's weights"),
     attention: bool = typer.Option(True, "--attention/--no-attention", help="fuse cross-attention maps"),
     use_image: bool = typer.Option(True, "--image/--no-image", help="image path in the pixel decoder"),
     seed: int = typer.Option(0, "--seed", min=0),
@@ -76,7 +78,8 @@ def train(
                              "for a labelled folder use `datasetdm data import` or --n-images")
     held = [h.strip() for h in held_out_classes.split(",") if h.strip()] if held_out_classes else []
     opts = TrainOptions(task=task, n_images=n_images, views=views, iterations=iterations, batch_size=batch_size,
-                        lr=lr, seed=seed, features=features, attention=attention, use_image=use_image,
+                        lr=lr, ema_decay=ema_decay, seed=seed, features=features, attention=attention,
+                        use_image=use_image,
                         held_out=held, keep_cache=keep_cache, device=device, dtype=dtype, prompt=prompt,
                         checkpoint_every=checkpoint_every, mask_stride=_auto_int(mask_stride, "--mask-stride"),
                         point_loss_points=_auto_int(point_loss_points, "--point-loss-points"))

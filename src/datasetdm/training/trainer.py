@@ -68,6 +68,9 @@ class TrainOptions:
     lr: float = 1e-3  # supplementary §1.3: Adam, 1e-3
     weight_decay: float = 1e-4
     warmup: int = 50
+    # > 0: the checkpoint holds an exponential moving average of the weights (diffusers' EMAModel,
+    # decay min(ema_decay, (1+s)/(10+s)) at step s) instead of the last step's; 0: the last step's
+    ema_decay: float = 0.0
     seed: int = 0
     features: str = "hypercolumns"  # or "raw-pixels"
     attention: bool = True
@@ -162,6 +165,11 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(opts.seed)
         self.step_no = 0
         self.schedule = warmup_cosine(opts.warmup, opts.iterations)  # the rate follows step_no (resume)
+        self.ema = None
+        if opts.ema_decay > 0:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(decoder.parameters(), decay=opts.ema_decay, foreach=True)
 
     def batch_indices(self) -> torch.Tensor:
         n = len(self.targets)
@@ -186,6 +194,8 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_(self.decoder.parameters(), 1.0)
         self.scaler.step(self.opt)
         self.scaler.update()
+        if self.ema is not None:
+            self.ema.step(self.decoder.parameters())
         self.step_no += 1
         return {"loss": float(loss.detach()), **{k: float(v) for k, v in parts.items()}}
 
@@ -194,6 +204,8 @@ class Trainer:
               "gen": self.gen.get_state()}
         if self.scaler.is_enabled():
             st["scaler"] = self.scaler.state_dict()
+        if self.ema is not None:
+            st["ema"] = {"shadow": list(self.ema.shadow_params), "step": self.ema.optimization_step}
         return st
 
     def load_state(self, st: dict) -> None:
@@ -203,6 +215,15 @@ class Trainer:
         self.gen.set_state(st["gen"])
         if self.scaler.is_enabled() and st.get("scaler"):
             self.scaler.load_state_dict(st["scaler"])
+        if self.ema is not None:
+            for shadow, saved in zip(self.ema.shadow_params, st["ema"]["shadow"], strict=True):
+                shadow.copy_(saved)
+            self.ema.optimization_step = int(st["ema"]["step"])
+
+    def finish(self) -> None:
+        """The weights to keep: the moving average where there is one."""
+        if self.ema is not None:
+            self.ema.copy_to(self.decoder.parameters())
 
 
 @dataclass
@@ -292,6 +313,8 @@ def check_options(opts: TrainOptions) -> None:
             raise DatasetdmError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(opts, name)}")
     if not (math.isfinite(opts.lr) and opts.lr > 0):
         raise DatasetdmError(f"--lr must be a positive finite number, got {opts.lr}")
+    if not 0 <= opts.ema_decay < 1:
+        raise DatasetdmError(f"--ema-decay must be in [0, 1), got {opts.ema_decay}")
     if opts.seed < 0:
         raise DatasetdmError(f"--seed must be ≥ 0, got {opts.seed}")
     if opts.feature_cache not in FEATURE_CACHES:
@@ -370,6 +393,7 @@ def _train(data_dir, out: Path, opts: TrainOptions, backbone_source, show_progre
     finally:
         if progress:
             progress.stop()
+    trainer.finish()
     source = prep.source
     summary = {"task": opts.task, "n_images": info["n_images"], "views": opts.views, "iterations": opts.iterations,
                "resumed_at": resumed_at,
