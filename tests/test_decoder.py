@@ -530,3 +530,27 @@ def test_open_vocab_checkpoints_from_before_the_attention_offsets_load_unchanged
     ref = dec(inp, **kw)
     assert torch.allclose(out["mask_logits"][-1], ref["mask_logits"][-1])
     assert torch.allclose(out["present_logits"][-1], ref["present_logits"][-1])
+
+
+def test_a_person_is_ranked_by_its_score_times_its_joints_confidence():
+    """Pose: a person's score is the instance score × the mean heatmap peak (clipped to [0, 1]),
+    so of two equally sure people the one with sharper joints ranks first."""
+    from datasetdm.decoder.heads import InstanceHead
+    from datasetdm.decoder.losses import heatmap_peaks
+
+    torch.manual_seed(0)
+    dec = build_decoder(tiny_config("pose"))
+    out = dec(tiny_input())
+    head = dec.head
+    hm = torch.zeros_like(out["heatmaps"])
+    hm[0, 0, :, 10, 10] = 0.9  # query 0: every joint peaks at 0.9
+    hm[0, 1, :8, 20, 20] = 0.6  # query 1: 8 joints at 0.6, the rest nowhere (0)
+    out["heatmaps"] = hm
+    mask = torch.ones(64, 64, dtype=torch.bool)
+    sharp = head._instance(out, 0, 0, 0, mask, 0.8)
+    vague = head._instance(out, 0, 1, 0, mask, 0.8)
+    peaks = heatmap_peaks(head._heatmaps(out, 0, 1)[None])[0]
+    assert sharp.score == pytest.approx(0.8 * 0.9, abs=1e-5)
+    assert vague.score == pytest.approx(0.8 * float(peaks[:, 2].clamp(0, 1).mean()), abs=1e-6)
+    assert vague.score < sharp.score
+    assert InstanceHead._instance(head, out, 0, 1, 0, mask, 0.8).score == 0.8  # instance decoders keep theirs

