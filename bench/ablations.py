@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--n-synthetic", type=int, default=1000, help="Samples of every run but the size ablation's.")
     ap.add_argument("--n-test", type=int, default=500)
     ap.add_argument("--steps", type=int, default=2000, help="Downstream model training steps.")
-    ap.add_argument("--decoder-iterations", type=int, default=1500)
+    ap.add_argument("--decoder-iterations", type=int, default=None, help="default: datasetdm train's for the task")
     ap.add_argument("--generation-steps", type=int, default=None, help="Denoising steps (default generate's, 25).")
     ap.add_argument("--real", type=Path, default=None, help="Real labelled folder (default: 100 world train scenes).")
     ap.add_argument("--backbone", default=None, help="Default: the embedded backbone.")

@@ -39,7 +39,7 @@ SIZES = (20, 50, 100, 400)
 
 
 def run_one(name: str, out: Path, train_dir: Path, test_dir: Path, task: str, features: str, n_images: int,
-            backbone: str | None, iterations: int, held_out: list[str], device: str = "cpu") -> dict:
+            backbone: str | None, iterations: int | None, held_out: list[str], device: str = "cpu") -> dict:
     from datasetdm.evaluation.evaluate import evaluate_decoder
     from datasetdm.io import write_json_atomic
     from datasetdm.training import TrainOptions, train_decoder
@@ -66,7 +66,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="Work folder (results, decoders, feature cache).")
     ap.add_argument("--backbone", default=None, help="Backbone folder (default: the embedded one).")
-    ap.add_argument("--iterations", type=int, default=1500, help="Decoder iterations (datasetdm train's default).")
+    ap.add_argument("--iterations", type=int, default=None,
+                    help="Decoder iterations (default: datasetdm train's for each task).")
     ap.add_argument("--n-test", type=int, default=500)
     ap.add_argument("--held-out", default="ball,car", help="Open-vocab: two categories kept out of training.")
     ap.add_argument("--tasks", default=",".join(TASKS))

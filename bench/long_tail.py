@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--n-synthetic", type=int, default=1000)
     ap.add_argument("--n-test", type=int, default=500)
     ap.add_argument("--steps", type=int, default=2000, help="Segmenter training steps.")
-    ap.add_argument("--decoder-iterations", type=int, default=1500)
+    ap.add_argument("--decoder-iterations", type=int, default=None, help="default: datasetdm train's for the task")
     ap.add_argument("--backbone", default=None, help="Default: the embedded backbone.")
     ap.add_argument("--tiny", action="store_true", help="Tiny sizes: checks the plumbing, measures nothing.")
     args = ap.parse_args()

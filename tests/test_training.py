@@ -337,3 +337,13 @@ def test_prompt_modes(world, tiny_clip_path, tmp_path, monkeypatch):
         resolve_prompt_mode("caption", samples, set(), bare)
     with pytest.raises(DatasetdmError, match="--prompt must be one of"):
         resolve_prompt_mode("captions", samples, set(), bare)
+
+
+def test_pose_trains_twice_as_long_by_default():
+    """`train` without --iterations: 3000 for pose (its joints keep improving past 1500), 1500 for
+    the others; an explicit count always wins."""
+    from datasetdm.training import TrainOptions
+
+    assert TrainOptions(task="pose").iterations == 3000
+    assert {TrainOptions(task=t).iterations for t in TASKS if t != "pose"} == {1500}
+    assert TrainOptions(task="pose", iterations=7).iterations == 7

@@ -654,7 +654,7 @@ def decoder_gates(backbone_dir: str | Path, work: str | Path, test_seed: int, n_
     train = render_world_folder(work / "train", "train", PROBE_TRAIN_SEED, 100)
     test = render_world_folder(work / f"test-{test_seed}", "test", test_seed, n_test)
     tasks = sorted({task for task, *_ in DECODER_GATES.values()} - {"open-vocab"})
-    ckpts = train_decoders(train, work / "decoders", tasks, str(backbone_dir), TrainOptions().iterations,
+    ckpts = train_decoders(train, work / "decoders", tasks, str(backbone_dir), None,
                            show_progress=False, log=log, device=device, dtype=dtype)
     ckpts["open-vocab"] = work / "decoders" / "open-vocab"
     if not (ckpts["open-vocab"] / "config.json").exists():

@@ -312,7 +312,7 @@ def format_table(result: dict, categories: list[Category]) -> str:
 def build_and_run(out: str | Path, test_seed: int, n_test: int = 500, real: Path | None = None,
                   synthetic: Path | None = None, n_synthetic: int = 1000, labeler: str = "decoder",
                   backbone: str | None = None, config: DownstreamConfig | None = None,
-                  decoder_iterations: int = 1500, seed: int = 0, cache_dir: Path | None = None,
+                  decoder_iterations: int | None = None, seed: int = 0, cache_dir: Path | None = None,
                   min_pixel_confidence: float | None = None, task: str = "semantic", task_config=None,
                   class_quota: int | None = None, long_tail: Sequence[str] = (), head_images: int = 20,
                   tail_images: int = 2, device: str = "auto", dtype: str | None = None,
