@@ -71,6 +71,8 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=500)
     ap.add_argument("--held-out", default="ball,car", help="Open-vocab: two categories kept out of training.")
     ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--features", default="hypercolumns,raw-pixels",
+                    help="Which decoder inputs to run (the raw-pixel baseline can wait for a later run).")
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)), help="Semantic: labelled-image counts.")
     ap.add_argument("--tiny", action="store_true", help="Tiny random backbone, 8 test images, 20 iterations.")
     ap.add_argument("--threads", type=int, default=2)
@@ -105,7 +107,7 @@ def main() -> None:
 
     results = {}
     for task in tasks:
-        for features in ("hypercolumns", "raw-pixels"):
+        for features in [f for f in args.features.split(",") if f]:
             name = f"{task}-{features}-{n_main}"
             print(f"{name} ...", flush=True)
             results[name] = run_one(name, out, train_dir, test_dir, task, features, n_main, backbone, iterations, held_out,
