@@ -7,9 +7,9 @@ per mode, so each peak is that run's alone. The goal: 100 images × 16 views at 
 The in-RAM cache of that run would hold 1600 views × about 5.5 MB of hypercolumns (≈ 9 GB) plus
 every view's float image; the disk cache holds one batch.
 
-Figures per mode (bytes): ``peak_rss`` = the child's ru_maxrss (whole run); ``load_peak_rss`` =
-the peak up to the end of loading the backbone (diffusers builds each model in fp32 before
-casting: a transient the cache does not change); ``after_load_peak_rss`` = the peak from there to
+Figures per mode (bytes): ``peak_rss`` = the child's peak resident memory, VmHWM (whole run);
+``load_peak_rss`` = the peak up to the end of loading the backbone (diffusers holds a component's weights and the
+module built from them at once: a transient the cache does not change); ``after_load_peak_rss`` = the peak from there to
 the end (cache build and training), measured by resetting the kernel's high-water mark after the
 load (``/proc/self/clear_refs``; null where unsupported). Times are wall seconds.
 
@@ -43,7 +43,11 @@ GOAL_BYTES = 4 * 10**9
 
 
 def _rss_peak() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """This process's peak resident memory: the kernel's VmHWM where /proc has it. Not getrusage's
+    ru_maxrss: Linux carries it across execve, so a child started from a parent that held the
+    freshly written SD-sized backbone reports the parent's peak (4.7 GB here, measured)."""
+    hwm = _hwm()
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB
 
 
 def _hwm() -> int | None:
@@ -95,7 +99,7 @@ def child(args) -> dict:
     summary = train_decoder(args.data, args.out, opts, backbone_source=args.backbone, show_progress=False)
     end = _rss_peak()
     return {"mode": args.mode, "peak_rss": max(end, marks.get("load_peak_rss", 0)),
-            "load_peak_rss": marks.get("load_peak_rss"), "after_load_peak_rss": _hwm() if marks.get("reset") else None,
+            "load_peak_rss": marks.get("load_peak_rss"), "after_load_peak_rss": end if marks.get("reset") else None,
             "cache_seconds": summary["cache_seconds"], "total_seconds": round(time.perf_counter() - t0, 1),
             "load_seconds": round(marks.get("loaded_at", t0) - t0, 1), "final_loss": summary["final_loss"],
             "unet_views": marks.get("unet_views")}
