@@ -96,7 +96,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     # the decoder as it was before this ablation: 4 views, template prompts
     base_opts = TrainOptions(task="semantic", iterations=args.iterations, views=4, prompt="template",
-                             cache_dir=str(args.out / "features"))
+                             cache_dir=str(args.out / "features"), feature_cache="memory")  # variants edit inputs in RAM
     t0 = time.time()
     prep = prepare(args.train, base_opts)
     categories = prep.decoder.cfg.categories
