@@ -62,11 +62,12 @@ def make_run(out: Path, n_generate: int, seed: int) -> tuple[Path, Path]:
 
 
 def _finished(run: Path, n: int) -> bool:
+    from datasetdm.errors import DatasetdmError
     from datasetdm.formats.shards import read_manifest
 
     try:
         return len(read_manifest(run)) >= n
-    except Exception:
+    except DatasetdmError:  # no manifest yet
         return False
 
 
