@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=["base", "std", "pixel", "std+pixel", "caption", "noatt"])
     ap.add_argument("--iterations", type=int, default=1500)
     ap.add_argument("--n-test", type=int, default=500)
+    ap.add_argument("--seed", type=int, default=0, help="seeds the decoder's initialisation and batch order (not the views)")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
 
@@ -129,7 +130,9 @@ def main() -> None:
             preps[views] = prepare(args.train, replace(base_opts, views=views))
         return preps[views]
 
-    results = {}
+    # earlier variants of this seed stay in the file: a run adds to it
+    results_file = args.out / ("results.json" if args.seed == 0 else f"results-seed{args.seed}.json")
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}
     for variant in args.variants:
         parts = set(variant.split("+"))
         views = next((int(p[1:]) for p in parts if p[0] == "v" and p[1:].isdigit()), base_opts.views)
@@ -141,7 +144,7 @@ def main() -> None:
                        weight_decay=0.05 if "wd" in parts else base_opts.weight_decay,
                        iterations=int(base_opts.iterations * (0.5 if "half" in parts else 2 if "x2" in parts else 1)))
         cfg = make_decoder_config(opts, categories, tr, source)
-        torch.manual_seed(0)
+        torch.manual_seed(args.seed)
         decoder = build_decoder(cfg)
         targets = [decoder.targets(v) for v in prep.views]
         model = decoder
@@ -152,7 +155,7 @@ def main() -> None:
                 for v, i in decoder.head.value_to_index.items():
                     lut[v] = i
                 t["index"] = torch.as_tensor(lut[t["semantic"].numpy()])
-        trainer = Trainer(model, tr, targets, opts)
+        trainer = Trainer(model, tr, targets, replace(opts, seed=args.seed))  # the views keep seed 0
         t1 = time.time()
         while trainer.step_no < opts.iterations:
             logs = trainer.step()
@@ -181,8 +184,9 @@ def main() -> None:
                             "train_seconds": round(train_s, 1),
                             "iou": {k: round(v, 3) for k, v in test_m["iou"].items()}}
         print(variant, json.dumps(results[variant]), flush=True)
-        (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    print(json.dumps({k: {"test_miou": v["test_miou"], "train_miou": v["train_miou"]} for k, v in results.items()}))
+        results_file.write_text(json.dumps(results, indent=1))
+    print(json.dumps({"seed": args.seed, **{k: {"test_miou": v["test_miou"], "train_miou": v["train_miou"]}
+                                            for k, v in results.items() if k in args.variants}}))
 
 
 if __name__ == "__main__":

@@ -63,18 +63,22 @@ def build_backbone(args, tmp: Path):
 
 
 def build_decoders(bb, image_size: int):
-    """Semantic and depth P-Decoders (``train``'s default sizes) shaped for ``bb``'s hypercolumns."""
+    """Semantic and depth P-Decoders (``train``'s default sizes) shaped for ``bb``'s hypercolumns,
+    labelling through one shared ``Predictor`` as ``generate`` does (``labelers.registry``): each
+    batch's decoder inputs are made once for both. Returns (predictor, annotators)."""
     import torch
 
     from datasetdm.backbone.capture import generate
     from datasetdm.decoder import DecoderConfig, build_decoder
-    from datasetdm.labelers.decoder import decoder_annotator
+    from datasetdm.decoder.predictor import Predictor
+    from datasetdm.labelers.decoder import predictor_annotator
 
     _, hc = generate(bb, ["a photo of a dog"], [0], num_inference_steps=1, guidance_scale=1.0,
                      height=image_size, width=image_size)
     cats = [{"id": i + 1, "name": n} for i, n in enumerate(["person", "dog", "car", "cat", "bus", "bird", "boat",
                                                             "horse", "chair"])]
     annotators = {}
+    predictor = Predictor(tokenizer=bb.tokenizer)
     for task in ("semantic", "depth"):
         cfg = DecoderConfig(task=task, categories=cats, feature_channels=[int(f.shape[1]) for f in hc.features],
                             feature_sizes=[list(f.shape[-2:]) for f in hc.features],
@@ -82,8 +86,9 @@ def build_decoders(bb, image_size: int):
         torch.manual_seed(0)
         dec = build_decoder(cfg).eval().to(bb.device)
         dec.precision = bb.dtype  # as the decoder labeler sets it
-        annotators[task] = decoder_annotator(dec, bb.tokenizer)
-    return annotators
+        predictor.decoders[task] = dec
+        annotators[task] = predictor_annotator(predictor, task)
+    return predictor, annotators
 
 
 def pipeline_of(bb):
@@ -125,11 +130,12 @@ def generation_bench(args, tmp: Path) -> dict:
 
     bb = build_backbone(args, tmp)
     size = args.image_size if not args.tiny else bb.native_size[0]
-    annotators = build_decoders(bb, size)
+    predictor, annotators = build_decoders(bb, size)
     prompts = (PROMPTS * (args.batch // len(PROMPTS) + 1))[: args.batch]
     seeds = list(range(args.batch))
 
     def ours():
+        predictor.reset()  # the previous batch is freed before this one is made
         images, hc = generate(bb, prompts, seeds, num_inference_steps=args.steps, guidance_scale=args.guidance,
                               height=size, width=size)
         labels = {k: ann(images, hc, [None] * len(images)) for k, ann in annotators.items()}
@@ -137,14 +143,29 @@ def generation_bench(args, tmp: Path) -> dict:
 
     pipe = pipeline_of(bb)
 
+    # the very initial noise ``generate`` draws (per seed, on the CPU, in fp32, then cast), given to
+    # the pipeline as ``latents``: an image difference then comes from the denoising itself
+    f = bb.vae_scale_factor
+    noise = torch.cat([torch.randn((1, bb.unet.config.in_channels, size // f, size // f),
+                                   generator=torch.Generator("cpu").manual_seed(s)) for s in seeds])
+
     def theirs():
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         return pipe(prompt=prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, generator=gens,
-                    height=size, width=size, output_type="np").images
+                    latents=noise.to(bb.device, bb.dtype), height=size, width=size, output_type="np").images
 
     with torch.inference_mode():
         ours_s, ours_peak, (images, labels) = timed(ours, args.repeats, bb.device)
         theirs_s, theirs_peak, pipe_images = timed(theirs, args.repeats, bb.device)
+        # the labelling share of ``ours``: both decoders on the last batch's hypercolumns
+        predictor.reset()
+        _, hc = generate(bb, prompts, seeds, num_inference_steps=1, guidance_scale=args.guidance, height=size,
+                         width=size)
+        def label():
+            predictor.reset()  # the inputs are made again, as for a new batch
+            return {k: ann(images, hc, [None] * len(images)) for k, ann in annotators.items()}
+
+        label_s, _, _ = timed(label, args.repeats, bb.device)
     pipe_u8 = (np.clip(pipe_images, 0, 1) * 255).round().astype(np.uint8)
     diff = float(np.abs(images.astype(np.float32) - pipe_u8.astype(np.float32)).mean())
     sem, depth = labels["semantic"][0], labels["depth"][0]
@@ -152,6 +173,7 @@ def generation_bench(args, tmp: Path) -> dict:
         "datasetdm_seconds_per_batch": round(ours_s, 3),
         "pipeline_seconds_per_batch": round(theirs_s, 3),
         "time_ratio": round(ours_s / theirs_s, 4),
+        "labelling_seconds_per_batch": round(label_s, 3),
         "datasetdm_peak_bytes": ours_peak,
         "pipeline_peak_bytes": theirs_peak,
         "peak_memory_ratio": None if not theirs_peak else round(ours_peak / theirs_peak, 4),
@@ -170,17 +192,23 @@ def training_bench(args) -> dict:
     cmd = [sys.executable, str(ROOT / "bench" / "decoder_training.py"), "--device", args.device,
            "--n-images", str(args.train_images), "--n-val", str(args.train_val), "--views", str(args.train_views),
            "--iterations", str(args.train_iterations), "--val-every", str(args.train_val_every),
-           "--max-recompute-seconds", str(args.max_recompute_seconds), "--batch-size", str(args.batch)]
+           "--max-recompute-seconds", str(args.max_recompute_seconds), "--batch-size", str(args.batch),
+           "--threads", str(args.threads or 8)]
     if args.dtype:
         cmd += ["--dtype", args.dtype]
     cmd += ["--tiny"] if args.tiny else ["--sd15-shaped", "--image-size", str(args.image_size)]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    for line in lines[:-1]:
-        print(f"  [decoder_training] {line}", flush=True)
-    if proc.returncode != 0 or not lines:
-        return {"error": f"bench/decoder_training.py exited with {proc.returncode}"}
-    return json.loads(lines[-1])
+    # streamed, not collected: a run stopped by the caller's timeout still leaves its progress in the log
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    last = None
+    for line in proc.stdout:
+        if line.strip():
+            if last is not None:
+                print(f"  [decoder_training] {last}", flush=True)
+            last = line.rstrip()
+    code = proc.wait()
+    if code != 0 or last is None or not last.startswith("{"):
+        return {"error": f"bench/decoder_training.py exited with {code}"}
+    return json.loads(last)
 
 
 def main() -> None:
@@ -202,7 +230,8 @@ def main() -> None:
     ap.add_argument("--train-iterations", type=int, default=1500)
     ap.add_argument("--train-val-every", type=int, default=100)
     ap.add_argument("--max-recompute-seconds", type=float, default=120.0)
-    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "0")) or None)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "0")) or None,
+                    help="torch threads here and in the training child (default: torch's own here, 8 there)")
     args = ap.parse_args()
 
     import torch

@@ -110,3 +110,21 @@ def test_embedded_training_and_loader_encode_prompts_alike(tmp_path):
     trained = embedded.encode_captions(tokenizer, encoder, captions)
     assert loaded.shape == trained.shape == (2, embedded.MAX_TOKENS, embedded.TEXT_DIM)
     assert torch.allclose(loaded, trained, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_unet_cast_tensor_by_tensor_equals_from_pretrained(tiny_clip_path, dtype):
+    # weights stored in fp32, loaded in a reduced dtype: the per-tensor path (which keeps the peak
+    # memory at the model's size) gives diffusers' own load, weight for weight
+    from diffusers import UNet2DConditionModel
+
+    ours = loader._load_unet(tiny_clip_path / "unet", dtype)
+    theirs = UNet2DConditionModel.from_pretrained(tiny_clip_path / "unet", torch_dtype=dtype, low_cpu_mem_usage=False)
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == dtype and torch.equal(a[k], b[k]), k
+    assert not ours.training
+    x = torch.randn(1, 4, 8, 8, dtype=dtype)
+    ctx = torch.randn(1, 3, ours.config.cross_attention_dim, dtype=dtype)
+    assert torch.equal(ours(x, 10, ctx).sample, theirs(x, 10, ctx).sample)

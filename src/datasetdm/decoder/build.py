@@ -220,9 +220,10 @@ class PDecoder(nn.Module):
 
     @torch.no_grad()
     def predict(self, inp: DecoderInput, **kw) -> list[dict]:
-        """Per image, LabelledSample fields (see heads.py). Inputs are moved to the decoder's device;
-        outputs are numpy arrays / ``Instance``s on the CPU. Open-vocab without ``text_embeddings``:
-        the decoder's own categories."""
+        """Per image, LabelledSample fields (see heads.py). Inputs are moved to the decoder's device
+        and the heads post-process there (full-size masks, argmaxes): only the final labels come to
+        the CPU, as numpy arrays / ``Instance``s. Open-vocab without ``text_embeddings``: the
+        decoder's own categories."""
         was = self.training
         self.eval()
         try:
@@ -230,7 +231,7 @@ class PDecoder(nn.Module):
             inp = inp.to(device=param.device, dtype=torch.float32)
             if self.cfg.task == "open-vocab" and kw.get("text_embeddings") is None:
                 kw = {**self.head.default_kw(inp), **{k: v for k, v in kw.items() if v is not None}}
-            out = _to_cpu(self(inp, **kw))
+            out = self(inp, **kw)
             return self.head.predict(out, **kw)
         finally:
             self.train(was)
@@ -253,16 +254,6 @@ def _to_float(x):
         return type(x)(_to_float(v) for v in x)
     if isinstance(x, dict):
         return {k: _to_float(v) for k, v in x.items()}
-    return x
-
-
-def _to_cpu(x):
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu()
-    if isinstance(x, (list, tuple)):
-        return type(x)(_to_cpu(v) for v in x)
-    if isinstance(x, dict):
-        return {k: _to_cpu(v) for k, v in x.items()}
     return x
 
 
