@@ -10,7 +10,7 @@ same training loop (``training.Trainer``); one change at a time:
 - ``caption``: prompts are the scenes' captions instead of the class template;
 - ``noatt``: no cross-attention maps fused;
 - ``pixel``: a per-pixel classifier (1×1 conv on the pixel embeddings, cross-entropy) instead of
-  mask classification;
+  mask classification; ``dice`` adds a soft dice loss per class to it;
 - ``noimg``: no image path in the pixel decoder (features only);
 - ``v8``, ``v16``: 8 or 16 views per image (original + augmented) instead of 4;
 - ``wd``: weight decay 0.05 instead of 1e-4; ``half``, ``x2``: half or twice the iterations;
@@ -56,9 +56,9 @@ def standardise(train, test):
 class PixelHead(torch.nn.Module):
     """Per-pixel classification on the P-Decoder's pixel embeddings (for the ablation only)."""
 
-    def __init__(self, decoder, num_classes):
+    def __init__(self, decoder, num_classes, dice: bool = False):
         super().__init__()
-        self.d = decoder
+        self.d, self.dice = decoder, dice
         self.cls = torch.nn.Conv2d(decoder.cfg.dim, num_classes, 1)
         self.value_to_index = decoder.head.value_to_index
         self.index_to_value = decoder.head.index_to_value
@@ -73,7 +73,15 @@ class PixelHead(torch.nn.Module):
 
     def loss(self, logits, targets):
         y = torch.stack([t["index"] for t in targets])
-        return F.cross_entropy(logits, y, ignore_index=255), {}
+        loss = F.cross_entropy(logits, y, ignore_index=255)
+        if self.dice:  # soft dice per class, so a small class weighs as much as a large one
+            valid = (y != 255)[:, None]
+            p = logits.softmax(1) * valid
+            onehot = F.one_hot(y.clamp_max(logits.shape[1] - 1), logits.shape[1]).permute(0, 3, 1, 2) * valid
+            inter, total = (p * onehot).sum((0, 2, 3)), (p + onehot).sum((0, 2, 3))
+            present = onehot.sum((0, 2, 3)) > 0
+            loss = loss + (1 - (2 * inter + 1) / (total + 1))[present].mean()
+        return loss, {}
 
 
 def main() -> None:
@@ -149,7 +157,7 @@ def main() -> None:
         targets = [decoder.targets(v) for v in prep.views]
         model = decoder
         if "pixel" in parts:
-            model = PixelHead(decoder, len(categories) + 1)
+            model = PixelHead(decoder, len(categories) + 1, dice="dice" in parts)
             for t in targets:
                 lut = np.full(256, 255, np.int64)
                 for v, i in decoder.head.value_to_index.items():

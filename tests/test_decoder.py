@@ -64,10 +64,15 @@ def samples():
     return [mixed, crowd]
 
 
-@pytest.mark.parametrize("task", TASKS)
-def test_every_head_forward_loss_backward_predict(task, samples):
+# every head: each task's, and the per-pixel semantic head beside mask classification
+HEAD_SPECS = [*TASKS, "semantic:pixels"]
+
+
+@pytest.mark.parametrize("spec", HEAD_SPECS)
+def test_every_head_forward_loss_backward_predict(spec, samples):
+    task, _, semantic_head = spec.partition(":")
     torch.manual_seed(0)
-    dec = build_decoder(tiny_config(task))
+    dec = build_decoder(tiny_config(task, **({"semantic_head": semantic_head} if semantic_head else {})))
     inp, kw = tiny_input(), forward_kw(task)
     out = dec(inp, **kw)
     targets = [dec.targets(s) for s in samples]
@@ -554,3 +559,32 @@ def test_a_person_is_ranked_by_its_score_times_its_joints_confidence():
     assert vague.score == pytest.approx(0.8 * float(peaks[:, 2].clamp(0, 1).mean()), abs=1e-6)
     assert vague.score < sharp.score
     assert InstanceHead._instance(head, out, 0, 1, 0, mask, 0.8).score == 0.8  # instance decoders keep theirs
+
+
+def test_pixel_semantic_head_learns_a_scene_and_round_trips(tmp_path, samples):
+    # per-pixel classification (DecoderConfig.semantic_head = "pixels") fits one real world scene
+    # from its raw pixels, and its checkpoint reloads the same head and the same predictions
+    scene = augment(samples[0], None, (64, 64))
+    cfg = tiny_config("semantic", semantic_head="pixels", features="raw-pixels", attention=False)
+    cfg.feature_channels, cfg.feature_sizes = [48, 192, 768, 3072], [[16, 16], [8, 8], [4, 4], [2, 2]]
+    torch.manual_seed(0)
+    dec = build_decoder(cfg)
+    inp = DecoderInput([], [], torch.as_tensor(scene.image).permute(2, 0, 1)[None].float() / 255, (64, 64))
+    target = dec.targets(scene)
+    opt = torch.optim.Adam(dec.parameters(), lr=3e-3)
+    first = None
+    for _ in range(150):
+        loss, parts = dec.loss(dec(inp), [target])
+        first = first if first is not None else float(loss.detach())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert set(parts) == {"loss_ce", "loss_dice"} and float(loss) < 0.3 * first
+    (pred,) = dec.predict(inp)
+    assert (pred["semantic"] == scene.semantic).mean() > 0.95
+    ck = save_decoder(dec, tmp_path / "pixels")
+    again = load_decoder(ck)
+    assert again.cfg.semantic_head == "pixels" and type(again.head).__name__ == "PixelSemanticHead"
+    assert np.array_equal(again.predict(inp)[0]["semantic"], pred["semantic"])
+    with pytest.raises(ValueError, match="semantic_head"):
+        build_decoder(tiny_config("semantic", semantic_head="queries"))

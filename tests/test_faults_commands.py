@@ -162,6 +162,19 @@ def test_train_refuses_a_nan_learning_rate_on_the_command_line(world, tmp_path, 
     nothing_beside(tmp_path)
 
 
+@pytest.mark.parametrize("extra, problem", [
+    (["--semantic-head", "queries"], "--semantic-head 'queries': masks or pixels"),
+    (["--task", "depth", "--semantic-head", "pixels"], "--semantic-head is for semantic decoders, not --task depth"),
+], ids=["unknown", "not-semantic"])
+def test_train_refuses_a_bad_semantic_head(extra, problem, world, tmp_path, capsys, monkeypatch):
+    args = ["train", "--data", world, "--task", "semantic", "--out", tmp_path / "ckpt", *FAST_TRAIN]
+    if "--task" in extra:
+        args = args[:3] + args[5:]  # the case's own --task
+    code, _, err = run_cli(capsys, monkeypatch, *args, *extra)
+    assert_one_line_error(code, err, problem)
+    nothing_beside(tmp_path)
+
+
 @pytest.mark.parametrize("command", [
     ["generate", "--labeler", "attention", "--classes", "ball", "--n", "1"],
     ["train", "--data", "DATA", "--task", "semantic"],

@@ -60,13 +60,15 @@ def semantic_ckpt(world, tiny_clip_path, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("task", TASKS)
-def test_train_and_evaluate_every_task(task, world, tiny_clip_path, tiny_clip, tmp_path, capsys):
+@pytest.mark.parametrize("spec", [*TASKS, "semantic:pixels"])  # semantic twice: mask and per-pixel heads
+def test_train_and_evaluate_every_task(spec, world, tiny_clip_path, tiny_clip, tmp_path, capsys):
+    task, _, semantic_head = spec.partition(":")
     train, test = world
     ck = tmp_path / f"{task}.ckpt"
     held = ["--held-out-classes", "ball"] if task == "open-vocab" else []
+    head = ["--semantic-head", semantic_head] if semantic_head else []
     code, out, err = cli(capsys, "train", "--data", train, "--task", task, "--out", ck, "--n-images", 6,
-                         "--backbone", tiny_clip_path, *held, *FAST)
+                         "--backbone", tiny_clip_path, *held, *head, *FAST)
     assert code == 0, err
     summary = json.loads(out[-1])
     assert summary["task"] == task and summary["n_images"] == 6 and summary["iterations"] == 4
@@ -79,7 +81,7 @@ def test_train_and_evaluate_every_task(task, world, tiny_clip_path, tiny_clip, t
     assert config["decoder"]["task"] == task and config["decoder"]["backbone"]["fingerprint"] == tiny_clip.fingerprint
     folder = read_labelled_folder(train)
     dec = load_decoder(ck, task=task, backbone=tiny_clip)
-    assert dec.cfg.task == task
+    assert dec.cfg.task == task and dec.cfg.semantic_head == (semantic_head or "masks")
     assert [(c["id"], c["name"]) for c in dec.cfg.categories] == [(c.id, c.name) for c in folder.categories]
     if task == "open-vocab":
         # name dropout (the default): the held-out name is stored as the zero "unknown name" embedding

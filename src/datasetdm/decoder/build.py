@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from datasetdm.config import STRICT
-from datasetdm.decoder.heads import HEADS, TASKS
+from datasetdm.decoder.heads import HEADS, SEMANTIC_HEADS, TASKS, head_for
 from datasetdm.decoder.inputs import RAW_PIXELS, DecoderInput, raw_pixel_input
 from datasetdm.decoder.modules import Fusion, PixelDecoder, image_stages
 from datasetdm.errors import DatasetdmError
@@ -53,6 +53,9 @@ class DecoderConfig:
     # ``resolve_mask_resolution`` gives the defaults training records.
     mask_stride: int = 1
     point_loss_points: int = 0
+    # semantic decoders: "masks", Mask2Former mask classification (the paper's §3.4), or "pixels",
+    # a per-pixel classifier on the same pixel embeddings (heads.PixelSemanticHead)
+    semantic_head: str = "masks"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -153,11 +156,13 @@ class PDecoder(nn.Module):
             raise ValueError(f"mask_stride {cfg.mask_stride} is not valid for a {cfg.task} decoder")
         if cfg.point_loss_points < 0:
             raise ValueError(f"point_loss_points must be ≥ 0, got {cfg.point_loss_points}")
+        if cfg.semantic_head not in SEMANTIC_HEADS:
+            raise ValueError(f"semantic_head {cfg.semantic_head!r}: one of {', '.join(SEMANTIC_HEADS)}")
         self.cfg = cfg
         self.fusion = Fusion(cfg.feature_channels, cfg.attention_channels, cfg.dim)
         stages = image_stages(tuple(cfg.feature_sizes[0]), cfg.mask_size) if cfg.use_image else 0
         self.pixel_decoder = PixelDecoder(len(cfg.feature_channels), cfg.dim, stages)
-        self.head = HEADS[cfg.task](cfg)
+        self.head = head_for(cfg)
 
     @property
     def name(self) -> str:

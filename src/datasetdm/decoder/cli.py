@@ -54,6 +54,8 @@ def train(
                                     "at 1/N of the image (auto: 4 from 256 px up, else 1)"),
     point_loss_points: str = typer.Option("auto", "--point-loss-points", help="mask losses on N sampled points "
                                           "per mask, 0: every pixel (auto: from 256 px up, else 0)"),
+    semantic_head: str = typer.Option("masks", "--semantic-head", help="semantic decoders: masks (mask "
+                                      "classification, the paper's) | pixels (a per-pixel classifier)"),
     checkpoint_every: int = typer.Option(250, "--checkpoint-every", min=1,
                                          help="save the resumable training state every N iterations"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a decoder checkpoint already in --out"),
@@ -78,12 +80,17 @@ def train(
         raise DatasetdmError("--per-class: selects from a data set imported with --format; "
                              "for a labelled folder use `datasetdm data import` or --n-images")
     held = [h.strip() for h in held_out_classes.split(",") if h.strip()] if held_out_classes else []
+    if semantic_head not in ("masks", "pixels"):
+        raise DatasetdmError(f"--semantic-head {semantic_head!r}: masks or pixels")
+    if semantic_head != "masks" and task != "semantic":
+        raise DatasetdmError(f"--semantic-head is for semantic decoders, not --task {task}")
     opts = TrainOptions(task=task, n_images=n_images, views=views, iterations=iterations, batch_size=batch_size,
                         lr=lr, ema_decay=ema_decay, seed=seed, features=features, attention=attention,
                         use_image=use_image,
                         held_out=held, keep_cache=keep_cache, device=device, dtype=dtype, prompt=prompt,
                         checkpoint_every=checkpoint_every, mask_stride=_auto_int(mask_stride, "--mask-stride"),
-                        point_loss_points=_auto_int(point_loss_points, "--point-loss-points"))
+                        point_loss_points=_auto_int(point_loss_points, "--point-loss-points"),
+                        semantic_head=semantic_head)
     if feature_cache == "memory":
         opts.feature_cache = "memory"
     elif feature_cache:

@@ -108,6 +108,7 @@ class TrainOptions:
     # (decoder.build.resolve_mask_resolution). The checkpoint records the resolved values.
     mask_stride: int | str = "auto"
     point_loss_points: int | str = "auto"
+    semantic_head: str = "masks"  # "masks" | "pixels" (DecoderConfig.semantic_head)
 
     def __post_init__(self):
         if self.iterations is None:
@@ -139,6 +140,7 @@ def make_decoder_config(opts: TrainOptions, categories, inp: DecoderInput, sourc
         prompt=prompt_mode,
         mask_stride=stride,
         point_loss_points=points,
+        semantic_head=opts.semantic_head if opts.task == "semantic" else "masks",
     )
 
 
