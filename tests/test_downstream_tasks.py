@@ -204,6 +204,26 @@ def test_build_and_run_checks_its_options_first(tmp_path):
         build_and_run(tmp_path / "b", test_seed=1, task="depth", labeler="attention")
     with pytest.raises(DatasetdmError, match="--long-tail.*semantic"):
         build_and_run(tmp_path / "c", test_seed=1, task="pose", long_tail=["star"])
+    with pytest.raises(DatasetdmError, match="--semantic-head 'queries'"):
+        build_and_run(tmp_path / "d", test_seed=1, semantic_head="queries")
+    with pytest.raises(DatasetdmError, match="--semantic-head: .*drop --task"):
+        build_and_run(tmp_path / "e", test_seed=1, task="depth", semantic_head="pixels")
+    assert not any(tmp_path.iterdir())  # refused before anything was built
+
+
+@pytest.mark.slow
+def test_build_and_run_with_the_per_pixel_semantic_head(tmp_path):
+    """`downstream --semantic-head pixels`: its own decoder and synthetic set beside the default's,
+    on the same real set; the result file and headline say which head labelled the data."""
+    from datasetdm.evaluation.downstream import DownstreamConfig, build_and_run
+
+    real = _folder(tmp_path / "real", "train", 0, 12)
+    result = build_and_run(tmp_path / "ds", test_seed=1, n_test=6, real=real, n_synthetic=4, decoder_iterations=5,
+                           config=DownstreamConfig(steps=3, batch_size=4), semantic_head="pixels")
+    assert result["semantic_head"] == "pixels" and result["n_synthetic"] <= 4
+    assert result["result_file"].endswith("downstream-semantic-pixels-n4.json")
+    config = json.loads((tmp_path / "ds" / "decoders-pixels" / "semantic" / "config.json").read_text())
+    assert config["decoder"]["semantic_head"] == "pixels"
 
 
 @pytest.mark.slow

@@ -111,6 +111,8 @@ def downstream(
                                      "(-1 the last, -2 the one before, ...)."),
     prompts: str = typer.Option("captions", help="Generation prompts: captions (world val captions), templates "
                                 "(class-name templates) or a prompt file or folder."),
+    semantic_head: str = typer.Option("masks", help="The semantic decoder that labels the synthetic set: masks "
+                                      "(mask classification, the paper's) or pixels (a per-pixel classifier)."),
 ) -> None:
     """Train an ordinary model on real, synthetic and both; score each on world test scenes (Tables 2, 4, 7)."""
     from datasetdm.evaluation.downstream import DownstreamConfig, build_and_run
@@ -123,7 +125,8 @@ def downstream(
                            long_tail=[c.strip() for c in long_tail.split(",") if c.strip()] if long_tail else (),
                            domain=domain,
                            zero_shot=[c.strip() for c in zero_shot.split(",") if c.strip()] if zero_shot else (),
-                           guidance=guidance, capture_step=capture_step, prompts=prompts)
+                           guidance=guidance, capture_step=capture_step, prompts=prompts,
+                           semantic_head=semantic_head)
     typer.echo(result.pop("table"))
     typer.echo(json.dumps(result))
 

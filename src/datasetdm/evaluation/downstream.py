@@ -318,7 +318,7 @@ def build_and_run(out: str | Path, test_seed: int, n_test: int = 500, real: Path
                   tail_images: int = 2, device: str = "auto", dtype: str | None = None,
                   domain: str | None = None, zero_shot: Sequence[str] = (), guidance: float = GUIDANCE_SCALE,
                   generation_steps: int = GENERATION_STEPS, capture_step: int = -1,
-                  prompts: str | Path = "captions") -> dict:
+                  prompts: str | Path = "captions", semantic_head: str = "masks") -> dict:
     """The `datasetdm downstream` command: build what is not given, run, write ``downstream.json``
     (``downstream-{task}.json`` for the other tasks). Holds ``out``'s lock (``io.output_lock``):
     two runs would share its caches. ``task_config`` (``task_models.TaskModelConfig``) is the
@@ -367,6 +367,11 @@ def build_and_run(out: str | Path, test_seed: int, n_test: int = 500, real: Path
         unknown = [c for c in zero_shot if c not in names]
         if unknown:
             raise DatasetdmError(f"--zero-shot {','.join(unknown)}: not a world class ({', '.join(sorted(names))})")
+    if semantic_head not in ("masks", "pixels"):
+        raise DatasetdmError(f"--semantic-head {semantic_head!r}: masks or pixels")
+    if semantic_head != "masks" and (task != "semantic" or labeler != "decoder" or synthetic is not None or zero_shot):
+        raise DatasetdmError("--semantic-head: the semantic decoder that labels the synthetic set generated here; "
+                             "drop --task, --labeler, --synthetic and --zero-shot")
     if domain is not None:
         from datasetdm.world.folders import parse_domain
 
@@ -375,7 +380,7 @@ def build_and_run(out: str | Path, test_seed: int, n_test: int = 500, real: Path
         return _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler, backbone, config,
                               decoder_iterations, seed, cache_dir, min_pixel_confidence, task, task_config,
                               class_quota, list(long_tail), head_images, tail_images, device, dtype, domain,
-                              list(zero_shot), generation)
+                              list(zero_shot), generation, semantic_head)
 
 
 # default of each generation setting, and how a run away from it is tagged in folder and file names
@@ -401,7 +406,8 @@ def _generation_settings(n: int, steps: int, guidance: float, capture_step: int,
 
 def _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler, backbone, config,
                    decoder_iterations, seed, cache_dir, min_pixel_confidence, task, task_config, class_quota,
-                   long_tail, head_images, tail_images, device, dtype, domain, zero_shot, generation) -> dict:
+                   long_tail, head_images, tail_images, device, dtype, domain, zero_shot, generation,
+                   semantic_head="masks") -> dict:
     from rich.console import Console
 
     from datasetdm.backbone.loader import embedded_backbone_path
@@ -448,6 +454,8 @@ def _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler
         say(f"downstream: zero-shot, unseen {', '.join(zero_shot)} (labels removed from the real set)")
         real = render_seen_only_folder(out / f"real{tag}", "train", seed, 100, zero_shot)
     real = Path(real) if real else render_world_folder(out / "real", "train", seed, 100)
+    if semantic_head != "masks":  # other decoders, on the same real set
+        tag += f"-{semantic_head}"
     run_tag = tag + (f"-quota{class_quota}" if class_quota else "") + generation["tag"]
     generated = synthetic is None
     if generated:
@@ -477,7 +485,7 @@ def _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler
             decoders = [ckpt]
         elif labeler == "decoder":
             decoders = list(train_decoders(real, out / f"decoders{tag}", [task], source, decoder_iterations,
-                                           log=say, **placement).values())
+                                           log=say, semantic_head=semantic_head, **placement).values())
         generate_labelled(shards, labeler=labeler, backbone=source, decoders=decoders,
                           categories=list(CATEGORIES) if labeler == "attention" else (), prompts=prompts,
                           n=n_synthetic, seed=seed, steps=generation["steps"], guidance=generation["guidance"],
@@ -551,6 +559,8 @@ def _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler
         result["generation"] = {**{k: v for k, v in generation.items() if k != "tag"}, "shards": str(shards)}
     saved = out / ("downstream.json" if task == "semantic" and not run_tag else f"downstream-{task}{run_tag}.json")
     write_json_atomic(saved, result)
+    if semantic_head != "masks":
+        result["semantic_head"] = headline["semantic_head"] = semantic_head
     headline.update({"n_real": result["n_real"], "n_synthetic": result["n_synthetic"], "n_test": n_test,
                      "test_seed": test_seed, "labeler": labeler, "result_file": str(saved)})
     return {"table": table, **headline}
