@@ -100,17 +100,22 @@ class Validator:
 
 
 def run(trainer, validator, iterations, val_every, batch_fn=None, target=None, budget=None):
-    """Train; validate every ``val_every`` steps. Returns [(step, train seconds, mIoU)] and the
-    mean step time. Stops at ``target`` or past ``budget`` seconds when given."""
+    """Train; validate every ``val_every`` steps. Returns [(step, train seconds, mIoU)], the mean
+    step time and the mean time of making a step's batch (reading the cache or running the UNet,
+    and the views' targets: what ``Trainer.step()`` does before the decoder runs). Stops at
+    ``target`` or past ``budget`` seconds when given."""
     import torch
 
-    curve, seconds = [], 0.0
+    if batch_fn is None:  # what trainer.step() does without arguments
+        def batch_fn(idx):
+            return trainer.inp.select(idx), [trainer.targets[i] for i in idx.tolist()]
+
+    curve, seconds, batch_seconds = [], 0.0, 0.0
     for step in range(1, iterations + 1):
         t = time.perf_counter()
-        if batch_fn is None:
-            trainer.step()
-        else:
-            trainer.step(*batch_fn(trainer.batch_indices()))
+        batch = batch_fn(trainer.batch_indices())
+        batch_seconds += time.perf_counter() - t
+        trainer.step(*batch)
         seconds += time.perf_counter() - t
         if step % val_every == 0 or step == iterations:
             with torch.no_grad():
@@ -120,7 +125,7 @@ def run(trainer, validator, iterations, val_every, batch_fn=None, target=None, b
                 break
         if budget is not None and seconds > budget:  # every step: a recompute step can take seconds
             break
-    return curve, seconds / step
+    return curve, seconds / step, batch_seconds / step
 
 
 def main() -> None:
@@ -249,7 +254,7 @@ def bench(args, tmp: Path) -> dict:
     print(f"cache: {len(views)} views in {cache_seconds:.1f}s", flush=True)
 
     print("cached:", flush=True)
-    cached_curve, cached_step = run(prep.trainer, validator, args.iterations, args.val_every)
+    cached_curve, cached_step, cached_batch = run(prep.trainer, validator, args.iterations, args.val_every)
     best = max(m for _, _, m in cached_curve)
     target = args.target_miou if args.target_miou is not None else args.target_fraction * best
     hit = next(((s, sec) for s, sec, m in cached_curve if m >= target), None)
@@ -269,7 +274,8 @@ def bench(args, tmp: Path) -> dict:
                              [prep.noise_seeds[i] for i in idx])
         return inp, [prep.trainer.targets[i] for i in idx]
 
-    re_curve, re_step = run(trainer, validator, args.iterations, args.val_every, batch, target, args.max_recompute_seconds)
+    re_curve, re_step, re_batch = run(trainer, validator, args.iterations, args.val_every, batch, target,
+                                      args.max_recompute_seconds)
     re_hit = next(((s, sec) for s, sec, m in re_curve if m >= target), None)
     extrapolated = re_hit is None
     re_seconds = re_hit[1] if re_hit else re_step * cached_steps
@@ -288,6 +294,8 @@ def bench(args, tmp: Path) -> dict:
         "extrapolated": extrapolated,
         "max_miou_gap": None if gap is None else round(gap, 4),
         "seconds_per_step": {"cached": round(cached_step, 4), "recompute": round(re_step, 4)},
+        # of which making the batch: cache read + targets (cached), UNet pass + targets (recompute)
+        "batch_seconds_per_step": {"cached": round(cached_batch, 4), "recompute": round(re_batch, 4)},
         "decoder_step_seconds": round(cached_step, 4),  # the cached step is the decoder step alone
         "mask_stride": cfg.mask_stride,
         "point_loss_points": cfg.point_loss_points,
