@@ -128,3 +128,13 @@ def test_unet_cast_tensor_by_tensor_equals_from_pretrained(tiny_clip_path, dtype
     x = torch.randn(1, 4, 8, 8, dtype=dtype)
     ctx = torch.randn(1, 3, ours.config.cross_attention_dim, dtype=dtype)
     assert torch.equal(ours(x, 10, ctx).sample, theirs(x, 10, ctx).sample)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])  # the file's own dtype, and the tensor-by-tensor cast
+def test_a_truncated_unet_file_is_named(tiny_clip_path, tmp_path, dtype):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_clip_path, broken)
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:300])
+    with pytest.raises(DatasetdmError, match=r"could not load a component.*diffusion_pytorch_model\.safetensors"):
+        load_backbone(broken, dtype=dtype)

@@ -505,7 +505,7 @@ def _load_unet(folder: Path, dtype: torch.dtype):
     Anything else (the file's own dtype, sharded or .bin weights, keys the config does not build)
     goes through ``from_pretrained`` unchanged."""
     from diffusers import UNet2DConditionModel
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     def pretrained():
         # dtype at load time (casting afterwards makes diffusers warn); low_cpu_mem_usage needs accelerate
@@ -514,8 +514,11 @@ def _load_unet(folder: Path, dtype: torch.dtype):
     file = folder / "diffusion_pytorch_model.safetensors"
     if not file.is_file():
         return pretrained()
-    with safe_open(file, "pt") as f:
-        stored = {k: _SAFETENSORS_DTYPES.get(f.get_slice(k).get_dtype()) for k in f.keys()}
+    try:
+        with safe_open(file, "pt") as f:
+            stored = {k: _SAFETENSORS_DTYPES.get(f.get_slice(k).get_dtype()) for k in f.keys()}
+    except SafetensorError:
+        return pretrained()  # a broken file: diffusers' error names it
     if set(stored.values()) <= {dtype}:
         return pretrained()  # nothing to cast: the mapped pages are the weights
     with torch.device("meta"):  # built without memory; allocated (untouched) in dtype below
@@ -527,10 +530,13 @@ def _load_unet(folder: Path, dtype: torch.dtype):
         return pretrained()  # a layout the config does not build as stored (or a buffer not saved)
     unet.to_empty(device="cpu")
     state = unet.state_dict()
-    with torch.no_grad():
-        for key, target in state.items():
-            with safe_open(file, "pt") as f:  # unmapped once this tensor is copied
-                target.copy_(f.get_tensor(key))
+    try:
+        with torch.no_grad():
+            for key, target in state.items():
+                with safe_open(file, "pt") as f:  # unmapped once this tensor is copied
+                    target.copy_(f.get_tensor(key))
+    except SafetensorError as e:
+        raise OSError(f"{file}: {e}") from None
     return unet.eval()
 
 
@@ -549,7 +555,7 @@ def load_backbone(source: str | Path | None = None, device="cpu", dtype: torch.d
     """
     import diffusers
     import transformers
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
 
     from datasetdm.backbone.device import placement
 
