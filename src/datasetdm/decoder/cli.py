@@ -14,7 +14,7 @@ from typing import Optional
 import typer
 
 from datasetdm.backbone.device import DEVICE_HELP, DTYPE_HELP
-from datasetdm.decoder.heads import TASKS
+from datasetdm.decoder.heads import SEMANTIC_HEADS, TASKS
 from datasetdm.errors import DatasetdmError
 
 
@@ -80,8 +80,8 @@ def train(
         raise DatasetdmError("--per-class: selects from a data set imported with --format; "
                              "for a labelled folder use `datasetdm data import` or --n-images")
     held = [h.strip() for h in held_out_classes.split(",") if h.strip()] if held_out_classes else []
-    if semantic_head not in ("masks", "pixels"):
-        raise DatasetdmError(f"--semantic-head {semantic_head!r}: masks or pixels")
+    if semantic_head not in SEMANTIC_HEADS:
+        raise DatasetdmError(f"--semantic-head {semantic_head!r}: {' or '.join(SEMANTIC_HEADS)}")
     if semantic_head != "masks" and task != "semantic":
         raise DatasetdmError(f"--semantic-head is for semantic decoders, not --task {task}")
     opts = TrainOptions(task=task, n_images=n_images, views=views, iterations=iterations, batch_size=batch_size,

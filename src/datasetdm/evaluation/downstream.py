@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+from datasetdm.decoder.heads import SEMANTIC_HEADS
 from datasetdm.errors import DatasetdmError
 from datasetdm.evaluation.metrics import SemanticIoU
 from datasetdm.evaluation.segmenter import SegmenterTrainConfig, predict_segmenter, train_segmenter
@@ -367,8 +368,8 @@ def build_and_run(out: str | Path, test_seed: int, n_test: int = 500, real: Path
         unknown = [c for c in zero_shot if c not in names]
         if unknown:
             raise DatasetdmError(f"--zero-shot {','.join(unknown)}: not a world class ({', '.join(sorted(names))})")
-    if semantic_head not in ("masks", "pixels"):
-        raise DatasetdmError(f"--semantic-head {semantic_head!r}: masks or pixels")
+    if semantic_head not in SEMANTIC_HEADS:
+        raise DatasetdmError(f"--semantic-head {semantic_head!r}: {' or '.join(SEMANTIC_HEADS)}")
     if semantic_head != "masks" and (task != "semantic" or labeler != "decoder" or synthetic is not None or zero_shot):
         raise DatasetdmError("--semantic-head: the semantic decoder that labels the synthetic set generated here; "
                              "drop --task, --labeler, --synthetic and --zero-shot")
