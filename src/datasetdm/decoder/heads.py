@@ -59,6 +59,22 @@ class Head(nn.Module):
         raise NotImplementedError
 
 
+def _semantic_classes(head: Head) -> None:
+    """Both semantic heads' class tables: background is index 0, then the config's categories."""
+    head.value_to_index = {0: 0, **{cid: i + 1 for i, cid in enumerate(head.category_ids)}}
+    head.index_to_value = np.array([0] + head.category_ids, dtype=np.uint8)
+
+
+def _semantic_labels(head: Head, seg: torch.Tensor, share: torch.Tensor, min_pixel_confidence: float | None):
+    """Per image ``semantic`` (class indices → the folder's values) and ``confidence``, the mean of
+    each pixel's winning-class share; pixels whose share is below ``min_pixel_confidence`` are ignore."""
+    share = share.cpu().numpy()
+    labels = head.index_to_value[seg.cpu().numpy()]
+    if min_pixel_confidence is not None:
+        labels[share < min_pixel_confidence] = IGNORE_INDEX
+    return [{"semantic": lab, "confidence": float(c.mean())} for lab, c in zip(labels, share)]
+
+
 class _QueryHead(Head):
     """Learned queries + Mask2Former transformer decoder + class logits (semantic, instance, pose)."""
 
@@ -104,8 +120,7 @@ class SemanticHead(_QueryHead):
 
     def __init__(self, cfg):
         super().__init__(cfg, len(cfg.categories) + 1, cfg.num_queries)
-        self.value_to_index = {0: 0, **{cid: i + 1 for i, cid in enumerate(self.category_ids)}}
-        self.index_to_value = np.array([0] + self.category_ids, dtype=np.uint8)
+        _semantic_classes(self)
 
     def targets(self, sample):
         sem8 = np.asarray(sample.semantic, dtype=np.uint8)
@@ -125,11 +140,7 @@ class SemanticHead(_QueryHead):
         probs, masks = self._final(out)
         scores = torch.einsum("bqk,bqhw->bkhw", probs, masks)  # Mask2Former semantic inference
         top, seg = scores.max(1)
-        share = (top / scores.sum(1).clamp_min(1e-6)).cpu().numpy()
-        labels = self.index_to_value[seg.cpu().numpy()]
-        if min_pixel_confidence is not None:
-            labels[share < min_pixel_confidence] = IGNORE_INDEX
-        return [{"semantic": lab, "confidence": float(c.mean())} for lab, c in zip(labels, share)]
+        return _semantic_labels(self, seg, top / scores.sum(1).clamp_min(1e-6), min_pixel_confidence)
 
 
 class PixelSemanticHead(Head):
@@ -146,8 +157,7 @@ class PixelSemanticHead(Head):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.value_to_index = {0: 0, **{cid: i + 1 for i, cid in enumerate(self.category_ids)}}
-        self.index_to_value = np.array([0] + self.category_ids, dtype=np.uint8)
+        _semantic_classes(self)
         self.classifier = nn.Conv2d(cfg.dim, len(self.category_ids) + 1, 1)
         lut = np.full(256, IGNORE_INDEX, np.int64)
         for value, index in self.value_to_index.items():
@@ -177,11 +187,7 @@ class PixelSemanticHead(Head):
         """As ``SemanticHead.predict``; a pixel's share is its winning class's softmax probability."""
         probs = resize_logits(out["pixel_logits"], out["image_size"]).softmax(1)
         top, seg = probs.max(1)
-        share = top.cpu().numpy()
-        labels = self.index_to_value[seg.cpu().numpy()]
-        if min_pixel_confidence is not None:
-            labels[share < min_pixel_confidence] = IGNORE_INDEX
-        return [{"semantic": lab, "confidence": float(c.mean())} for lab, c in zip(labels, share)]
+        return _semantic_labels(self, seg, top, min_pixel_confidence)
 
 
 class InstanceHead(_QueryHead):
