@@ -224,6 +224,14 @@ def test_build_and_run_with_the_per_pixel_semantic_head(tmp_path):
     assert result["result_file"].endswith("downstream-semantic-pixels-n4.json")
     config = json.loads((tmp_path / "ds" / "decoders-pixels" / "semantic" / "config.json").read_text())
     assert config["decoder"]["semantic_head"] == "pixels"
+    # another decoder seed: its own decoder and synthetic set, the same real set and real-only model
+    again = build_and_run(tmp_path / "ds", test_seed=1, n_test=6, real=real, n_synthetic=4, decoder_iterations=5,
+                          config=DownstreamConfig(steps=3, batch_size=4), semantic_head="pixels", decoder_seed=1)
+    assert again["result_file"].endswith("downstream-semantic-pixels-dseed1-n4.json")
+    assert again["real_miou"] == result["real_miou"] and again["decoder_seed"] == 1
+    seeded = json.loads((tmp_path / "ds" / "decoders-pixels-dseed1" / "semantic" / "config.json").read_text())
+    assert seeded["info"]["train_options"]["seed"] == 1 and config["info"]["train_options"]["seed"] == 0
+    assert (tmp_path / "ds" / "synthetic-decoder-pixels-dseed1-n4").is_dir()
 
 
 @pytest.mark.slow

@@ -113,6 +113,8 @@ def downstream(
                                 "(class-name templates) or a prompt file or folder."),
     semantic_head: str = typer.Option("masks", help="The semantic decoder that labels the synthetic set: masks "
                                       "(mask classification, the paper's) or pixels (a per-pixel classifier)."),
+    decoder_seed: int = typer.Option(0, min=0, help="The decoders' training seed (initialisation, batch order); "
+                                     "the real set and the generation keep theirs."),
 ) -> None:
     """Train an ordinary model on real, synthetic and both; score each on world test scenes (Tables 2, 4, 7)."""
     from datasetdm.evaluation.downstream import DownstreamConfig, build_and_run
@@ -126,7 +128,7 @@ def downstream(
                            domain=domain,
                            zero_shot=[c.strip() for c in zero_shot.split(",") if c.strip()] if zero_shot else (),
                            guidance=guidance, capture_step=capture_step, prompts=prompts,
-                           semantic_head=semantic_head)
+                           semantic_head=semantic_head, decoder_seed=decoder_seed)
     typer.echo(result.pop("table"))
     typer.echo(json.dumps(result))
 

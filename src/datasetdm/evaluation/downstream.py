@@ -319,7 +319,7 @@ def build_and_run(out: str | Path, test_seed: int, n_test: int = 500, real: Path
                   tail_images: int = 2, device: str = "auto", dtype: str | None = None,
                   domain: str | None = None, zero_shot: Sequence[str] = (), guidance: float = GUIDANCE_SCALE,
                   generation_steps: int = GENERATION_STEPS, capture_step: int = -1,
-                  prompts: str | Path = "captions", semantic_head: str = "masks") -> dict:
+                  prompts: str | Path = "captions", semantic_head: str = "masks", decoder_seed: int = 0) -> dict:
     """The `datasetdm downstream` command: build what is not given, run, write ``downstream.json``
     (``downstream-{task}.json`` for the other tasks). Holds ``out``'s lock (``io.output_lock``):
     two runs would share its caches. ``task_config`` (``task_models.TaskModelConfig``) is the
@@ -334,7 +334,9 @@ def build_and_run(out: str | Path, test_seed: int, n_test: int = 500, real: Path
     over the decoders' classes) or a prompt file or folder (``prompts.load_prompts``). A setting
     away from its default names its own shard and synthetic folders and result file (e.g.
     ``downstream-semantic-n250.json``), so runs of several settings share ``out``: its decoders,
-    real set and real-only model."""
+    real set and real-only model. ``decoder_seed``: the decoders' training seed (initialisation and
+    batch order; ``seed`` draws the real set and the generation); away from 0 the decoders and the
+    data they label get their own folders (``decoders-dseed1``)."""
     from datasetdm.io import output_lock
 
     if task not in DOWNSTREAM_TASKS:
@@ -381,7 +383,7 @@ def build_and_run(out: str | Path, test_seed: int, n_test: int = 500, real: Path
         return _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler, backbone, config,
                               decoder_iterations, seed, cache_dir, min_pixel_confidence, task, task_config,
                               class_quota, list(long_tail), head_images, tail_images, device, dtype, domain,
-                              list(zero_shot), generation, semantic_head)
+                              list(zero_shot), generation, semantic_head, decoder_seed)
 
 
 # default of each generation setting, and how a run away from it is tagged in folder and file names
@@ -408,7 +410,7 @@ def _generation_settings(n: int, steps: int, guidance: float, capture_step: int,
 def _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler, backbone, config,
                    decoder_iterations, seed, cache_dir, min_pixel_confidence, task, task_config, class_quota,
                    long_tail, head_images, tail_images, device, dtype, domain, zero_shot, generation,
-                   semantic_head="masks") -> dict:
+                   semantic_head="masks", decoder_seed=0) -> dict:
     from rich.console import Console
 
     from datasetdm.backbone.loader import embedded_backbone_path
@@ -457,6 +459,8 @@ def _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler
     real = Path(real) if real else render_world_folder(out / "real", "train", seed, 100)
     if semantic_head != "masks":  # other decoders, on the same real set
         tag += f"-{semantic_head}"
+    if decoder_seed:
+        tag += f"-dseed{decoder_seed}"
     run_tag = tag + (f"-quota{class_quota}" if class_quota else "") + generation["tag"]
     generated = synthetic is None
     if generated:
@@ -482,11 +486,12 @@ def _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler
                 say(f"training the open-vocab decoder on {real}, holding out {', '.join(zero_shot)}")
                 train_decoder(real, ckpt, TrainOptions(task="open-vocab", iterations=decoder_iterations,
                                                        held_out=zero_shot, cache_dir=str(ckpt.parent / "features"),
-                                                       **placement), backbone_source=source)
+                                                       seed=decoder_seed, **placement), backbone_source=source)
             decoders = [ckpt]
         elif labeler == "decoder":
             decoders = list(train_decoders(real, out / f"decoders{tag}", [task], source, decoder_iterations,
-                                           log=say, semantic_head=semantic_head, **placement).values())
+                                           log=say, semantic_head=semantic_head, seed=decoder_seed,
+                                           **placement).values())
         generate_labelled(shards, labeler=labeler, backbone=source, decoders=decoders,
                           categories=list(CATEGORIES) if labeler == "attention" else (), prompts=prompts,
                           n=n_synthetic, seed=seed, steps=generation["steps"], guidance=generation["guidance"],
@@ -558,10 +563,12 @@ def _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler
         headline["domain"] = domain
     if generated:
         result["generation"] = {**{k: v for k, v in generation.items() if k != "tag"}, "shards": str(shards)}
-    saved = out / ("downstream.json" if task == "semantic" and not run_tag else f"downstream-{task}{run_tag}.json")
-    write_json_atomic(saved, result)
     if semantic_head != "masks":
         result["semantic_head"] = headline["semantic_head"] = semantic_head
+    if decoder_seed:
+        result["decoder_seed"] = headline["decoder_seed"] = decoder_seed
+    saved = out / ("downstream.json" if task == "semantic" and not run_tag else f"downstream-{task}{run_tag}.json")
+    write_json_atomic(saved, result)
     headline.update({"n_real": result["n_real"], "n_synthetic": result["n_synthetic"], "n_test": n_test,
                      "test_seed": test_seed, "labeler": labeler, "result_file": str(saved)})
     return {"table": table, **headline}

@@ -436,11 +436,11 @@ def _with_msg(add_task):
 
 def train_decoders(data_dir, out_dir: Path, tasks, backbone_source, iterations: int | None = None,
                    show_progress: bool = True, log=None, device: str = "auto", dtype: str | None = None,
-                   semantic_head: str = "masks") -> dict[str, Path]:
+                   semantic_head: str = "masks", seed: int = 0) -> dict[str, Path]:
     """One decoder per task on ``data_dir`` into ``out_dir/{task}``, sharing one feature cache;
     a task whose checkpoint exists is skipped (so an interrupted run continues). ``iterations``
     None: each task's default (``default_iterations``); ``semantic_head``: the semantic decoder's
-    (``TrainOptions.semantic_head``)."""
+    (``TrainOptions.semantic_head``); ``seed``: ``TrainOptions.seed``."""
     paths = {}
     for task in tasks:
         ckpt = Path(out_dir) / task
@@ -448,7 +448,7 @@ def train_decoders(data_dir, out_dir: Path, tasks, backbone_source, iterations: 
             if log is not None:
                 log(f"training the {task} decoder on {data_dir}")
             opts = TrainOptions(task=task, iterations=iterations, cache_dir=str(Path(out_dir) / "features"),
-                                device=device, dtype=dtype, semantic_head=semantic_head)
+                                device=device, dtype=dtype, semantic_head=semantic_head, seed=seed)
             train_decoder(data_dir, ckpt, opts, backbone_source=backbone_source, show_progress=show_progress)
         paths[task] = ckpt
     return paths
