@@ -111,12 +111,15 @@ def main() -> None:
     chosen = [(r["id"], s) for r in rows if (s := colour_swap(r["prompt"], colours)) is not None][: args.n]
     if not chosen:
         sys.exit(f"{args.run}: no kept sample names a colour ({', '.join(colours)})")
+    from datasetdm.backbone.loader import load_backbone
+
+    backbone = load_backbone(args.backbone)  # once for every edit
     records = []
     t0 = time.perf_counter()
     for k, (sample_id, swap) in enumerate(chosen):
         record = {"sample": sample_id, "swap": swap}
         for mode, (cross, self_) in MODES.items():
-            result = edit_sample(args.run, sample_id, parse_swaps([swap]), args.decoder, backbone=args.backbone,
+            result = edit_sample(args.run, sample_id, parse_swaps([swap]), args.decoder, backbone=backbone,
                                  cross_fraction=cross, self_fraction=self_)
             record[mode] = result.record["semantic_agreement"]
             record[f"{mode}_image_mean_abs_diff"] = round(result.record["edited_image_mean_abs_diff"], 2)

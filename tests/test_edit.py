@@ -177,3 +177,22 @@ def test_colour_swap_keeps_the_layout_on_the_embedded_backbone(tmp_path):
         if obj.any():
             shift = lambda im: (im[obj][:, 2].astype(float) - im[obj][:, 0].astype(float)).mean()  # noqa: E731
             assert shift(result.after.image) > shift(result.before.image), result.record
+
+
+def test_edits_share_a_loaded_backbone(tiny_run, tiny_clip_path):
+    """Many edits (bench/edit_agreement.py) load the backbone once: an edit through a loaded
+    backbone equals one that loads its own, also when the backbone served an edit before."""
+    from datasetdm.backbone.loader import load_backbone
+    from datasetdm.formats.shards import read_manifest
+    from datasetdm.generation.edit import edit_sample
+
+    root, decoders = tiny_run
+    rows = read_manifest(root / "run").to_pylist()
+    sample = next(r["id"] for r in rows if "red" in r["prompt"].split())
+    own = edit_sample(root / "run", sample, [("red", "blue")], decoders, backbone=str(tiny_clip_path))
+    bb = load_backbone(str(tiny_clip_path))
+    edit_sample(root / "run", sample, [("red", "green")], decoders, backbone=bb)
+    shared = edit_sample(root / "run", sample, [("red", "blue")], decoders, backbone=bb)
+    np.testing.assert_array_equal(shared.after.image, own.after.image)
+    np.testing.assert_array_equal(shared.after.semantic, own.after.semantic)
+    assert shared.record["semantic_agreement"] == own.record["semantic_agreement"]

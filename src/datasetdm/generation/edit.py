@@ -93,14 +93,15 @@ def _run_sample(run: Path, sample_id: int):
 
 
 def edit_sample(run: str | Path, sample_id: int, swaps: Sequence[tuple[str, str]], decoders: Sequence[Path],
-                backbone: str | None = None, cross_fraction: float = CROSS_FRACTION,
+                backbone=None, cross_fraction: float = CROSS_FRACTION,
                 self_fraction: float = SELF_FRACTION, device: str = "cpu") -> EditResult:
     """Regenerate sample ``sample_id`` of the shard run ``run`` with ``swaps`` applied to its prompt.
     ``decoders``: the run's decoder checkpoints (checked against run.json's digests);
-    ``backbone``: the run's backbone (default the embedded one; its fingerprint is checked)."""
+    ``backbone``: the run's backbone, a source or a loaded ``Backbone`` (so many edits load it once;
+    default the embedded one; its fingerprint is checked)."""
     import torch
 
-    from datasetdm.backbone.loader import load_backbone
+    from datasetdm.backbone.loader import Backbone, load_backbone
     from datasetdm.backbone.p2p import EditControl, prompt_to_prompt, token_alignment
     from datasetdm.formats.shards import read_run_info, shard_categories
     from datasetdm.generation.loop import as_uint8_images, merge_labels
@@ -125,7 +126,7 @@ def edit_sample(run: str | Path, sample_id: int, swaps: Sequence[tuple[str, str]
                              "(their digests differ); pass the run's --decoder checkpoints in its order")
     row, before, before_extras = _run_sample(run, sample_id)
     target = swap_words(row["prompt"], swaps, where=f"{run}: sample {sample_id}")
-    bb = load_backbone(backbone, device=device)
+    bb = backbone if isinstance(backbone, Backbone) else load_backbone(backbone, device=device)
     if info.get("backbone") and info["backbone"] != f"{bb.name}@{bb.fingerprint}":
         raise DatasetdmError(f"{run / 'run.json'}: generated with backbone {info['backbone']}, not "
                              f"{bb.name}@{bb.fingerprint}; pass the run's --backbone")
