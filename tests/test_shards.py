@@ -123,10 +123,26 @@ def test_resume_after_crash_gives_identical_shards(tmp_path):
     # as if killed right after renaming shard 1, before the manifest listed it
     (crashed / "shards" / "shard-000001.tar").write_bytes(b"half")
     assert read_manifest(crashed).num_rows == 4
+    # killed inside the next manifest and run.json writes, before their renames
+    (crashed / ".manifest.parquet.k9x2ab.tmp").write_bytes(b"half a parquet")
+    (crashed / ".run.json.q1w2e3.tmp").write_text("{")
 
     write_run(crashed, range(10), 10, resume=True)
     assert tree_bytes(crashed) == tree_bytes(full)
     assert read_manifest(crashed).equals(read_manifest(full))
+
+
+def test_a_run_killed_while_writing_its_run_file_starts_over(tmp_path):
+    """Killed inside the first write (run.json's temporary, nothing renamed): the same command
+    starts the run anew, with or without resume, instead of calling the folder someone else's."""
+    full = tmp_path / "full"
+    write_run(full, range(10), 10)
+    for resume in (False, True):
+        killed = tmp_path / f"killed-{resume}"
+        (killed / "shards").mkdir(parents=True)
+        (killed / ".run.json.a1b2c3.tmp").write_text('{"format": ')
+        write_run(killed, range(10), 10, resume=resume)
+        assert tree_bytes(killed) == tree_bytes(full)
 
 
 def test_extending_a_finished_run_redoes_the_partial_shard(tmp_path):

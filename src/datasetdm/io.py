@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -39,6 +40,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def remove_atomic_temporaries(path: str | os.PathLike) -> None:
+    """Remove what ``atomic_path`` writes of ``path`` and a kill -9 left behind before its rename.
+    Only for a caller that holds the folder's ``output_lock``: no other writer is live."""
+    path = Path(path)
+    if path.parent.is_dir():
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            stale.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

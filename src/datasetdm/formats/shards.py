@@ -48,7 +48,7 @@ from datasetdm.errors import DatasetdmError
 from datasetdm.formats import coco
 from datasetdm.formats.png import DEPTH_SCALE, encode_depth_png, encode_image_png, encode_semantic_png
 from datasetdm.formats.sample import Category, LabelledSample
-from datasetdm.io import atomic_path, naming_path, write_json_atomic
+from datasetdm.io import atomic_path, naming_path, remove_atomic_temporaries, write_json_atomic
 
 RUN_FILE = "run.json"
 MANIFEST_FILE = "manifest.parquet"
@@ -270,6 +270,8 @@ class ShardWriter:
         run_path = self.out_dir / RUN_FILE
         self._fresh = False  # set when this writer starts the run (abort then removes what it made)
         self._made_out = not self.out_dir.exists()
+        for name in (RUN_FILE, MANIFEST_FILE):  # a write killed before its rename (the caller holds the lock)
+            remove_atomic_temporaries(self.out_dir / name)
         if run_path.exists() and self._completed_nothing():
             # a run killed before its first shard: nothing to continue, nothing to lose (the caller
             # holds the folder's lock, so it is not live); start over, with or without --resume
