@@ -1,0 +1,80 @@
+"""The README's "every task" table from ``datasetdm downstream --task T`` result files.
+
+    python bench/downstream_task_table.py runs/ds/downstream-depth.json runs/ds-inst/downstream-instance.json
+
+Each argument is a ``downstream-{task}.json`` (``downstream.json`` for semantic) that a default run
+wrote: 100 real scenes, 1000 synthetic samples, 500 test scenes. One row per file, in the table's
+task order (a semantic run with ``--semantic-head pixels`` gets its own row); a task with no file
+keeps its "not yet measured" row. The change against real-only is
+given for the synthetic and joint models (lower is better for AbsRel, higher for the rest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+# task → (row label, metrics as (key, short name, higher is better))
+TASKS = {
+    "semantic": ("semantic, mIoU", [("miou", "mIoU", True)]),
+    "instance": ("instance, mask AP / AP50", [("mask_ap", "AP", True), ("mask_ap50", "AP50", True)]),
+    "depth": ("depth, AbsRel / δ1", [("abs_rel", "AbsRel", False), ("delta1", "δ1", True)]),
+    "pose": ("pose, keypoint AP / AP50", [("keypoint_ap", "AP", True), ("keypoint_ap50", "AP50", True)]),
+}
+
+
+def task_of(result: dict) -> str:
+    return result.get("task", "semantic")
+
+
+def figures(result: dict, task: str, model: str) -> list[float | None]:
+    if task == "semantic":
+        return [result.get(f"{model}_miou")]
+    return [result.get(f"{model}_{key}") for key, _, _ in TASKS[task][1]]
+
+
+def cell(values: list[float | None], real: list[float | None] | None) -> str:
+    parts = []
+    for i, v in enumerate(values):
+        if v is None:
+            parts.append("–")
+        elif real is None or real[i] is None:
+            parts.append(f"{v:.3f}")
+        else:
+            parts.append(f"{v:.3f} ({v - real[i]:+.3f})")
+    return " / ".join(parts)
+
+
+def row(result: dict) -> str:
+    task = task_of(result)
+    label = TASKS[task][0]
+    if result.get("semantic_head", "masks") != "masks":
+        label = label.replace(",", f" (`--semantic-head {result['semantic_head']}`),", 1)
+    real = figures(result, task, "real")
+    return (f"| {label} | {cell(real, None)} | {cell(figures(result, task, 'synthetic'), real)} | "
+            f"{cell(figures(result, task, 'joint'), real)} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("results", nargs="+", type=Path, help="downstream result files (JSON)")
+    args = ap.parse_args()
+    by_task: dict[str, list[dict]] = {}
+    for path in args.results:
+        result = json.loads(path.read_text())
+        by_task.setdefault(task_of(result), []).append(result)
+    print("| task (500 test scenes, 1000 synthetic, 2000 steps) | real 100 | synthetic only | real + synthetic |")
+    print("|---|---|---|---|")
+    for task, (label, _) in TASKS.items():
+        if task in by_task:
+            for result in by_task[task]:
+                print(row(result))
+        elif task == "semantic":
+            print(f"| {label} | see \"Choosing a labeler\" | | |")
+        else:
+            print(f"| {label} | not yet measured | not yet measured | not yet measured |")
+
+
+if __name__ == "__main__":
+    main()
