@@ -16,12 +16,15 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
 from datasetdm.errors import DatasetdmError
 from datasetdm.formats.sample import IGNORE_INDEX, Category, LabelledSample
+
+if TYPE_CHECKING:  # torch loads only when an edit runs
+    from datasetdm.backbone.loader import Backbone
 
 CROSS_FRACTION = 0.8  # P2P's word-swap defaults: cross-attention injected for 80% of the steps,
 SELF_FRACTION = 0.4  # self-attention for the first 40%
@@ -93,7 +96,7 @@ def _run_sample(run: Path, sample_id: int):
 
 
 def edit_sample(run: str | Path, sample_id: int, swaps: Sequence[tuple[str, str]], decoders: Sequence[Path],
-                backbone=None, cross_fraction: float = CROSS_FRACTION,
+                backbone: str | Path | Backbone | None = None, cross_fraction: float = CROSS_FRACTION,
                 self_fraction: float = SELF_FRACTION, device: str = "cpu") -> EditResult:
     """Regenerate sample ``sample_id`` of the shard run ``run`` with ``swaps`` applied to its prompt.
     ``decoders``: the run's decoder checkpoints (checked against run.json's digests);
