@@ -192,3 +192,22 @@ def test_killed_driver_is_finished_by_one_worker(single_process, tiny_clip_path,
     while any(map(_alive, ray_processes)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert ray_processes and not any(map(_alive, ray_processes)), sorted(p for p in ray_processes if _alive(p))
+
+
+@pytest.mark.slow
+def test_local_workers_run_at_the_drivers_priority():
+    """Ray starts workers at nice 15; a local instance's workers are the run's compute and keep the
+    driver's priority, or any other busy process on the machine starves them."""
+    pytest.importorskip("ray.data")
+    import os
+
+    import ray
+
+    from datasetdm.generation.scaleout import ScaleOut, _connect
+
+    assert _connect(ray, ScaleOut(workers=1))
+    try:
+        worker_niceness = ray.get(ray.remote(num_cpus=1)(lambda: os.nice(0)).remote())
+    finally:
+        ray.shutdown()
+    assert worker_niceness == os.nice(0)

@@ -125,7 +125,11 @@ def _connect(ray, scaleout: ScaleOut) -> bool:
     cpus = max(1, math.ceil(scaleout.workers * scaleout.cpus_per_worker))
     try:
         # address="local": a fresh instance even if RAY_ADDRESS points elsewhere; no GPUs unless asked
-        ray.init(address="local", num_cpus=cpus, num_gpus=None if scaleout.gpus_per_worker > 0 else 0, **quiet)
+        # Ray runs its workers at nice 15 so that its own processes stay responsive; here they are the
+        # run's compute, and at that priority any other busy process starves them (two workers beside
+        # two busy jobs on 2 cores labelled no batch in 10 minutes): they keep the driver's priority.
+        ray.init(address="local", num_cpus=cpus, num_gpus=None if scaleout.gpus_per_worker > 0 else 0,
+                 _system_config={"worker_niceness": 0}, **quiet)
     except Exception as e:  # e.g. its raylet gives up when its helpers take over 15 s to start
         raise DatasetdmError(f"--workers: could not start a local Ray instance ({str(e).splitlines()[0]}); "
                              "Ray's logs are under /tmp/ray/session_latest/logs") from None
