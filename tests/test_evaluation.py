@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from datasetdm.evaluation.evaluate import KEYS, Scores, headline, resize_prediction
-from datasetdm.evaluation.metrics import DepthErrors, SemanticIoU, keypoint_ap, mask_ap
+from datasetdm.evaluation.metrics import DepthErrors, SemanticIoU, instance_errors, keypoint_ap, mask_ap
+from datasetdm.formats.sample import Instance
 from datasetdm.formats.sample import IGNORE_INDEX
 from datasetdm.training import augment
 from datasetdm.world.render import CATEGORIES, render_scene
@@ -62,6 +63,45 @@ def test_mask_ap_perfect_shifted_and_missing(scenes):
     assert mask_ap(gts, [[] for _ in scenes], sizes, CATS) == {"mask_ap": 0.0, "mask_ap50": 0.0}
 
 
+def _box(y0, y1, x0, x1, size=64):
+    m = np.zeros((size, size), bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def test_instance_errors_name_each_kind_of_label_error(scenes):
+    """One object per kind of outcome, each made on purpose; then world scenes labelled perfectly."""
+    a, b, c, d, e, f = (_box(0, 16, 0, 16), _box(0, 16, 24, 40), _box(30, 46, 0, 16), _box(30, 46, 24, 40),
+                        _box(48, 64, 0, 16), _box(48, 64, 48, 64))
+    g = _box(20, 28, 50, 58)
+    truth = [Instance(1, a), Instance(1, b), Instance(2, c), Instance(2, d), Instance(3, e), Instance(3, f), Instance(4, g)]
+    pred = [
+        Instance(1, a, score=0.9),                 # a found
+        Instance(1, a, score=0.8),                 # a again: a duplicate
+        Instance(5, _box(0, 16, 20, 40), score=0.9),  # b: IoU 0.8, another class
+        Instance(2, c | d | _box(30, 46, 16, 24), score=0.9),  # c and d under one mask: both merged
+        Instance(3, _box(48, 53, 0, 16), score=0.9),  # e in three parts (IoU 0.31, 0.31, 0.38): split
+        Instance(3, _box(53, 58, 0, 16), score=0.9),
+        Instance(3, _box(58, 64, 0, 16), score=0.9),
+        Instance(3, _box(48, 64, 58, 64), score=0.9),  # 6/16 of f (IoU 0.375): poorly outlined
+        Instance(1, _box(20, 28, 40, 44), score=0.9),  # nothing there: spurious
+        Instance(4, g, score=0.2),                 # g found only below the score threshold
+    ]
+    r = instance_errors([truth], [pred], min_score=0.5)
+    n = len(truth)
+    assert r["objects"] == {"found": 1 / n, "wrong_class": 1 / n, "merged": 2 / n, "split": 1 / n,
+                            "poorly_outlined": 1 / n, "missed": 1 / n}
+    assert r["predictions"] == {"spurious": pytest.approx(1 / 9), "duplicate": pytest.approx(1 / 9)}
+    assert r["objects_per_image"] == n and r["predictions_per_image"] == 9
+    assert instance_errors([truth], [pred])["objects"]["found"] == 2 / n  # g counts without the threshold
+
+    gts = [s.instances for s in scenes]
+    perfect = instance_errors(gts, _instances_with_scores(scenes))
+    assert perfect["objects"]["found"] == 1.0 and perfect["predictions"] == {"spurious": 0.0, "duplicate": 0.0}
+    nothing = instance_errors(gts, [[] for _ in scenes])
+    assert nothing["objects"]["missed"] == 1.0 and nothing["predictions_per_image"] == 0
+
+
 def test_keypoint_ap_perfect_and_perturbed(scenes):
     gts, sizes = [s.instances for s in scenes], [s.size for s in scenes]
     assert sum(i.keypoints is not None for g in gts for i in g) >= 3  # enough people to mean something
@@ -106,3 +146,5 @@ def test_scores_and_resize_follow_the_training_convention(scenes):
         m = sc.compute()
         assert set(headline(m)) == keys and set(headline(m)) <= set(KEYS) and m["n_images"] == 1
         assert all(v == pytest.approx(0.0 if k in ("abs_rel", "rmse") else 1.0) for k, v in headline(m).items()), m
+        if task == "instance":  # the labeler's view: every object found, nothing spurious
+            assert m["label_errors"]["objects"]["found"] == 1.0 and m["label_errors"]["min_score"] == 0.5

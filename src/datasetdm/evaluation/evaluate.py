@@ -15,7 +15,7 @@ import numpy as np
 
 from datasetdm.decoder.checkpoint import decoder_config, load_decoder
 from datasetdm.errors import DatasetdmError
-from datasetdm.evaluation.metrics import DepthErrors, SemanticIoU, keypoint_ap, mask_ap
+from datasetdm.evaluation.metrics import DepthErrors, SemanticIoU, instance_errors, keypoint_ap, mask_ap
 from datasetdm.io import sample_seed, write_json_atomic
 
 KEYS = ("miou", "mask_ap", "mask_ap50", "abs_rel", "rmse", "delta1", "keypoint_ap")
@@ -65,7 +65,11 @@ class Scores:
         if self.depth is not None:
             metrics.update(self.depth.compute())
         if self.task == "instance":
+            from datasetdm.labelers.decoder import DEFAULT_MIN_INSTANCE_SCORE
+
             metrics.update(mask_ap(self.gts, self.preds, self.sizes, self.categories))
+            # what the labeler would get wrong: the instances it keeps, object by object
+            metrics["label_errors"] = instance_errors(self.gts, self.preds, DEFAULT_MIN_INSTANCE_SCORE)
         if self.task == "pose":
             people = [c for c in self.categories if c.get("keypoints")]
             metrics.update(keypoint_ap(self.gts, self.preds, self.sizes, people))
@@ -96,7 +100,8 @@ def evaluate_decoder(ckpt, data_dir, out=None, backbone_source=None, n_images: i
     """Score the decoder checkpoint ``ckpt`` on the labelled folder ``data_dir``; write the figures to
     ``out`` (JSON) when given. Returns them: ``task``, ``n_images``, ``features`` and those of
     ``KEYS`` that apply (plus per-class ``iou``, ``keypoint_ap50``; open-vocab with held-out classes:
-    ``miou_seen`` and ``miou_unseen``)."""
+    ``miou_seen`` and ``miou_unseen``; instance: ``label_errors``, ``metrics.instance_errors`` of the
+    instances a labeler keeps)."""
     from datasetdm.decoder.inputs import RAW_PIXELS
     from datasetdm.formats.labelled_folder import read_labelled_folder
     from datasetdm.training import (

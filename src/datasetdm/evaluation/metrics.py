@@ -163,3 +163,78 @@ class DepthErrors:
             return {"abs_rel": float("nan"), "rmse": float("nan"), "delta1": float("nan")}
         a = np.mean(np.array(self.rows), 0)
         return {"abs_rel": float(a[0]), "rmse": float(a[1]), "delta1": float(a[2])}
+
+
+# the kinds of a ground-truth object's outcome in ``instance_errors``, in the order they are tested
+INSTANCE_OUTCOMES = ("found", "wrong_class", "merged", "split", "poorly_outlined", "missed")
+
+
+def instance_errors(gts: list[list[Instance]], preds: list[list[Instance]], min_score: float = 0.0,
+                    merge_cover: float = 0.5, split_part: float = 0.1, hit_iou: float = 0.5,
+                    touch_iou: float = 0.1) -> dict:
+    """What becomes of each ground-truth object in a set of predicted instances (the predictions
+    scoring at least ``min_score``, as a labeler keeps them), one outcome per object, in the
+    spirit of TIDE (Bolya et al., ECCV 2020) but for labels rather than ranked detections:
+
+    - ``found``: a prediction of its class overlaps it with IoU ≥ ``hit_iou``;
+    - ``wrong_class``: the best such prediction (IoU ≥ ``hit_iou``) has another class;
+    - ``merged``: one prediction covers ≥ ``merge_cover`` of it and of another object;
+    - ``split``: two or more predictions each cover ≥ ``split_part`` of it and together ≥ ``merge_cover``;
+    - ``poorly_outlined``: the best prediction's IoU is in [``touch_iou``, ``hit_iou``);
+    - ``missed``: no prediction reaches IoU ``touch_iou``.
+
+    Predictions are counted too: ``spurious`` (IoU < ``touch_iou`` with every object: labelled
+    background) and ``duplicate`` (IoU ≥ ``hit_iou`` with an object a higher-scoring prediction
+    already took). Returns the objects' outcome fractions, the predictions' fractions, and the
+    mean number of objects and predictions per image."""
+    counts = dict.fromkeys(INSTANCE_OUTCOMES, 0)
+    spurious = duplicate = n_pred = n_gt = 0
+    for truth, pred in zip(gts, preds):
+        pred = sorted((p for p in pred if p.score is None or p.score >= min_score),
+                      key=lambda p: -(p.score if p.score is not None else 1.0))
+        n_gt, n_pred = n_gt + len(truth), n_pred + len(pred)
+        if not truth:
+            spurious += len(pred)
+            continue
+        t = np.stack([g.mask.reshape(-1) for g in truth]).astype(np.float64)  # (T, HW)
+        if pred:
+            p = np.stack([q.mask.reshape(-1) for q in pred]).astype(np.float64)  # (P, HW)
+            inter = p @ t.T  # (P, T)
+            union = p.sum(1)[:, None] + t.sum(1)[None, :] - inter
+            iou = inter / np.maximum(union, 1)
+            cover = inter / np.maximum(t.sum(1)[None, :], 1)  # share of each object under each prediction
+        else:
+            iou = cover = np.zeros((0, len(truth)))
+        for j, g in enumerate(truth):
+            best = int(iou[:, j].argmax()) if len(pred) else -1
+            best_iou = iou[best, j] if best >= 0 else 0.0
+            covering = np.flatnonzero(cover[:, j] >= merge_cover)
+            parts = cover[:, j][cover[:, j] >= split_part]
+            if best_iou >= hit_iou:
+                counts["found" if pred[best].category_id == g.category_id else "wrong_class"] += 1
+            elif any((cover[k] >= merge_cover).sum() >= 2 for k in covering):
+                counts["merged"] += 1
+            elif len(parts) >= 2 and parts.sum() >= merge_cover:
+                counts["split"] += 1
+            elif best_iou >= touch_iou:
+                counts["poorly_outlined"] += 1
+            else:
+                counts["missed"] += 1
+        taken = set()
+        for k in range(len(pred)):  # highest score first, as COCO matching
+            if iou[k].max() < touch_iou:
+                spurious += 1
+                continue
+            j = int(iou[k].argmax())
+            if iou[k, j] >= hit_iou:
+                if j in taken:
+                    duplicate += 1
+                taken.add(j)
+    images = max(len(gts), 1)
+    return {
+        "min_score": min_score,
+        "objects": {k: v / max(n_gt, 1) for k, v in counts.items()},
+        "predictions": {"spurious": spurious / max(n_pred, 1), "duplicate": duplicate / max(n_pred, 1)},
+        "objects_per_image": n_gt / images,
+        "predictions_per_image": n_pred / images,
+    }
