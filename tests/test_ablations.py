@@ -120,6 +120,9 @@ def test_generation_settings_name_their_runs():
     assert _generation_settings(250, 25, 4.0, -1, "captions")["tag"] == "-n250"
     assert _generation_settings(1000, 25, 7.5, -2, "templates")["tag"] == "-g7.5-capture-2-prompts-templates"
     assert _generation_settings(1000, 3, 1.0, -1, "/x/world-llm.txt")["tag"] == "-steps3-g1-prompts-world-llm"
+    # the label filters too: runs that keep other labels never share shards, synthetic sets or results
+    assert _generation_settings(1000, 25, 4.0, -1, "captions", None, 0.7)["tag"] == "-minscore0.7"
+    assert _generation_settings(1000, 25, 4.0, -1, "captions", 0.5, None)["tag"] == "-minconf0.5"
 
 
 def test_build_and_run_checks_generation_options_first(tmp_path):
@@ -130,7 +133,9 @@ def test_build_and_run_checks_generation_options_first(tmp_path):
     cases = [({"synthetic": tmp_path, "guidance": 7.5}, "--synthetic is generated already.*g7.5"),
              ({"prompts": tmp_path / "missing.txt"}, "--prompts .*missing.txt: no such prompt file"),
              ({"capture_step": 25}, "--capture-step 25: out of range for 25"),
-             ({"long_tail": ["star"], "prompts": "templates"}, "--long-tail prompts with .* drop --prompts")]
+             ({"long_tail": ["star"], "prompts": "templates"}, "--long-tail prompts with .* drop --prompts"),
+             ({"min_instance_score": 0.7}, "--min-instance-score: .*--task is semantic"),
+             ({"task": "instance", "synthetic": tmp_path, "min_instance_score": 0.7}, "generated already.*minscore0.7")]
     for kwargs, message in cases:
         with pytest.raises(DatasetdmError, match=message):
             build_and_run(tmp_path / "out", test_seed=1, **kwargs)

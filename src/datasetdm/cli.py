@@ -87,6 +87,9 @@ def downstream(
     steps: int = typer.Option(2000, min=1, help="Segmenter training steps (same for all three)."),
     min_pixel_confidence: Optional[float] = typer.Option(
         None, min=0.0, max=1.0, help="Decoder labels: pixels below this class-score share are ignore (see generate)."),
+    min_instance_score: Optional[float] = typer.Option(
+        None, min=0.0, max=1.0, help="Instance and pose decoder labels: keep instances scoring at least this "
+        "(default 0.5, see generate)."),
     cache: Optional[Path] = typer.Option(None, help="Folder of finished models' figures (default OUT/cache): "
                                          "a rerun resumes; share it between runs to train the real-only model once."),
     device: str = typer.Option("auto", help=f"Backbone and decoders: {DEVICE_HELP}."),
@@ -128,7 +131,8 @@ def downstream(
                            domain=domain,
                            zero_shot=[c.strip() for c in zero_shot.split(",") if c.strip()] if zero_shot else (),
                            guidance=guidance, capture_step=capture_step, prompts=prompts,
-                           semantic_head=semantic_head, decoder_seed=decoder_seed)
+                           semantic_head=semantic_head, decoder_seed=decoder_seed,
+                           min_instance_score=min_instance_score)
     typer.echo(result.pop("table"))
     typer.echo(json.dumps(result))
 

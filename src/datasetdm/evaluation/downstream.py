@@ -319,7 +319,8 @@ def build_and_run(out: str | Path, test_seed: int, n_test: int = 500, real: Path
                   tail_images: int = 2, device: str = "auto", dtype: str | None = None,
                   domain: str | None = None, zero_shot: Sequence[str] = (), guidance: float = GUIDANCE_SCALE,
                   generation_steps: int = GENERATION_STEPS, capture_step: int = -1,
-                  prompts: str | Path = "captions", semantic_head: str = "masks", decoder_seed: int = 0) -> dict:
+                  prompts: str | Path = "captions", semantic_head: str = "masks", decoder_seed: int = 0,
+                  min_instance_score: float | None = None) -> dict:
     """The `datasetdm downstream` command: build what is not given, run, write ``downstream.json``
     (``downstream-{task}.json`` for the other tasks). Holds ``out``'s lock (``io.output_lock``):
     two runs would share its caches. ``task_config`` (``task_models.TaskModelConfig``) is the
@@ -331,7 +332,8 @@ def build_and_run(out: str | Path, test_seed: int, n_test: int = 500, real: Path
     ``n_synthetic`` samples, ``generation_steps`` denoising steps at ``guidance``, the decoders
     reading the features of denoising step ``capture_step`` (default the last), prompted by
     ``prompts``: "captions" (world val captions, the default), "templates" (class-name templates
-    over the decoders' classes) or a prompt file or folder (``prompts.load_prompts``). A setting
+    over the decoders' classes) or a prompt file or folder (``prompts.load_prompts``), the decoders'
+    labels filtered by ``min_pixel_confidence`` and ``min_instance_score`` (as ``generate``'s). A setting
     away from its default names its own shard and synthetic folders and result file (e.g.
     ``downstream-semantic-n250.json``), so runs of several settings share ``out``: its decoders,
     real set and real-only model. ``decoder_seed``: the decoders' training seed (initialisation and
@@ -351,10 +353,13 @@ def build_and_run(out: str | Path, test_seed: int, n_test: int = 500, real: Path
         raise DatasetdmError("--long-tail prompts with the long-tail set's own captions; drop --prompts")
     if str(prompts) not in ("captions", "templates") and not Path(prompts).exists():
         raise DatasetdmError(f"--prompts {prompts}: no such prompt file or folder (or: captions, templates)")
-    generation = _generation_settings(n_synthetic, generation_steps, guidance, capture_step, prompts)
+    generation = _generation_settings(n_synthetic, generation_steps, guidance, capture_step, prompts,
+                                      min_pixel_confidence, min_instance_score)
     if synthetic is not None and generation["tag"]:
         raise DatasetdmError("--synthetic is generated already: drop the generation settings "
                              f"({generation['tag'].lstrip('-')})")
+    if min_instance_score is not None and task not in ("instance", "pose"):
+        raise DatasetdmError(f"--min-instance-score: filters the instance or pose decoder's labels; --task is {task}")
     if not -generation_steps <= capture_step < generation_steps:
         raise DatasetdmError(f"--capture-step {capture_step}: out of range for {generation_steps} denoising steps")
     if domain is not None and (real is not None or long_tail):
@@ -388,18 +393,24 @@ def build_and_run(out: str | Path, test_seed: int, n_test: int = 500, real: Path
 
 # default of each generation setting, and how a run away from it is tagged in folder and file names
 _GENERATION_DEFAULTS = {"n": 1000, "steps": GENERATION_STEPS, "guidance": GUIDANCE_SCALE, "capture_step": -1,
-                        "prompts": "captions"}
+                        "prompts": "captions", "min_pixel_confidence": None, "min_instance_score": None}
 
 
-def _generation_settings(n: int, steps: int, guidance: float, capture_step: int, prompts) -> dict:
+def _generation_settings(n: int, steps: int, guidance: float, capture_step: int, prompts,
+                         min_pixel_confidence: float | None = None, min_instance_score: float | None = None) -> dict:
     """The synthetic set's generation settings and their tag: empty at the defaults, so the folders
     and results of runs made before these were settings keep their names."""
     source = str(prompts)
     settings = {"n": n, "steps": steps, "guidance": float(guidance), "capture_step": capture_step,
-                "prompts": source}
+                "prompts": source, "min_pixel_confidence": min_pixel_confidence,
+                "min_instance_score": min_instance_score}
     tag = ""
-    for key, short in (("n", "n"), ("steps", "steps"), ("guidance", "g"), ("capture_step", "capture")):
+    for key, short in (("n", "n"), ("steps", "steps"), ("guidance", "g"), ("capture_step", "capture"),
+                       ("min_pixel_confidence", "minconf"), ("min_instance_score", "minscore")):
         value = settings[key]
+        if value is None:
+            continue
+        value = float(value) if key.startswith("min_") else value
         if value != _GENERATION_DEFAULTS[key]:
             tag += f"-{short}{value:g}" if isinstance(value, float) else f"-{short}{value}"
     if source != "captions":
@@ -496,7 +507,8 @@ def _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler
                           categories=list(CATEGORIES) if labeler == "attention" else (), prompts=prompts,
                           n=n_synthetic, seed=seed, steps=generation["steps"], guidance=generation["guidance"],
                           batch_size=GENERATION_BATCH, min_pixel_confidence=min_pixel_confidence,
-                          class_quota=class_quota, capture_step=generation["capture_step"], **placement)
+                          class_quota=class_quota, capture_step=generation["capture_step"],
+                          min_instance_score=generation["min_instance_score"], **placement)
         synthetic = out / f"synthetic-{kind}{run_tag}"
         export_shards(shards, synthetic, overwrite=True)
     say(f"downstream ({task}): real {real}, synthetic {synthetic}, {n_test} test scenes (seed {test_seed})")
