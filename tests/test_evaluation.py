@@ -148,3 +148,8 @@ def test_scores_and_resize_follow_the_training_convention(scenes):
         assert all(v == pytest.approx(0.0 if k in ("abs_rel", "rmse") else 1.0) for k, v in headline(m).items()), m
         if task == "instance":  # the labeler's view: every object found, nothing spurious
             assert m["label_errors"]["objects"]["found"] == 1.0 and m["label_errors"]["min_score"] == 0.5
+            assert "label_errors_at" not in m
+            sc = Scores(task, CATS, label_scores=(0.3, 0.95))  # the predictions score 0.9
+            sc.add(s, back)
+            at = sc.compute()["label_errors_at"]
+            assert at["0.3"]["objects"]["found"] == 1.0 and at["0.95"]["objects"]["missed"] == 1.0

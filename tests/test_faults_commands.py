@@ -201,6 +201,16 @@ def test_evaluate_reports_null_when_nothing_is_scored(semantic_ckpt, tmp_path, c
     assert json.loads((tmp_path / "m.json").read_text())["miou"] is None
 
 
+def test_evaluate_label_scores_refused_before_any_work(semantic_ckpt, tmp_path, capsys, monkeypatch):
+    data = write_folder(tmp_path / "test", [render_scene("test", 0, 0)])
+    for value, message in (("0.3,x", "--label-scores: 'x' is not a number"),
+                           ("0.5", "--label-scores: label errors are measured for instance decoders"),):
+        code, _, err = run_cli(capsys, monkeypatch, "evaluate", "--decoder", semantic_ckpt, "--data", data,
+                               "--out", tmp_path / "m.json", "--label-scores", value, "--no-progress")
+        assert code == 2 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "m.json").exists()
+
+
 def test_scores_are_null_without_ground_truth_and_zero_when_a_label_is_missed():
     from datasetdm.evaluation.evaluate import Scores
 

@@ -117,6 +117,9 @@ def evaluate(
     n_images: Optional[int] = typer.Option(None, "--n-images", help="score the first N images only"),
     device: str = typer.Option("auto", "--device", help=f"backbone and decoder: {DEVICE_HELP}"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help=f"backbone and decoder precision: {DTYPE_HELP}"),
+    label_scores: Optional[str] = typer.Option(
+        None, "--label-scores", help="instance decoders: comma-separated score thresholds at which to report "
+        "label errors too (found, merged, missed, ...), to choose generate's --min-instance-score"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Score a decoder: mIoU, mask AP/AP50, depth AbsRel/RMSE/δ1, keypoint AP (those that apply).
@@ -125,8 +128,14 @@ def evaluate(
     from datasetdm.evaluation.evaluate import default_metrics_path, evaluate_decoder, headline
 
     out = out or default_metrics_path(decoder, data)
+    scores = []
+    for t in filter(None, (label_scores or "").split(",")):
+        try:
+            scores.append(float(t))
+        except ValueError:
+            raise DatasetdmError(f"--label-scores: {t!r} is not a number") from None
     metrics = evaluate_decoder(decoder, data, out=out, backbone_source=backbone, n_images=n_images,
-                               show_progress=progress, device=device, dtype=dtype)
+                               show_progress=progress, device=device, dtype=dtype, label_scores=scores)
     for k, v in metrics.items():
         typer.echo(f"{k}: {json.dumps(v)}")
     typer.echo(f"wrote {out}")

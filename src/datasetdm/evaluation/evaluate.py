@@ -31,8 +31,9 @@ def default_metrics_path(ckpt, data_dir) -> Path:
 class Scores:
     """Accumulates one task's metrics over predicted/ground-truth LabelledSample fields."""
 
-    def __init__(self, task: str, categories: list[dict], held_out=()):
+    def __init__(self, task: str, categories: list[dict], held_out=(), label_scores=()):
         self.task, self.categories, self.held_out = task, categories, list(held_out)
+        self.label_scores = list(label_scores)
         self.sem = SemanticIoU([c["id"] for c in categories]) if task in ("semantic", "open-vocab") else None
         self.depth = DepthErrors() if task == "depth" else None
         self.gts, self.preds, self.sizes = [], [], []
@@ -70,6 +71,9 @@ class Scores:
             metrics.update(mask_ap(self.gts, self.preds, self.sizes, self.categories))
             # what the labeler would get wrong: the instances it keeps, object by object
             metrics["label_errors"] = instance_errors(self.gts, self.preds, DEFAULT_MIN_INSTANCE_SCORE)
+            if self.label_scores:  # other thresholds, to choose generate's --min-instance-score
+                metrics["label_errors_at"] = {f"{t:g}": instance_errors(self.gts, self.preds, t)
+                                              for t in self.label_scores}
         if self.task == "pose":
             people = [c for c in self.categories if c.get("keypoints")]
             metrics.update(keypoint_ap(self.gts, self.preds, self.sizes, people))
@@ -96,12 +100,12 @@ def resize_prediction(pred: dict, from_size, to_size) -> dict:
 
 def evaluate_decoder(ckpt, data_dir, out=None, backbone_source=None, n_images: int | None = None,
                      batch_size: int = 16, seed: int = 0, show_progress: bool = False, device="cpu",
-                     dtype=None) -> dict:
+                     dtype=None, label_scores=()) -> dict:
     """Score the decoder checkpoint ``ckpt`` on the labelled folder ``data_dir``; write the figures to
     ``out`` (JSON) when given. Returns them: ``task``, ``n_images``, ``features`` and those of
     ``KEYS`` that apply (plus per-class ``iou``, ``keypoint_ap50``; open-vocab with held-out classes:
     ``miou_seen`` and ``miou_unseen``; instance: ``label_errors``, ``metrics.instance_errors`` of the
-    instances a labeler keeps)."""
+    instances a labeler keeps; with ``label_scores``, also ``label_errors_at`` each of those thresholds)."""
     from datasetdm.decoder.inputs import RAW_PIXELS
     from datasetdm.formats.labelled_folder import read_labelled_folder
     from datasetdm.training import (
@@ -117,6 +121,10 @@ def evaluate_decoder(ckpt, data_dir, out=None, backbone_source=None, n_images: i
 
     device, dtype = placement(device, dtype)  # an absent device or a bad dtype: refused before any work
     cfg = decoder_config(ckpt)
+    if label_scores and cfg.task != "instance":
+        raise DatasetdmError(f"--label-scores: label errors are measured for instance decoders; {ckpt} is {cfg.task}")
+    if any(not 0 <= t <= 1 for t in label_scores):
+        raise DatasetdmError(f"--label-scores: thresholds are scores in [0, 1], got {list(label_scores)}")
     if n_images is not None and n_images < 1:
         raise DatasetdmError(f"--n-images must be at least 1, got {n_images}")
     folder = read_labelled_folder(data_dir)
@@ -151,7 +159,7 @@ def evaluate_decoder(ckpt, data_dir, out=None, backbone_source=None, n_images: i
 
     n = len(folder) if n_images is None else min(n_images, len(folder))
     size = tuple(cfg.image_size)
-    scores = Scores(cfg.task, categories, cfg.held_out if cfg.task == "open-vocab" else ())
+    scores = Scores(cfg.task, categories, cfg.held_out if cfg.task == "open-vocab" else (), label_scores)
     progress = None
     if show_progress:
         from datasetdm.progress import progress_bar
