@@ -349,3 +349,18 @@ def test_pose_trains_twice_as_long_by_default():
     assert TrainOptions(task="pose").iterations == 3000
     assert {TrainOptions(task=t).iterations for t in TASKS if t != "pose"} == {1500}
     assert TrainOptions(task="pose", iterations=7).iterations == 7
+
+
+def test_train_decoders_reuses_a_checkpoint_only_of_the_asked_length(tmp_path):
+    """A folder's finished decoder is reused (an interrupted run continues) but never in place of one
+    of another training length (e.g. downstream --decoder-iterations into an old --out)."""
+    from datasetdm.errors import DatasetdmError
+    from datasetdm.training import train_decoders
+
+    ckpt = tmp_path / "decoders" / "instance"
+    ckpt.mkdir(parents=True)
+    (ckpt / "config.json").write_text(json.dumps({"info": {"train_options": {"iterations": 3000}}}))
+    assert train_decoders(tmp_path / "no-data", tmp_path / "decoders", ["instance"], None, 3000) == {"instance": ckpt}
+    for asked, trained in ((None, "1500"), (1500, "1500")):
+        with pytest.raises(DatasetdmError, match="instance: trained for 3000 iterations, not " + trained):
+            train_decoders(tmp_path / "no-data", tmp_path / "decoders", ["instance"], None, asked)

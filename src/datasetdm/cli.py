@@ -118,6 +118,9 @@ def downstream(
                                       "(mask classification, the paper's) or pixels (a per-pixel classifier)."),
     decoder_seed: int = typer.Option(0, min=0, help="The decoders' training seed (initialisation, batch order); "
                                      "the real set and the generation keep theirs."),
+    decoder_iterations: Optional[int] = typer.Option(None, min=1, help="The decoders' training length (default: "
+                                                     "train's, 3000 for pose, 1500 for the rest); a folder's "
+                                                     "decoders trained for another length are refused."),
 ) -> None:
     """Train an ordinary model on real, synthetic and both; score each on world test scenes (Tables 2, 4, 7)."""
     from datasetdm.evaluation.downstream import DownstreamConfig, build_and_run
@@ -132,7 +135,7 @@ def downstream(
                            zero_shot=[c.strip() for c in zero_shot.split(",") if c.strip()] if zero_shot else (),
                            guidance=guidance, capture_step=capture_step, prompts=prompts,
                            semantic_head=semantic_head, decoder_seed=decoder_seed,
-                           min_instance_score=min_instance_score)
+                           min_instance_score=min_instance_score, decoder_iterations=decoder_iterations)
     typer.echo(result.pop("table"))
     typer.echo(json.dumps(result))
 

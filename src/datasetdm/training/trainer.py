@@ -19,6 +19,7 @@ The decoder reads per-class attention maps (see ``decoder/inputs.py``).
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import shutil
 import time
@@ -444,7 +445,13 @@ def train_decoders(data_dir, out_dir: Path, tasks, backbone_source, iterations: 
     paths = {}
     for task in tasks:
         ckpt = Path(out_dir) / task
-        if not (ckpt / "config.json").exists():
+        if (ckpt / "config.json").exists():
+            trained = json.loads((ckpt / "config.json").read_text()).get("info", {}).get("train_options", {})
+            wanted = default_iterations(task) if iterations is None else iterations
+            if trained.get("iterations", wanted) != wanted:
+                raise DatasetdmError(f"{ckpt}: trained for {trained['iterations']} iterations, not {wanted}; "
+                                     "use another output folder")
+        else:
             if log is not None:
                 log(f"training the {task} decoder on {data_dir}")
             opts = TrainOptions(task=task, iterations=iterations, cache_dir=str(Path(out_dir) / "features"),
