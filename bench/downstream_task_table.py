@@ -4,8 +4,8 @@
 
 Each argument is a ``downstream-{task}.json`` (``downstream.json`` for semantic) that a default run
 wrote: 100 real scenes, 1000 synthetic samples, 500 test scenes. One row per file, in the table's
-task order (a semantic run with ``--semantic-head pixels`` or an instance run with
-``--min-instance-score`` gets its own row); a task with no file
+task order (a semantic run with ``--semantic-head pixels``, or a run with ``--decoder-iterations`` or
+``--min-instance-score``, gets its own row); a task with no file
 keeps its "not yet measured" row. The change against real-only is
 given for the synthetic and joint models (lower is better for AbsRel, higher for the rest).
 """
@@ -52,6 +52,8 @@ def row(result: dict) -> str:
     label = TASKS[task][0]
     if result.get("semantic_head", "masks") != "masks":
         label = label.replace(",", f" (`--semantic-head {result['semantic_head']}`),", 1)
+    if result.get("decoder_iterations") is not None:
+        label = label.replace(",", f" (`--decoder-iterations {result['decoder_iterations']}`),", 1)
     min_score = (result.get("generation") or {}).get("min_instance_score")
     if min_score is not None:
         label = label.replace(",", f" (`--min-instance-score {min_score:g}`),", 1)

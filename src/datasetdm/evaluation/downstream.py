@@ -579,6 +579,8 @@ def _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler
         result["semantic_head"] = headline["semantic_head"] = semantic_head
     if decoder_seed:
         result["decoder_seed"] = headline["decoder_seed"] = decoder_seed
+    if decoder_iterations is not None and generated and labeler == "decoder":
+        result["decoder_iterations"] = headline["decoder_iterations"] = decoder_iterations
     saved = out / ("downstream.json" if task == "semantic" and not run_tag else f"downstream-{task}{run_tag}.json")
     write_json_atomic(saved, result)
     headline.update({"n_real": result["n_real"], "n_synthetic": result["n_synthetic"], "n_test": n_test,
