@@ -74,7 +74,8 @@ def test_instance_errors_name_each_kind_of_label_error(scenes):
     a, b, c, d, e, f = (_box(0, 16, 0, 16), _box(0, 16, 24, 40), _box(30, 46, 0, 16), _box(30, 46, 24, 40),
                         _box(48, 64, 0, 16), _box(48, 64, 48, 64))
     g = _box(20, 28, 50, 58)
-    truth = [Instance(1, a), Instance(1, b), Instance(2, c), Instance(2, d), Instance(3, e), Instance(3, f), Instance(4, g)]
+    truth = [Instance(1, a), Instance(1, b), Instance(2, c), Instance(2, d), Instance(3, e), Instance(3, f),
+             Instance(4, g)]
     pred = [
         Instance(1, a, score=0.9),                 # a found
         Instance(1, a, score=0.8),                 # a again: a duplicate
