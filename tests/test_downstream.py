@@ -126,6 +126,8 @@ def test_recipes_are_one_definition_and_keep_their_cache_keys():
     assert semantic.steps == task.steps == 2000 and SegmenterTrainConfig().steps == 1500
     # the key dicts of version 1, before the recipes shared one definition
     assert _recipe_key(semantic, "segmenter") == {"steps": 2000, "batch_size": 32, "lr": 3e-3, "seed": 0, "bf16": False}
-    assert _recipe_key(task, "task") == {k: v for k, v in asdict(task).items() if k != "bf16"}
+    old_task = {k: v for k, v in asdict(task).items() if k not in ("bf16", "zero_init_heads")}
+    assert _recipe_key(TaskModelConfig(zero_init_heads=False), "task") == old_task
+    assert _recipe_key(task, "task") == {**old_task, "zero_init_heads": True}  # today's recipe: a new key
     assert _recipe_key(DownstreamConfig(flip=False), "segmenter")["flip"] is False  # a change is a new key
     assert _recipe_key(TaskModelConfig(bf16=True), "task")["bf16"] is True

@@ -131,14 +131,15 @@ def test_flipped_batches_mirror_offsets_and_swap_left_and_right():
 
 @pytest.mark.parametrize("task", ["depth", "instance", "pose"])
 def test_each_task_model_learns(task):
-    """A few dozen steps on a handful of scenes: the training loss falls by half, and the model's
-    predictions come out in the scorer's form."""
+    """A few dozen steps on a handful of scenes: the training loss falls (by 25-70%; the heads start
+    at zero output, so the first loss is already small), and the predictions come out in the
+    scorer's form. Whether the model finds anything: the pose test below and the downstream runs."""
     scenes = _scenes("train", 0, 12)
     data = task_data(scenes, task, CATEGORIES)
     losses = []
     cfg = TaskModelConfig(steps=60, batch_size=8, base=8, depth=3, lr=1e-2)
     model = train_task_model(data, 10, cfg, progress=lambda step, loss: losses.append(loss))
-    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+    assert np.mean(losses[-5:]) < 0.85 * np.mean(losses[:5])
     preds = predict_task(model, task, data.images[:4], [c.id for c in CATEGORIES] if task == "instance" else [1], cfg)
     assert len(preds) == 4
     if task == "depth":
@@ -148,6 +149,28 @@ def test_each_task_model_learns(task):
             for inst in p["instances"]:
                 assert inst.mask.shape == (64, 64) and 0 <= inst.score <= 1
                 assert (inst.keypoints is not None) == (task == "pose")
+
+
+def _scenes_with_people(split, n):
+    out, index = [], 0
+    while len(out) < n:
+        scene = render_scene(split, 0, index)
+        index += 1
+        if any(i.keypoints is not None for i in scene.instances):
+            out.append(scene)
+    return out
+
+
+def test_pose_model_finds_the_people_of_world_scenes():
+    """The default recipe, briefly, on world scenes that show a person (~2% of the pixels of the
+    whole set): the model outlines the people of unseen scenes. With randomly initialised centre
+    and keypoint heads (their MSE weighted 200) it found no one, yet its loss fell by half."""
+    train, test = _scenes_with_people("train", 24), _scenes_with_people("test", 16)
+    cfg = TaskModelConfig(steps=100, batch_size=16, base=12, depth=3)
+    model = train_task_model(task_data(train, "pose", CATEGORIES), 10, cfg)
+    preds = predict_task(model, "pose", np.stack([s.image for s in test]), [1], cfg)
+    assert sum(len(p["instances"]) for p in preds) >= 8
+    assert score_task("pose", preds, test, CATEGORIES)["mask_ap50"] >= 0.3
 
 
 @pytest.mark.parametrize("task", ["depth", "instance", "pose"])

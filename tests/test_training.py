@@ -341,13 +341,13 @@ def test_prompt_modes(world, tiny_clip_path, tmp_path, monkeypatch):
         resolve_prompt_mode("captions", samples, set(), bare)
 
 
-def test_pose_trains_twice_as_long_by_default():
-    """`train` without --iterations: 3000 for pose (its joints keep improving past 1500), 1500 for
-    the others; an explicit count always wins."""
+def test_instance_and_pose_train_twice_as_long_by_default():
+    """`train` without --iterations: 3000 for instance and pose (both keep improving past 1500),
+    1500 for the others; an explicit count always wins."""
     from datasetdm.training import TrainOptions
 
-    assert TrainOptions(task="pose").iterations == 3000
-    assert {TrainOptions(task=t).iterations for t in TASKS if t != "pose"} == {1500}
+    assert TrainOptions(task="pose").iterations == TrainOptions(task="instance").iterations == 3000
+    assert {TrainOptions(task=t).iterations for t in TASKS if t not in ("instance", "pose")} == {1500}
     assert TrainOptions(task="pose", iterations=7).iterations == 7
 
 
@@ -357,10 +357,10 @@ def test_train_decoders_reuses_a_checkpoint_only_of_the_asked_length(tmp_path):
     from datasetdm.errors import DatasetdmError
     from datasetdm.training import train_decoders
 
-    ckpt = tmp_path / "decoders" / "instance"
+    ckpt = tmp_path / "decoders" / "semantic"
     ckpt.mkdir(parents=True)
     (ckpt / "config.json").write_text(json.dumps({"info": {"train_options": {"iterations": 3000}}}))
-    assert train_decoders(tmp_path / "no-data", tmp_path / "decoders", ["instance"], None, 3000) == {"instance": ckpt}
+    assert train_decoders(tmp_path / "no-data", tmp_path / "decoders", ["semantic"], None, 3000) == {"semantic": ckpt}
     for asked, trained in ((None, "1500"), (1500, "1500")):
-        with pytest.raises(DatasetdmError, match="instance: trained for 3000 iterations, not " + trained):
-            train_decoders(tmp_path / "no-data", tmp_path / "decoders", ["instance"], None, asked)
+        with pytest.raises(DatasetdmError, match="semantic: trained for 3000 iterations, not " + trained):
+            train_decoders(tmp_path / "no-data", tmp_path / "decoders", ["semantic"], None, asked)

@@ -33,8 +33,8 @@ def train(
     backbone: Optional[str] = typer.Option(None, "--backbone", help="diffusers folder or hub id; default: embedded"),
     held_out_classes: Optional[str] = typer.Option(None, "--held-out-classes", help="open-vocab: a,b kept out of training"),
     features: str = typer.Option("hypercolumns", "--features", help="hypercolumns | raw-pixels (paper's baseline)"),
-    iterations: Optional[int] = typer.Option(None, "--iterations", help="default: 3000 for pose, 1500 for the "
-                                             "other tasks"),
+    iterations: Optional[int] = typer.Option(None, "--iterations", help="default: 3000 for instance and pose, "
+                                             "1500 for the other tasks"),
     batch_size: int = typer.Option(8, "--batch-size"),
     views: int = typer.Option(16, "--views", help="cached views per image: original + augmented"),
     prompt: str = typer.Option("auto", "--prompt", help="auto | caption | template: what the backbone reads with "

@@ -56,7 +56,7 @@ class DownstreamConfig(SegmenterTrainConfig):
 
 # recipe fields that entered the cache keys' version 1 later: a key holds them only when they
 # differ from these values, so figures cached before they existed are still found
-_LATER_FIELDS = {"segmenter": {"weight_decay": 1e-4, "flip": True}, "task": {"bf16": False}}
+_LATER_FIELDS = {"segmenter": {"weight_decay": 1e-4, "flip": True}, "task": {"bf16": False, "zero_init_heads": False}}
 
 
 def _recipe_key(config, kind: str) -> dict:

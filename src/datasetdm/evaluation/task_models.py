@@ -17,6 +17,8 @@ head per output, so the three trainings (real, synthetic, joint) differ in their
   as in Simple Baselines, Xiao et al., ECCV 2018, and HRNet); each person takes, per joint, the
   heatmap's maximum inside its mask grown by a few pixels.
 
+The regression heads (centre, offsets, keypoints) start at zero output (``zero_init_heads``).
+
 Samples are ``LabelledSample``s; predictions come out in the form ``evaluate`` scores
 (``evaluation.evaluate.Scores``): ``{"depth": (H, W)}`` or ``{"instances": [Instance ...]}``.
 """
@@ -57,6 +59,10 @@ class TaskModelConfig(SegmenterTrainConfig):
     offset_weight: float = 0.05  # ... offsets L1 (0.01 there, offsets in px of 1024-px images)
     keypoint_weight: float = 200.0
     center_threshold: float = 0.1
+    # the centre, offset and keypoint heads start at zero output: their MSE x 200 then starts at
+    # the targets' own small energy, not at a random head's (a first loss of ~40 whose gradients
+    # flattened the shared U-Net: the pose model, a person on ~2% of the pixels, found no one)
+    zero_init_heads: bool = True
     max_instances: int = 16  # centres kept per image (top-k of the heatmap's maxima)
     nms_kernel: int = 5
 
@@ -270,6 +276,11 @@ def train_task_model(data: TaskData, num_classes: int, config: TaskModelConfig |
     gen = torch.Generator().manual_seed(config.seed)
     dev = torch.device(device)
     model = UNetSegmenter(heads_for(data.task, num_classes), base=config.base, depth=config.depth)
+    if config.zero_init_heads:
+        for name in ("center", "offset", "keypoints"):
+            if name in model.heads:
+                torch.nn.init.zeros_(model.heads[name].weight)
+                torch.nn.init.zeros_(model.heads[name].bias)
     model = model.to(dev, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.steps, pct_start=0.1)
