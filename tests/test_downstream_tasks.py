@@ -274,3 +274,22 @@ def test_build_and_run_every_task_small(tmp_path):
         if result[f"real_{metric}"] is not None:
             assert saved[f"real_{metric}"] == pytest.approx(result[f"real_{metric}"], abs=1e-4)
         assert (tmp_path / "ds" / "decoders" / task / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_build_and_run_zero_shot_small(tmp_path):
+    """`downstream --zero-shot car` end to end, tiny sizes: the open-vocab decoder is trained with car
+    held out (the shared `train_decoders`, so a rerun reuses it and another held-out set is refused),
+    and the result reports seen / unseen mIoU."""
+    from datasetdm.errors import DatasetdmError
+    from datasetdm.evaluation.downstream import DownstreamConfig, build_and_run
+    from datasetdm.training import train_decoders
+
+    kwargs = dict(test_seed=1, n_test=6, n_synthetic=4, decoder_iterations=5, config=DownstreamConfig(steps=3, batch_size=4))
+    result = build_and_run(tmp_path / "ds", zero_shot=["car"], **kwargs)
+    assert result["unseen_classes"] == ["car"] and {"real_unseen_miou", "joint_seen_miou"} <= set(result)
+    decoders = tmp_path / "ds" / "decoders-zs-car"
+    trained = json.loads((decoders / "open-vocab" / "config.json").read_text())["info"]["train_options"]
+    assert trained["held_out"] == ["car"] and trained["iterations"] == 5
+    with pytest.raises(DatasetdmError, match="trained with \\['car'\\] held out, not \\['ball'\\]"):
+        train_decoders(tmp_path / "ds" / "real-zs-car", decoders, ["open-vocab"], None, 5, held_out=["ball"])

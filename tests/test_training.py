@@ -353,7 +353,8 @@ def test_instance_and_pose_train_twice_as_long_by_default():
 
 def test_train_decoders_reuses_a_checkpoint_only_of_the_asked_length(tmp_path):
     """A folder's finished decoder is reused (an interrupted run continues) but never in place of one
-    of another training length (e.g. downstream --decoder-iterations into an old --out)."""
+    of another training length (e.g. downstream --decoder-iterations into an old --out) or, for
+    open-vocab, trained with other classes held out."""
     from datasetdm.errors import DatasetdmError
     from datasetdm.training import train_decoders
 
@@ -364,3 +365,12 @@ def test_train_decoders_reuses_a_checkpoint_only_of_the_asked_length(tmp_path):
     for asked, trained in ((None, "1500"), (1500, "1500")):
         with pytest.raises(DatasetdmError, match="semantic: trained for 3000 iterations, not " + trained):
             train_decoders(tmp_path / "no-data", tmp_path / "decoders", ["semantic"], None, asked)
+    # the open-vocab decoder (downstream --zero-shot, the gates): also never of other held-out classes
+    vocab = tmp_path / "decoders" / "open-vocab"
+    vocab.mkdir()
+    (vocab / "config.json").write_text(json.dumps({"info": {"train_options": {"iterations": 1500,
+                                                                               "held_out": ["car", "ball"]}}}))
+    assert train_decoders(tmp_path / "no-data", tmp_path / "decoders", ["open-vocab"], None,
+                          held_out=("ball", "car")) == {"open-vocab": vocab}
+    with pytest.raises(DatasetdmError, match=r"open-vocab: trained with \['car', 'ball'\] held out, not \['person'\]"):
+        train_decoders(tmp_path / "no-data", tmp_path / "decoders", ["open-vocab"], None, held_out=("person",))

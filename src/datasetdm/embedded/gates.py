@@ -647,22 +647,15 @@ def decoder_gates(backbone_dir: str | Path, work: str | Path, test_seed: int, n_
     """Train one decoder per task (open-vocab with ``OPEN_VOCAB_HELD_OUT`` kept out) on the few-shot
     scenes and score each on ``n_test`` test scenes of ``test_seed``; resumable in ``work``."""
     from datasetdm.evaluation.evaluate import evaluate_decoder
-    from datasetdm.training import TrainOptions, train_decoder, train_decoders
+    from datasetdm.training import train_decoders
     from datasetdm.world.folders import render_world_folder
 
     work = Path(work)
     train = render_world_folder(work / "train", "train", PROBE_TRAIN_SEED, 100)
     test = render_world_folder(work / f"test-{test_seed}", "test", test_seed, n_test)
-    tasks = sorted({task for task, *_ in DECODER_GATES.values()} - {"open-vocab"})
-    ckpts = train_decoders(train, work / "decoders", tasks, str(backbone_dir), None,
-                           show_progress=False, log=log, device=device, dtype=dtype)
-    ckpts["open-vocab"] = work / "decoders" / "open-vocab"
-    if not (ckpts["open-vocab"] / "config.json").exists():
-        log(f"training the open-vocab decoder with {', '.join(OPEN_VOCAB_HELD_OUT)} held out")
-        train_decoder(train, ckpts["open-vocab"], TrainOptions(task="open-vocab", held_out=list(OPEN_VOCAB_HELD_OUT),
-                                                                cache_dir=str(work / "decoders" / "features"),
-                                                                device=device, dtype=dtype),
-                      backbone_source=str(backbone_dir), show_progress=False)
+    tasks = sorted({task for task, *_ in DECODER_GATES.values()})
+    ckpts = train_decoders(train, work / "decoders", tasks, str(backbone_dir), None, show_progress=False, log=log,
+                           device=device, dtype=dtype, held_out=OPEN_VOCAB_HELD_OUT)
     metrics = {task: evaluate_decoder(ckpt, test, out=work / "metrics" / f"{task}.json", device=device, dtype=dtype)
                for task, ckpt in ckpts.items()}
     gates = {}

@@ -489,20 +489,11 @@ def _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler
         kind = labeler if task == "semantic" else f"{labeler}-{task}"
         shards = out / f"shards-{kind}{run_tag}"
         decoders = []
-        if zero_shot:  # an open-vocabulary decoder that never saw the unseen classes' labels or names
-            from datasetdm.training import TrainOptions, train_decoder
-
-            ckpt = out / f"decoders{tag}" / "open-vocab"
-            if not (ckpt / "config.json").exists():
-                say(f"training the open-vocab decoder on {real}, holding out {', '.join(zero_shot)}")
-                train_decoder(real, ckpt, TrainOptions(task="open-vocab", iterations=decoder_iterations,
-                                                       held_out=zero_shot, cache_dir=str(ckpt.parent / "features"),
-                                                       seed=decoder_seed, **placement), backbone_source=source)
-            decoders = [ckpt]
-        elif labeler == "decoder":
-            decoders = list(train_decoders(real, out / f"decoders{tag}", [task], source, decoder_iterations,
-                                           log=say, semantic_head=semantic_head, seed=decoder_seed,
-                                           **placement).values())
+        if labeler == "decoder":
+            # zero-shot: an open-vocabulary decoder that never saw the unseen classes' labels or names
+            decoders = list(train_decoders(real, out / f"decoders{tag}", ["open-vocab" if zero_shot else task], source,
+                                           decoder_iterations, log=say, semantic_head=semantic_head,
+                                           seed=decoder_seed, held_out=zero_shot or (), **placement).values())
         generate_labelled(shards, labeler=labeler, backbone=source, decoders=decoders,
                           categories=list(CATEGORIES) if labeler == "attention" else (), prompts=prompts,
                           n=n_synthetic, seed=seed, steps=generation["steps"], guidance=generation["guidance"],

@@ -438,25 +438,33 @@ def _with_msg(add_task):
 
 def train_decoders(data_dir, out_dir: Path, tasks, backbone_source, iterations: int | None = None,
                    show_progress: bool = True, log=None, device: str = "auto", dtype: str | None = None,
-                   semantic_head: str = "masks", seed: int = 0) -> dict[str, Path]:
+                   semantic_head: str = "masks", seed: int = 0, held_out: Sequence[str] = ()) -> dict[str, Path]:
     """One decoder per task on ``data_dir`` into ``out_dir/{task}``, sharing one feature cache;
-    a task whose checkpoint exists is skipped (so an interrupted run continues). ``iterations``
+    a task whose checkpoint exists is skipped (so an interrupted run continues) unless it was
+    trained for another length or with other classes held out, which is an error. ``iterations``
     None: each task's default (``default_iterations``); ``semantic_head``: the semantic decoder's
-    (``TrainOptions.semantic_head``); ``seed``: ``TrainOptions.seed``."""
+    (``TrainOptions.semantic_head``); ``seed``: ``TrainOptions.seed``; ``held_out``: the classes the
+    open-vocab decoder never sees (``TrainOptions.held_out``)."""
     paths = {}
     for task in tasks:
         ckpt = Path(out_dir) / task
+        task_held_out = list(held_out) if task == "open-vocab" else []
         if (ckpt / "config.json").exists():
             trained = json.loads((ckpt / "config.json").read_text()).get("info", {}).get("train_options", {})
             wanted = default_iterations(task) if iterations is None else iterations
             if trained.get("iterations", wanted) != wanted:
                 raise DatasetdmError(f"{ckpt}: trained for {trained['iterations']} iterations, not {wanted}; "
                                      "use another output folder")
+            if sorted(trained.get("held_out", task_held_out)) != sorted(task_held_out):
+                raise DatasetdmError(f"{ckpt}: trained with {trained['held_out'] or 'no classes'} held out, not "
+                                     f"{task_held_out or 'none'}; use another output folder")
         else:
             if log is not None:
-                log(f"training the {task} decoder on {data_dir}")
+                log(f"training the {task} decoder on {data_dir}"
+                    + (f", holding out {', '.join(task_held_out)}" if task_held_out else ""))
             opts = TrainOptions(task=task, iterations=iterations, cache_dir=str(Path(out_dir) / "features"),
-                                device=device, dtype=dtype, semantic_head=semantic_head, seed=seed)
+                                device=device, dtype=dtype, semantic_head=semantic_head, seed=seed,
+                                held_out=task_held_out)
             train_decoder(data_dir, ckpt, opts, backbone_source=backbone_source, show_progress=show_progress)
         paths[task] = ckpt
     return paths
