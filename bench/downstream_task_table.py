@@ -5,7 +5,8 @@
 Each argument is a ``downstream-{task}.json`` (``downstream.json`` for semantic) that a default run
 wrote: 100 real scenes, 1000 synthetic samples, 500 test scenes. One row per file, in the table's
 task order (a semantic run with ``--semantic-head pixels``, or a run with ``--decoder-iterations`` or
-``--min-instance-score``, gets its own row); a task with no file
+``--min-instance-score``, gets its own row; an instance or pose run made before the task models'
+regression heads started at zero, session 21, is labelled "random-init heads"); a task with no file
 keeps its "not yet measured" row. The change against real-only is
 given for the synthetic and joint models (lower is better for AbsRel, higher for the rest).
 """
@@ -49,14 +50,19 @@ def cell(values: list[float | None], real: list[float | None] | None) -> str:
 
 def row(result: dict) -> str:
     task = task_of(result)
-    label = TASKS[task][0]
+    notes = []  # what sets the run apart from today's default
     if result.get("semantic_head", "masks") != "masks":
-        label = label.replace(",", f" (`--semantic-head {result['semantic_head']}`),", 1)
+        notes.append(f"`--semantic-head {result['semantic_head']}`")
     if result.get("decoder_iterations") is not None:
-        label = label.replace(",", f" (`--decoder-iterations {result['decoder_iterations']}`),", 1)
+        notes.append(f"`--decoder-iterations {result['decoder_iterations']}`")
     min_score = (result.get("generation") or {}).get("min_instance_score")
     if min_score is not None:
-        label = label.replace(",", f" (`--min-instance-score {min_score:g}`),", 1)
+        notes.append(f"`--min-instance-score {min_score:g}`")
+    if task in ("instance", "pose") and "zero_init_heads" not in result.get("config", {}):
+        notes.append("random-init heads")
+    label = TASKS[task][0]
+    if notes:
+        label = label.replace(",", f" ({', '.join(notes)}),", 1)
     real = figures(result, task, "real")
     return (f"| {label} | {cell(real, None)} | {cell(figures(result, task, 'synthetic'), real)} | "
             f"{cell(figures(result, task, 'joint'), real)} |")
