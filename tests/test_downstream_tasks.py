@@ -285,7 +285,8 @@ def test_build_and_run_zero_shot_small(tmp_path):
     from datasetdm.evaluation.downstream import DownstreamConfig, build_and_run
     from datasetdm.training import train_decoders
 
-    kwargs = dict(test_seed=1, n_test=6, n_synthetic=4, decoder_iterations=5, config=DownstreamConfig(steps=3, batch_size=4))
+    kwargs = dict(test_seed=1, n_test=6, n_synthetic=4, decoder_iterations=5,
+                  config=DownstreamConfig(steps=3, batch_size=4))
     result = build_and_run(tmp_path / "ds", zero_shot=["car"], **kwargs)
     assert result["unseen_classes"] == ["car"] and {"real_unseen_miou", "joint_seen_miou"} <= set(result)
     decoders = tmp_path / "ds" / "decoders-zs-car"

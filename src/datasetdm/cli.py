@@ -119,8 +119,8 @@ def downstream(
     decoder_seed: int = typer.Option(0, min=0, help="The decoders' training seed (initialisation, batch order); "
                                      "the real set and the generation keep theirs."),
     decoder_iterations: Optional[int] = typer.Option(None, min=1, help="The decoders' training length (default: "
-                                                     "train's, 3000 for instance and pose, 1500 for the rest); a folder's "
-                                                     "decoders trained for another length are refused."),
+                                                     "train's, 3000 for instance and pose, 1500 for the rest); "
+                                                     "a folder's decoders trained for another length are refused."),
 ) -> None:
     """Train an ordinary model on real, synthetic and both; score each on world test scenes (Tables 2, 4, 7)."""
     from datasetdm.evaluation.downstream import DownstreamConfig, build_and_run
