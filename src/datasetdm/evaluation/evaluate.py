@@ -106,6 +106,29 @@ def evaluate_decoder(ckpt, data_dir, out=None, backbone_source=None, n_images: i
     ``KEYS`` that apply (plus per-class ``iou``, ``keypoint_ap50``; open-vocab with held-out classes:
     ``miou_seen`` and ``miou_unseen``; instance: ``label_errors``, ``metrics.instance_errors`` of the
     instances a labeler keeps; with ``label_scores``, also ``label_errors_at`` each of those thresholds)."""
+    cfg = decoder_config(ckpt)
+    if label_scores and cfg.task != "instance":
+        raise DatasetdmError(f"--label-scores: label errors are measured for instance decoders; {ckpt} is {cfg.task}")
+    if any(not 0 <= t <= 1 for t in label_scores):
+        raise DatasetdmError(f"--label-scores: thresholds are scores in [0, 1], got {list(label_scores)}")
+    categories, batches = decoder_predictions(ckpt, data_dir, backbone_source, n_images, batch_size, seed,
+                                              show_progress, device, dtype)
+    scores = Scores(cfg.task, categories, cfg.held_out if cfg.task == "open-vocab" else (), label_scores)
+    for samples, preds in batches:
+        for s, p in zip(samples, preds):
+            scores.add(s, p)
+    metrics = {**scores.compute(), "features": cfg.features}
+    if out is not None:
+        write_json_atomic(out, metrics)
+    return metrics
+
+
+def decoder_predictions(ckpt, data_dir, backbone_source=None, n_images: int | None = None, batch_size: int = 16,
+                        seed: int = 0, show_progress: bool = False, device="cpu", dtype=None):
+    """The decoder ``ckpt``'s predictions on the labelled folder ``data_dir``'s images, read as its
+    training read them (the image noised to the decoder's timestep, a seeded noise per image):
+    ``(categories, batches)``, the batches an iterator of (samples, predictions at the samples'
+    size). Folder and decoder are checked against each other first."""
     from datasetdm.decoder.inputs import RAW_PIXELS
     from datasetdm.formats.labelled_folder import read_labelled_folder
     from datasetdm.training import (
@@ -121,10 +144,6 @@ def evaluate_decoder(ckpt, data_dir, out=None, backbone_source=None, n_images: i
 
     device, dtype = placement(device, dtype)  # an absent device or a bad dtype: refused before any work
     cfg = decoder_config(ckpt)
-    if label_scores and cfg.task != "instance":
-        raise DatasetdmError(f"--label-scores: label errors are measured for instance decoders; {ckpt} is {cfg.task}")
-    if any(not 0 <= t <= 1 for t in label_scores):
-        raise DatasetdmError(f"--label-scores: thresholds are scores in [0, 1], got {list(label_scores)}")
     if n_images is not None and n_images < 1:
         raise DatasetdmError(f"--n-images must be at least 1, got {n_images}")
     folder = read_labelled_folder(data_dir)
@@ -159,32 +178,31 @@ def evaluate_decoder(ckpt, data_dir, out=None, backbone_source=None, n_images: i
 
     n = len(folder) if n_images is None else min(n_images, len(folder))
     size = tuple(cfg.image_size)
-    scores = Scores(cfg.task, categories, cfg.held_out if cfg.task == "open-vocab" else (), label_scores)
-    progress = None
-    if show_progress:
-        from datasetdm.progress import progress_bar
 
-        progress = progress_bar()
-        progress.add_task("evaluate", total=n)
-        progress.start()
-    try:
-        for b in range(0, n, batch_size):
-            samples = [folder[i] for i in range(b, min(n, b + batch_size))]
-            views = [augment(s, None, size) for s in samples]  # the decoder's size (a no-op when equal)
-            prompts = [prompt_for(v, categories, mode=cfg.prompt) for v in views]
-            seeds = [sample_seed(seed, b + j, "noise") for j in range(len(views))]
-            predictor.set_images([v.image for v in views], prompts, seeds, timestep=cfg.timestep)
-            for s, p in zip(samples, predictor.predict(cfg.task, names=names, **kw)):
-                scores.add(s, resize_prediction(p, size, s.size))
+    def batches():
+        progress = None
+        if show_progress:
+            from datasetdm.progress import progress_bar
+
+            progress = progress_bar()
+            progress.add_task("evaluate", total=n)
+            progress.start()
+        try:
+            for b in range(0, n, batch_size):
+                samples = [folder[i] for i in range(b, min(n, b + batch_size))]
+                views = [augment(s, None, size) for s in samples]  # the decoder's size (a no-op when equal)
+                prompts = [prompt_for(v, categories, mode=cfg.prompt) for v in views]
+                seeds = [sample_seed(seed, b + j, "noise") for j in range(len(views))]
+                predictor.set_images([v.image for v in views], prompts, seeds, timestep=cfg.timestep)
+                preds = predictor.predict(cfg.task, names=names, **kw)
+                yield samples, [resize_prediction(p, size, s.size) for s, p in zip(samples, preds)]
+                if progress:
+                    progress.advance(progress.task_ids[0], len(samples))
+        finally:
             if progress:
-                progress.advance(progress.task_ids[0], len(samples))
-    finally:
-        if progress:
-            progress.stop()
-    metrics = {**scores.compute(), "features": cfg.features}
-    if out is not None:
-        write_json_atomic(out, metrics)
-    return metrics
+                progress.stop()
+
+    return categories, batches()
 
 
 def _resize_nearest(a: np.ndarray, size) -> np.ndarray:
