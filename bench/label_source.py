@@ -25,20 +25,22 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def label_real_scenes(decoder: Path, scenes: Path, out: Path) -> Path:
-    """``scenes``' images labelled by ``decoder`` as a labelled folder at ``out`` (kept: a rerun reuses it)."""
+def label_real_scenes(decoder: Path, scenes: Path, out: Path, min_instance_score: float | None = None) -> Path:
+    """``scenes``' images labelled by ``decoder`` as a labelled folder at ``out`` (kept: a rerun reuses
+    it); instances kept as the labeler keeps them (``min_instance_score``, default the labeler's)."""
     from datasetdm.evaluation.evaluate import decoder_predictions
     from datasetdm.formats.labelled_folder import LabelledFolderWriter
     from datasetdm.labelers.decoder import DEFAULT_MIN_INSTANCE_SCORE, labels_from_predictions
     from datasetdm.world.render import CATEGORIES
 
+    keep = DEFAULT_MIN_INSTANCE_SCORE if min_instance_score is None else min_instance_score
     if (out / "annotations.json").exists():
         return out
     _, batches = decoder_predictions(decoder, scenes, show_progress=True)
     with LabelledFolderWriter(out, list(CATEGORIES), overwrite=True) as writer:
         for samples, preds in batches:
             images = [s.image for s in samples]
-            for sample, label in zip(samples, labels_from_predictions(preds, images, DEFAULT_MIN_INSTANCE_SCORE)):
+            for sample, label in zip(samples, labels_from_predictions(preds, images, keep)):
                 label.id, label.caption = sample.id, sample.caption
                 writer.add(label)
     return out
