@@ -7,24 +7,19 @@ reaching the generator, the LLM-style prompt file."""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
-from pathlib import Path
 
 import pytest
 
 from datasetdm.errors import DatasetdmError
 from datasetdm.formats.shards import read_manifest, read_run_info
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "ablations.py"
+from bench_support import load_bench
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_ablations", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("ablations")
 
 
 @pytest.fixture(scope="module")

@@ -1,22 +1,16 @@
 """bench/label_source.py: a decoder's labels of real scenes, written as a labelled folder the
 downstream harness reads (issue 22: is the synthetic data's loss in the labels or the images?)."""
 
-import importlib.util
-from pathlib import Path
-
 from datasetdm.evaluation.evaluate import decoder_predictions
 from datasetdm.formats.labelled_folder import LabelledFolderWriter, read_labelled_folder
 from datasetdm.training import TrainOptions, train_decoder
 from datasetdm.world.render import CATEGORIES, render_scene
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "label_source.py"
+from bench_support import load_bench
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_label_source", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("label_source")
 
 
 def _folder(path, seed, n):
