@@ -106,6 +106,9 @@ def evaluate_decoder(ckpt, data_dir, out=None, backbone_source=None, n_images: i
     ``KEYS`` that apply (plus per-class ``iou``, ``keypoint_ap50``; open-vocab with held-out classes:
     ``miou_seen`` and ``miou_unseen``; instance: ``label_errors``, ``metrics.instance_errors`` of the
     instances a labeler keeps; with ``label_scores``, also ``label_errors_at`` each of those thresholds)."""
+    from datasetdm.backbone.device import placement
+
+    placement(device, dtype)  # an absent device or a bad dtype: refused before any work
     cfg = decoder_config(ckpt)
     if label_scores and cfg.task != "instance":
         raise DatasetdmError(f"--label-scores: label errors are measured for instance decoders; {ckpt} is {cfg.task}")
