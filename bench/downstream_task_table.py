@@ -6,7 +6,9 @@ Each argument is a ``downstream-{task}.json`` (``downstream.json`` for semantic)
 wrote: 100 real scenes, 1000 synthetic samples, 500 test scenes. One row per file, in the table's
 task order (a semantic run with ``--semantic-head pixels``, or a run with ``--decoder-iterations`` or
 ``--min-instance-score``, gets its own row; an instance or pose run made before the task models'
-regression heads started at zero, session 21, is labelled "random-init heads"); a task with no file
+regression heads started at zero, session 21, is labelled "random-init heads"; a run whose joint model
+drew every batch half real — `--joint mixed`, and every run before session 22 — is labelled "mixed
+joint"); a task with no file
 keeps its "not yet measured" row. The change against real-only is
 given for the synthetic and joint models (lower is better for AbsRel, higher for the rest).
 """
@@ -60,6 +62,8 @@ def row(result: dict) -> str:
         notes.append(f"`--min-instance-score {min_score:g}`")
     if task in ("instance", "pose") and "zero_init_heads" not in result.get("config", {}):
         notes.append("random-init heads")
+    if result.get("joint", "mixed") == "mixed":  # result files before session 22 name no recipe: mixed
+        notes.append("mixed joint")
     label = TASKS[task][0]
     if notes:
         label = label.replace(",", f" ({', '.join(notes)}),", 1)

@@ -70,7 +70,11 @@ def test_cached_models_are_reused_across_synthetic_sets(tmp_path, monkeypatch):
     again = run_downstream(real, syn_a, x, y, cats, config, cache_dir=tmp_path / "cache")
     assert trained == [] and again == first  # resumed entirely from the cache, same figures and types
     other = run_downstream(real, syn_b, x, y, cats, config, cache_dir=tmp_path / "cache")
-    assert trained == [4, 4 + 4]  # the real-only model came from the cache; synthetic and joint trained
+    # the real-only model came from the cache; synthetic, then the joint (synthetic, then real)
+    assert trained == [4, 4, 4]
+    trained.clear()
+    mixed = run_downstream(real, syn_b, x, y, cats, config, cache_dir=tmp_path / "cache", joint="mixed")
+    assert trained == [4 + 4] and mixed["joint"] == "mixed"  # one run on both sets; the others cached
     assert other["real_miou"] == first["real_miou"] and other["per_class"]["real"] == first["per_class"]["real"]
 
 

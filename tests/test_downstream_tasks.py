@@ -198,7 +198,36 @@ def test_harness_trains_three_models_and_resumes_from_its_cache(task, tmp_path, 
     again = run_task_downstream(task, real, syn_a, test, list(CATEGORIES), cfg, cache_dir=tmp_path / "cache")
     assert trained == [] and json.dumps(again, sort_keys=True) == json.dumps(first, sort_keys=True)
     run_task_downstream(task, real, syn_b, test, list(CATEGORIES), cfg, cache_dir=tmp_path / "cache")
-    assert trained == [6, 12]  # the real-only model came from the cache
+    # the real-only model came from the cache; synthetic, then the joint: synthetic first, real after
+    assert trained == [6, 6, 6]
+    trained.clear()
+    mixed = run_task_downstream(task, real, syn_b, test, list(CATEGORIES), cfg, cache_dir=tmp_path / "cache",
+                                joint="mixed")
+    assert trained == [12] and mixed["joint"] == "mixed"  # only the other joint model: one run on both sets
+
+
+def test_finetune_joint_trains_on_synthetic_then_fine_tunes_that_model_on_real(tmp_path, monkeypatch):
+    from datasetdm.evaluation import task_models
+
+    real = _folder(tmp_path / "real", "train", 0, 6)
+    syn = _folder(tmp_path / "syn", "val", 0, 5)
+    cfg = TaskModelConfig(**{**TINY, "steps": 5})
+    calls, original = [], task_models.train_task_model
+
+    def spy(data, num_classes, config, **kw):
+        model = original(data, num_classes, config, **kw)
+        calls.append((len(data), config.steps, kw.get("init"), {k: v.clone() for k, v in model.state_dict().items()}))
+        return model
+
+    monkeypatch.setattr(task_models, "train_task_model", spy)
+    result = run_task_downstream("instance", real, syn, world_test_samples(seed=5, n=2), list(CATEGORIES), cfg)
+    assert result["joint"] == "finetune" and result["models"]["joint"]["images"] == 11
+    (_, _, init_real, _), (_, _, init_syn, _), (n_pre, pre_steps, init_pre, pre), (n_ft, ft_steps, init_ft, _) = calls
+    assert init_real is None and init_syn is None and init_pre is None
+    assert (n_pre, pre_steps, n_ft, ft_steps) == (5, 2, 6, 3)  # synthetic for half the steps, real for the rest
+    assert init_ft.keys() == pre.keys() and all(torch.equal(init_ft[k], pre[k]) for k in pre)  # from that model
+    with pytest.raises(DatasetdmError, match="--joint 'both'"):
+        run_task_downstream("instance", real, syn, [], list(CATEGORIES), cfg, joint="both")
 
 
 def test_task_data_names_what_is_missing(tmp_path):

@@ -85,6 +85,8 @@ def downstream(
     labeler: str = typer.Option("decoder", help="How the generated synthetic data is labelled: decoder or attention."),
     backbone: Optional[str] = typer.Option(None, help="Diffusers model folder (default: the embedded backbone)."),
     steps: int = typer.Option(2000, min=1, help="Segmenter training steps (same for all three)."),
+    joint: str = typer.Option("finetune", help="The joint model: finetune (the synthetic set for half the steps, "
+                              "then the real set) or mixed (every batch half real, half synthetic)."),
     min_pixel_confidence: Optional[float] = typer.Option(
         None, min=0.0, max=1.0, help="Decoder labels: pixels below this class-score share are ignore (see generate)."),
     min_instance_score: Optional[float] = typer.Option(
@@ -135,7 +137,8 @@ def downstream(
                            zero_shot=[c.strip() for c in zero_shot.split(",") if c.strip()] if zero_shot else (),
                            guidance=guidance, capture_step=capture_step, prompts=prompts,
                            semantic_head=semantic_head, decoder_seed=decoder_seed,
-                           min_instance_score=min_instance_score, decoder_iterations=decoder_iterations)
+                           min_instance_score=min_instance_score, decoder_iterations=decoder_iterations,
+                           joint=joint)
     typer.echo(result.pop("table"))
     typer.echo(json.dumps(result))
 

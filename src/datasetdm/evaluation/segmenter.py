@@ -85,6 +85,7 @@ def train_segmenter(
     callback=None,
     callback_every: int = 0,
     device: str = "cpu",
+    init: dict | None = None,
 ) -> UNetSegmenter:
     """Train on uint8 images (N, H, W, 3) and per-head uint8 label maps (N, H, W) with 255 ignore.
 
@@ -92,7 +93,8 @@ def train_segmenter(
     ``progress(step, loss)`` is called every step; ``callback(step, model)`` every
     ``callback_every`` steps (e.g. to measure a held-out set; the model is put back in train mode).
     ``device`` trains there (batches are drawn on the CPU, so a run draws the same batches anywhere);
-    the model is returned on the CPU.
+    the model is returned on the CPU. ``init``: a state dict to start from (fine-tuning a model of
+    the same heads) instead of a fresh initialisation.
     """
     config = config or SegmenterTrainConfig()
     if len(images) == 0:
@@ -101,7 +103,10 @@ def train_segmenter(
     gen = torch.Generator().manual_seed(config.seed)
     # channels-last: oneDNN's convolutions run ~15% faster on CPU in that layout
     dev = torch.device(device)
-    model = UNetSegmenter(num_classes, base=base, depth=depth).to(dev, memory_format=torch.channels_last)
+    model = UNetSegmenter(num_classes, base=base, depth=depth)
+    if init is not None:
+        model.load_state_dict(init)
+    model = model.to(dev, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.steps, pct_start=0.1)
     # kept as uint8 (N, 3, H, W); a batch is converted to float when drawn (4x less memory)

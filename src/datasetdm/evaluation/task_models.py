@@ -265,8 +265,9 @@ def task_loss(task: str, out: dict, batch: dict, config: TaskModelConfig, person
 
 def train_task_model(data: TaskData, num_classes: int, config: TaskModelConfig | None = None,
                      weights: np.ndarray | None = None, progress: Callable[[int, float], None] | None = None,
-                     device: str = "cpu") -> UNetSegmenter:
-    """Train from scratch on ``data``; batches drawn with replacement from a seeded generator (with
+                     device: str = "cpu", init: dict | None = None) -> UNetSegmenter:
+    """Train on ``data``, from scratch or from the state dict ``init`` (fine-tuning a model of the
+    same task and classes); batches drawn with replacement from a seeded generator (with
     ``weights``, each sample's chance; the joint training's half-real batches). ``num_classes``
     counts the background (instance task). The model is returned on the CPU, in eval mode."""
     config = config or TaskModelConfig()
@@ -281,6 +282,8 @@ def train_task_model(data: TaskData, num_classes: int, config: TaskModelConfig |
             if name in model.heads:
                 torch.nn.init.zeros_(model.heads[name].weight)
                 torch.nn.init.zeros_(model.heads[name].bias)
+    if init is not None:
+        model.load_state_dict(init)
     model = model.to(dev, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.steps, pct_start=0.1)
