@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--test-seed", type=int, default=1)
     ap.add_argument("--n-test", type=int, default=500)
     ap.add_argument("--steps", type=int, default=2000, help="The ordinary model's training steps.")
+    ap.add_argument("--joint", default="finetune", help="The joint model's recipe (downstream --joint).")
     args = ap.parse_args()
 
     from datasetdm.evaluation.downstream import TASK_METRICS, run_task_downstream, world_test_samples
@@ -69,8 +70,10 @@ def main() -> None:
                                  args.scene_seed, args.n)
     labels = label_real_scenes(decoder, scenes, args.out / f"labels-{args.task}-train-seed{args.scene_seed}-n{args.n}")
     result = run_task_downstream(args.task, args.out / "real", labels, world_test_samples(args.test_seed, args.n_test),
-                                 list(CATEGORIES), TaskModelConfig(steps=args.steps), cache_dir=args.out / "cache")
-    generated_file = args.out / f"downstream-{args.task}.json"
+                                 list(CATEGORIES), TaskModelConfig(steps=args.steps), cache_dir=args.out / "cache",
+                                 joint=args.joint)
+    recipe_tag = "" if args.joint == "finetune" else f"-joint-{args.joint}"
+    generated_file = args.out / f"downstream-{args.task}{recipe_tag}.json"
     generated = json.loads(generated_file.read_text()) if generated_file.exists() else {}
     metrics = TASK_METRICS[args.task]
     rows = {"real only": {m: result[f"real_{m}"] for m in metrics}}
@@ -81,7 +84,8 @@ def main() -> None:
     print(f"{'training data':<48}" + "".join(f"{m:>14}" for m in metrics))
     for name, values in rows.items():
         print(f"{name:<48}" + "".join(f"{'-':>14}" if v is None else f"{v:>14.4f}" for v in values.values()))
-    print(json.dumps({"task": args.task, "n": args.n, "scene_seed": args.scene_seed, "test_seed": args.test_seed,
+    print(json.dumps({"task": args.task, "joint": args.joint, "n": args.n, "scene_seed": args.scene_seed,
+                      "test_seed": args.test_seed,
                       "rows": rows, "labels": str(labels), "generated_result": str(generated_file)}))
 
 

@@ -633,7 +633,8 @@ def _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler
         result["decoder_iterations"] = headline["decoder_iterations"] = decoder_iterations
     headline["joint"] = joint
     result_tag = run_tag + ("" if joint == JOINT_RECIPES[0] else f"-joint-{joint}")
-    saved = out / ("downstream.json" if task == "semantic" and not result_tag else f"downstream-{task}{result_tag}.json")
+    default_name = task == "semantic" and not result_tag
+    saved = out / ("downstream.json" if default_name else f"downstream-{task}{result_tag}.json")
     write_json_atomic(saved, result)
     headline.update({"n_real": result["n_real"], "n_synthetic": result["n_synthetic"], "n_test": n_test,
                      "test_seed": test_seed, "labeler": labeler, "result_file": str(saved)})
