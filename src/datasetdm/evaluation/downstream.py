@@ -170,11 +170,8 @@ def run_downstream(
             continue
         report = (lambda step, loss, name=name: progress(name, step + 1, config.steps)) if progress else None
         if name == "joint" and joint == "finetune":
-            first = replace(config, steps=config.steps // 2)
-            pre = _train(syn_x, syn_y, num_classes, first, progress=report)
-            later = (lambda step, loss: progress(name, first.steps + step + 1, config.steps)) if progress else None
-            model = _train(real_x, real_y, num_classes, replace(config, steps=config.steps - first.steps),
-                           progress=later, init=pre.state_dict())
+            model = _fine_tuned(lambda x, y, cfg, **kw: _train(x, y, num_classes, cfg, **kw), (syn_x, syn_y),
+                                (real_x, real_y), config, report)
         elif name == "joint":
             model = _train(joint_x, joint_y, num_classes, config, progress=report)
         else:
@@ -242,11 +239,18 @@ def train_joint_task_model(real, synthetic, num_classes: int, config, joint: str
     if joint == "mixed":
         half = np.concatenate([np.full(len(real), 0.5 / len(real)), np.full(len(synthetic), 0.5 / len(synthetic))])
         return train_task_model(concat_data([real, synthetic]), num_classes, config, weights=half, progress=progress)
+    return _fine_tuned(lambda data, cfg, **kw: train_task_model(data, num_classes, cfg, **kw), (synthetic,), (real,),
+                       config, progress)
+
+
+def _fine_tuned(train, synthetic: tuple, real: tuple, config, progress=None):
+    """The "finetune" joint recipe: ``train(*synthetic, config)`` for the first half of the steps,
+    then ``train(*real, config)`` for the rest, starting from that model; ``progress(step, loss)``
+    counts on across both."""
     first = replace(config, steps=config.steps // 2)
-    pre = train_task_model(synthetic, num_classes, first, progress=progress)
+    pre = train(*synthetic, first, progress=progress)
     later = (lambda step, loss: progress(first.steps + step, loss)) if progress else None
-    return train_task_model(real, num_classes, replace(config, steps=config.steps - first.steps), progress=later,
-                            init=pre.state_dict())
+    return train(*real, replace(config, steps=config.steps - first.steps), progress=later, init=pre.state_dict())
 
 
 def run_task_downstream(
