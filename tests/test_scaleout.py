@@ -127,6 +127,41 @@ def test_workers_in_any_order_write_the_single_process_bytes(single_process, tin
     assert dataset(out) == dataset(single_process)
 
 
+def test_workers_claim_disjoint_cores(tmp_path):
+    """Each CPU worker of a run takes the next free block of cores; once all are taken, none."""
+    from datasetdm.generation.scaleout import claim_cores
+
+    folder = tmp_path / "cores"
+    assert [claim_cores(folder, 1, [0, 1, 5]) for _ in range(4)] == [{0}, {1}, {5}, None]
+    pairs = tmp_path / "pairs"
+    assert [claim_cores(pairs, 2, [0, 1, 2, 3, 4]) for _ in range(3)] == [{0, 1}, {2, 3}, None]
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_setaffinity"), reason="no CPU affinity on this platform")
+def test_pinned_worker_runs_every_thread_on_its_cores():
+    """A worker pinned after its threads started (Ray's UDF thread is not the one that built it)
+    keeps them all, and the threads it starts later, on its cores."""
+    import subprocess
+
+    code = """
+import os, threading, time
+from datasetdm.generation.scaleout import pin_process
+core = max(os.sched_getaffinity(0))
+stop = threading.Event()
+early = threading.Thread(target=stop.wait); early.start()
+pin_process({core})
+late = threading.Thread(target=stop.wait); late.start()
+allowed = {t: open(f"/proc/self/task/{t}/status").read().split("Cpus_allowed_list:")[1].split()[0]
+           for t in os.listdir("/proc/self/task")}
+stop.set()
+print(core, len(allowed), sorted(set(allowed.values())))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    core, threads, lists = done.stdout.split(maxsplit=2)
+    assert int(threads) == 3
+    assert lists.strip() == f"['{core}']"
+
+
 # --------------------------------------------------------------------- on Ray
 
 
