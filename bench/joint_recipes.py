@@ -26,21 +26,21 @@ def compare(real: Path, synthetic: Path, task: str, seeds: list[int], n_test: in
     model's figures are written to ``keep`` when it is scored and read from there on a rerun."""
     import numpy as np
 
-    from datasetdm.evaluation.downstream import _folder_data, train_joint_task_model, world_test_samples
+    from datasetdm.evaluation.downstream import folder_task_data, train_joint_task_model, world_test_samples
     from datasetdm.evaluation.task_models import TaskModelConfig, predict_task, score_task, train_task_model
     from datasetdm.io import write_json_atomic
     from datasetdm.world.render import CATEGORIES
 
     categories = list(CATEGORIES)
-    real_d = _folder_data(real, task, categories, "real")
-    syn_d = _folder_data(synthetic, task, categories, "synthetic")
+    real_d = folder_task_data(real, task, categories, "real")
+    syn_d = folder_task_data(synthetic, task, categories, "synthetic")
     config = TaskModelConfig(steps=steps)
     num_classes = max(c.id for c in categories) + 1
     class_ids = [c.id for c in categories] if task == "instance" else [c.id for c in categories if c.keypoints][:1]
     tests = {seed: world_test_samples(seed, n_test) for seed in seeds}
     results = {}
     for name in ["real"] + [f"joint-{r}" for r in recipes]:
-        stored = keep / f"{task}-{name}-steps{steps}-test{n_test}.json"
+        stored = keep / f"{task}-{name.replace(':', '-')}-steps{steps}-test{n_test}.json"
         figures = json.loads(stored.read_text()) if stored.exists() else {}
         if any(f"seed {s}" not in figures for s in seeds):
             if name == "real":
@@ -65,15 +65,18 @@ def main() -> None:
     ap.add_argument("--test-seeds", default="2,1", help="Comma-separated: choose on the first, report another.")
     ap.add_argument("--n-test", type=int, default=500)
     ap.add_argument("--steps", type=int, default=2000, help="Every model's training steps.")
-    ap.add_argument("--recipes", default="finetune,mixed")
+    ap.add_argument("--recipes", default="finetune,mixed", help="`downstream --joint` values, e.g. finetune:0.75.")
     args = ap.parse_args()
 
-    from datasetdm.evaluation.downstream import JOINT_RECIPES, TASK_METRICS
+    from datasetdm.errors import DatasetdmError
+    from datasetdm.evaluation.downstream import TASK_METRICS, joint_recipe
 
     recipes = [r for r in args.recipes.split(",") if r]
-    unknown = [r for r in recipes if r not in JOINT_RECIPES]
-    if unknown:
-        raise SystemExit(f"--recipes {','.join(unknown)}: choose from {', '.join(JOINT_RECIPES)}")
+    for recipe in recipes:
+        try:
+            joint_recipe(recipe)
+        except DatasetdmError as e:
+            raise SystemExit(f"--recipes: {e}") from None
     real, synthetic = args.out / "real", args.out / f"synthetic-decoder-{args.task}"
     for folder in (real, synthetic):
         if not (folder / "annotations.json").exists():

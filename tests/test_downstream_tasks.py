@@ -230,6 +230,25 @@ def test_finetune_joint_trains_on_synthetic_then_fine_tunes_that_model_on_real(t
         run_task_downstream("instance", real, syn, [], list(CATEGORIES), cfg, joint="both")
 
 
+def test_finetune_share_gives_the_real_set_its_part_of_the_steps(tmp_path, monkeypatch):
+    from datasetdm.evaluation import task_models
+    from datasetdm.evaluation.downstream import folder_task_data, joint_recipe, train_joint_task_model
+
+    assert joint_recipe("finetune") == ("finetune", 0.5) and joint_recipe("mixed") == ("mixed", 0.5)
+    assert joint_recipe("finetune:0.75") == ("finetune", 0.75)
+    for bad in ("finetune:1", "finetune:0", "finetune:x", "mixed:0.5", "finetune:"):
+        with pytest.raises(DatasetdmError, match=f"--joint '{bad}'"):
+            joint_recipe(bad)
+    real = folder_task_data(_folder(tmp_path / "real", "train", 0, 3), "instance", list(CATEGORIES), "real")
+    syn = folder_task_data(_folder(tmp_path / "syn", "val", 0, 2), "instance", list(CATEGORIES), "synthetic")
+    steps, original = [], task_models.train_task_model
+    monkeypatch.setattr(task_models, "train_task_model",
+                        lambda data, n, config, **kw: steps.append((len(data), config.steps)) or original(data, n, config, **kw))
+    num_classes = max(c.id for c in CATEGORIES) + 1
+    train_joint_task_model(real, syn, num_classes, TaskModelConfig(**{**TINY, "steps": 8}), "finetune:0.75")
+    assert steps == [(2, 2), (3, 6)]  # synthetic first, the real set three quarters of the steps
+
+
 def test_task_data_names_what_is_missing(tmp_path):
     real = _folder(tmp_path / "real", "train", 0, 6)  # people among them
     test = world_test_samples(seed=5, n=2)

@@ -86,7 +86,8 @@ def downstream(
     backbone: Optional[str] = typer.Option(None, help="Diffusers model folder (default: the embedded backbone)."),
     steps: int = typer.Option(2000, min=1, help="Segmenter training steps (same for all three)."),
     joint: str = typer.Option("finetune", help="The joint model: finetune (the synthetic set for half the steps, "
-                              "then the real set) or mixed (every batch half real, half synthetic)."),
+                              "then the real set; finetune:R gives the real set a share R of the steps) or mixed (every batch half "
+                              "real, half synthetic)."),
     min_pixel_confidence: Optional[float] = typer.Option(
         None, min=0.0, max=1.0, help="Decoder labels: pixels below this class-score share are ignore (see generate)."),
     min_instance_score: Optional[float] = typer.Option(

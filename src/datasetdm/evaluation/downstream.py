@@ -94,8 +94,24 @@ def _train(images, masks, num_classes: int, config: DownstreamConfig, progress=N
 
 
 def _check_joint(joint: str) -> None:
-    if joint not in JOINT_RECIPES:
-        raise DatasetdmError(f"--joint {joint!r}: choose one of {', '.join(JOINT_RECIPES)}")
+    joint_recipe(joint)
+
+
+def joint_recipe(joint: str) -> tuple[str, float]:
+    """``--joint`` as (recipe, share of the steps trained on the real set): "finetune" is
+    ("finetune", 0.5), "finetune:0.75" fine-tunes on real for three quarters of the steps, "mixed"
+    is ("mixed", 0.5) (half of every batch real)."""
+    name, colon, share = joint.partition(":")
+    if name not in JOINT_RECIPES or (colon and name != "finetune"):
+        raise DatasetdmError(f"--joint {joint!r}: choose one of {', '.join(JOINT_RECIPES)} (or finetune:R, R the "
+                             "share of the steps on the real set)")
+    try:
+        real_share = float(share) if colon else 0.5
+    except ValueError:
+        real_share = float("nan")
+    if not 0 < real_share < 1:
+        raise DatasetdmError(f"--joint {joint!r}: the real set's share of the steps must be between 0 and 1")
+    return name, real_share
 
 
 def evaluate_segmenter(model, images: np.ndarray, masks: np.ndarray, category_ids: list[int]) -> dict:
@@ -169,9 +185,9 @@ def run_downstream(
             results[name] = {**stored, "iou": {int(k): v for k, v in stored["iou"].items()}}  # JSON keys are text
             continue
         report = (lambda step, loss, name=name: progress(name, step + 1, config.steps)) if progress else None
-        if name == "joint" and joint == "finetune":
+        if name == "joint" and joint != "mixed":
             model = _fine_tuned(lambda x, y, cfg, **kw: _train(x, y, num_classes, cfg, **kw), (syn_x, syn_y),
-                                (real_x, real_y), config, report)
+                                (real_x, real_y), config, report, joint_recipe(joint)[1])
         elif name == "joint":
             model = _train(joint_x, joint_y, num_classes, config, progress=report)
         else:
@@ -202,7 +218,8 @@ DOWNSTREAM_TASKS = tuple(TASK_METRICS)
 # how the joint model uses both sets, the same number of steps as the others: "finetune" trains on
 # the synthetic set for the first half of the steps and on the real set for the rest (measured on
 # instances, test seed 2: mask AP 0.863 against real-only 0.812, session 22); "mixed" draws every
-# batch half real, half synthetic (the recipe until session 22)
+# batch half real, half synthetic (the recipe until session 22). "finetune:R" gives the real set a
+# share R of the steps.
 JOINT_RECIPES = ("finetune", "mixed")
 
 
@@ -218,7 +235,10 @@ def _id_map(folder: LabelledFolder, reference: list[Category]) -> dict[int, int]
     return {c.id: by_name[c.name] for c in folder.categories if c.name in by_name}
 
 
-def _folder_data(path, task: str, reference: list[Category], what: str):
+def folder_task_data(path, task: str, reference: list[Category], what: str):
+    """A labelled folder's samples as ``task``'s training data, its classes mapped onto
+    ``reference`` by name; ``what`` ("real" or "synthetic") names it in errors, and real data must
+    carry keypoints for pose."""
     from datasetdm.evaluation.task_models import task_data
 
     folder = read_labelled_folder(path)
@@ -240,14 +260,14 @@ def train_joint_task_model(real, synthetic, num_classes: int, config, joint: str
         half = np.concatenate([np.full(len(real), 0.5 / len(real)), np.full(len(synthetic), 0.5 / len(synthetic))])
         return train_task_model(concat_data([real, synthetic]), num_classes, config, weights=half, progress=progress)
     return _fine_tuned(lambda data, cfg, **kw: train_task_model(data, num_classes, cfg, **kw), (synthetic,), (real,),
-                       config, progress)
+                       config, progress, joint_recipe(joint)[1])
 
 
-def _fine_tuned(train, synthetic: tuple, real: tuple, config, progress=None):
-    """The "finetune" joint recipe: ``train(*synthetic, config)`` for the first half of the steps,
-    then ``train(*real, config)`` for the rest, starting from that model; ``progress(step, loss)``
-    counts on across both."""
-    first = replace(config, steps=config.steps // 2)
+def _fine_tuned(train, synthetic: tuple, real: tuple, config, progress=None, real_share: float = 0.5):
+    """The "finetune" joint recipe: ``train(*synthetic, config)`` for the first part of the steps,
+    then ``train(*real, config)`` for the rest (``real_share`` of them), starting from that model;
+    ``progress(step, loss)`` counts on across both."""
+    first = replace(config, steps=int(config.steps * (1 - real_share)))
     pre = train(*synthetic, first, progress=progress)
     later = (lambda step, loss: progress(first.steps + step, loss)) if progress else None
     return train(*real, replace(config, steps=config.steps - first.steps), progress=later, init=pre.state_dict())
@@ -281,8 +301,8 @@ def run_task_downstream(
         raise DatasetdmError(f"--task {task!r}: choose one of {', '.join(DOWNSTREAM_TASKS)}")
     _check_joint(joint)
     config = config or TaskModelConfig()
-    real_d = _folder_data(real, task, categories, "real")
-    syn_d = _folder_data(synthetic, task, categories, "synthetic")
+    real_d = folder_task_data(real, task, categories, "real")
+    syn_d = folder_task_data(synthetic, task, categories, "synthetic")
     test_d = task_data(test_samples, task, categories, where="test scenes")
     if real_d.images.shape[1:3] != syn_d.images.shape[1:3] or real_d.images.shape[1:3] != test_d.images.shape[1:3]:
         raise DatasetdmError(f"{synthetic}: image size {syn_d.images.shape[1:3]} differs from real "
@@ -636,7 +656,7 @@ def _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler
     if decoder_iterations is not None and generated and labeler == "decoder":
         result["decoder_iterations"] = headline["decoder_iterations"] = decoder_iterations
     headline["joint"] = joint
-    result_tag = run_tag + ("" if joint == JOINT_RECIPES[0] else f"-joint-{joint}")
+    result_tag = run_tag + ("" if joint == JOINT_RECIPES[0] else f"-joint-{joint.replace(':', '-')}")
     default_name = task == "semantic" and not result_tag
     saved = out / ("downstream.json" if default_name else f"downstream-{task}{result_tag}.json")
     write_json_atomic(saved, result)
