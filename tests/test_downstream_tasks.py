@@ -249,6 +249,14 @@ def test_finetune_share_gives_the_real_set_its_part_of_the_steps(tmp_path, monke
     assert steps == [(2, 2), (3, 6)]  # synthetic first, the real set three quarters of the steps
 
 
+def test_joint_default_mixes_where_only_the_synthetic_set_has_it():
+    from datasetdm.evaluation.downstream import default_joint
+
+    assert default_joint() == "finetune"
+    assert default_joint(zero_shot=["car"]) == default_joint(domain="grass:sunny") == "mixed"
+    assert default_joint(long_tail=["star"]) == "mixed"
+
+
 def test_task_data_names_what_is_missing(tmp_path):
     real = _folder(tmp_path / "real", "train", 0, 6)  # people among them
     test = world_test_samples(seed=5, n=2)
@@ -337,6 +345,8 @@ def test_build_and_run_zero_shot_small(tmp_path):
                   config=DownstreamConfig(steps=3, batch_size=4))
     result = build_and_run(tmp_path / "ds", zero_shot=["car"], **kwargs)
     assert result["unseen_classes"] == ["car"] and {"real_unseen_miou", "joint_seen_miou"} <= set(result)
+    # a joint model fine-tuned on the real set alone would unlearn the unseen classes
+    assert result["joint"] == "mixed" and "joint-" not in result["result_file"]
     decoders = tmp_path / "ds" / "decoders-zs-car"
     trained = json.loads((decoders / "open-vocab" / "config.json").read_text())["info"]["train_options"]
     assert trained["held_out"] == ["car"] and trained["iterations"] == 5

@@ -85,9 +85,10 @@ def downstream(
     labeler: str = typer.Option("decoder", help="How the generated synthetic data is labelled: decoder or attention."),
     backbone: Optional[str] = typer.Option(None, help="Diffusers model folder (default: the embedded backbone)."),
     steps: int = typer.Option(2000, min=1, help="Segmenter training steps (same for all three)."),
-    joint: str = typer.Option("finetune", help="The joint model: finetune (the synthetic set for half the steps, "
-                              "then the real set; finetune:R gives the real set a share R of the steps) or mixed (every batch half "
-                              "real, half synthetic)."),
+    joint: Optional[str] = typer.Option(None, help="The joint model: finetune (the synthetic set for half the "
+                                        "steps, then the real set; finetune:R gives the real set a share R of the "
+                                        "steps) or mixed (every batch half real, half synthetic). Default: finetune; "
+                                        "mixed with --zero-shot, --domain or --long-tail."),
     min_pixel_confidence: Optional[float] = typer.Option(
         None, min=0.0, max=1.0, help="Decoder labels: pixels below this class-score share are ignore (see generate)."),
     min_instance_score: Optional[float] = typer.Option(
