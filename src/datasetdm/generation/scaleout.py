@@ -15,7 +15,8 @@ shards and manifest through ``ShardWriter`` in sample-id order. Hence:
   output folder), and ``--resume`` with the same or another N — or none — finishes the same dataset.
 
 Ray is optional (``pip install 'datasetdm[ray]'``). Without ``--ray-address`` the driver starts a
-local Ray instance sized for the workers and stops it at the end; with it, every node must see
+local Ray instance sized for the workers and stops it at the end, its CPU workers each pinned to
+cores of their own; with it, every node must see
 the backbone, decoder and prompt paths at the same place (a shared file system).
 """
 
