@@ -5,7 +5,9 @@ trained three times with the same recipe and steps: on (a) the real labelled ima
 synthetic dataset only, (c) both. Each is evaluated on held-out world test scenes. The joint model
 (``JOINT_RECIPES``) is by default trained on the synthetic set for half the steps and fine-tuned on
 the real set for the other half ("finetune"); "mixed" draws every batch half from each, so the 100
-real images are not drowned by thousands of synthetic ones. Same steps either way.
+real images are not drowned by thousands of synthetic ones, and is the default where the synthetic
+set carries what the real set lacks (zero-shot, domain shift, long-tail: ``default_joint``). Same
+steps either way.
 Synthetic class ids are matched to the real ones by class name; classes the real data does not
 have are ignored (255) in training.
 
