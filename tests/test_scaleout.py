@@ -141,25 +141,34 @@ def test_workers_claim_disjoint_cores(tmp_path):
 def test_pinned_worker_runs_every_thread_on_its_cores():
     """A worker pinned after its threads started (Ray's UDF thread is not the one that built it)
     keeps them all, and the threads it starts later, on its cores."""
+    import json
     import subprocess
 
     code = """
-import os, threading, time
+import json, os, threading
 from datasetdm.generation.scaleout import pin_process
 core = max(os.sched_getaffinity(0))
-stop = threading.Event()
-early = threading.Thread(target=stop.wait); early.start()
+stop, ids = threading.Event(), []
+def wait():
+    ids.append(threading.get_native_id())
+    stop.wait()
+early = threading.Thread(target=wait); early.start()
+while not ids:
+    pass
 pin_process({core})
-late = threading.Thread(target=stop.wait); late.start()
-allowed = {t: open(f"/proc/self/task/{t}/status").read().split("Cpus_allowed_list:")[1].split()[0]
+late = threading.Thread(target=wait); late.start()
+while len(ids) < 2:
+    pass
+allowed = {int(t): open(f"/proc/self/task/{t}/status").read().split("Cpus_allowed_list:")[1].split()[0]
            for t in os.listdir("/proc/self/task")}
 stop.set()
-print(core, len(allowed), sorted(set(allowed.values())))
+print(json.dumps({"core": core, "early": ids[0], "late": ids[1], "main": threading.get_native_id(), "allowed": allowed}))
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    core, threads, lists = done.stdout.split(maxsplit=2)
-    assert int(threads) == 3
-    assert lists.strip() == f"['{core}']"
+    seen = json.loads(done.stdout)
+    allowed = {int(t): cores for t, cores in seen["allowed"].items()}
+    assert {seen["early"], seen["late"], seen["main"]} <= set(allowed)
+    assert set(allowed.values()) == {str(seen["core"])}  # every thread, whenever it started
 
 
 # --------------------------------------------------------------------- on Ray
