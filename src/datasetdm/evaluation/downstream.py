@@ -95,10 +95,6 @@ def _train(images, masks, num_classes: int, config: DownstreamConfig, progress=N
                            init=init)
 
 
-def _check_joint(joint: str) -> None:
-    joint_recipe(joint)
-
-
 def joint_recipe(joint: str) -> tuple[str, float]:
     """``--joint`` as (recipe, share of the steps trained on the real set): "finetune" is
     ("finetune", 0.5), "finetune:0.75" fine-tunes on real for three quarters of the steps, "mixed"
@@ -152,7 +148,7 @@ def run_downstream(
     run resumes after the last finished model, and the real-only model is trained once for any
     number of synthetic datasets scored on the same test set.
     """
-    _check_joint(joint)
+    joint_recipe(joint)  # checked before anything trains
     config = config or DownstreamConfig()
     num_classes = max(c.id for c in categories) + 1
     ids = [c.id for c in categories]
@@ -257,7 +253,7 @@ def train_joint_task_model(real, synthetic, num_classes: int, config, joint: str
     across both halves."""
     from datasetdm.evaluation.task_models import concat_data, train_task_model
 
-    _check_joint(joint)
+    joint_recipe(joint)  # checked before anything trains
     if joint == "mixed":
         half = np.concatenate([np.full(len(real), 0.5 / len(real)), np.full(len(synthetic), 0.5 / len(synthetic))])
         return train_task_model(concat_data([real, synthetic]), num_classes, config, weights=half, progress=progress)
@@ -301,7 +297,7 @@ def run_task_downstream(
 
     if task not in TASK_METRICS or task == "semantic":
         raise DatasetdmError(f"--task {task!r}: choose one of {', '.join(DOWNSTREAM_TASKS)}")
-    _check_joint(joint)
+    joint_recipe(joint)  # checked before anything trains
     config = config or TaskModelConfig()
     real_d = folder_task_data(real, task, categories, "real")
     syn_d = folder_task_data(synthetic, task, categories, "synthetic")
@@ -426,7 +422,7 @@ def build_and_run(out: str | Path, test_seed: int, n_test: int = 500, real: Path
     from datasetdm.io import output_lock
 
     joint = joint or default_joint(zero_shot, domain, long_tail)
-    _check_joint(joint)
+    joint_recipe(joint)  # checked before anything trains
     if task not in DOWNSTREAM_TASKS:
         raise DatasetdmError(f"--task {task!r}: choose one of {', '.join(DOWNSTREAM_TASKS)}")
     if task != "semantic" and labeler != "decoder":
