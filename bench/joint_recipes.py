@@ -65,7 +65,8 @@ def main() -> None:
     ap.add_argument("--test-seeds", default="2,1", help="Comma-separated: choose on the first, report another.")
     ap.add_argument("--n-test", type=int, default=500)
     ap.add_argument("--steps", type=int, default=2000, help="Every model's training steps.")
-    ap.add_argument("--recipes", default="finetune,mixed", help="`downstream --joint` values, e.g. finetune:0.75.")
+    ap.add_argument("--recipes", default="finetune,mixed",
+                    help="`downstream --joint` values, e.g. finetune:0.75, finetune+real-joints (pose).")
     args = ap.parse_args()
 
     from datasetdm.errors import DatasetdmError
@@ -74,7 +75,7 @@ def main() -> None:
     recipes = [r for r in args.recipes.split(",") if r]
     for recipe in recipes:
         try:
-            joint_recipe(recipe)
+            joint_recipe(recipe, args.task)
         except DatasetdmError as e:
             raise SystemExit(f"--recipes: {e}") from None
     real, synthetic = args.out / "real", args.out / f"synthetic-decoder-{args.task}"

@@ -2,6 +2,7 @@
 targets and decoding, the scorer, and the real / synthetic / joint harness with its cache."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -234,11 +235,14 @@ def test_finetune_share_gives_the_real_set_its_part_of_the_steps(tmp_path, monke
     from datasetdm.evaluation import task_models
     from datasetdm.evaluation.downstream import folder_task_data, joint_recipe, train_joint_task_model
 
-    assert joint_recipe("finetune") == ("finetune", 0.5) and joint_recipe("mixed") == ("mixed", 0.5)
-    assert joint_recipe("finetune:0.75") == ("finetune", 0.75)
-    for bad in ("finetune:1", "finetune:0", "finetune:x", "mixed:0.5", "finetune:"):
-        with pytest.raises(DatasetdmError, match=f"--joint '{bad}'"):
+    assert joint_recipe("finetune") == ("finetune", 0.5, True) and joint_recipe("mixed") == ("mixed", 0.5, True)
+    assert joint_recipe("finetune:0.75") == ("finetune", 0.75, True)
+    assert joint_recipe("mixed+real-joints", "pose") == ("mixed", 0.5, False)
+    for bad in ("finetune:1", "finetune:0", "finetune:x", "mixed:0.5", "finetune:", "finetune+joints", "both+real-joints"):
+        with pytest.raises(DatasetdmError, match=re.escape(f"--joint '{bad}'")):
             joint_recipe(bad)
+    with pytest.raises(DatasetdmError, match=r"\+real-joints is for --task pose"):
+        joint_recipe("finetune+real-joints", "instance")
     real = folder_task_data(_folder(tmp_path / "real", "train", 0, 3), "instance", list(CATEGORIES), "real")
     syn = folder_task_data(_folder(tmp_path / "syn", "val", 0, 2), "instance", list(CATEGORIES), "synthetic")
     steps, original = [], task_models.train_task_model
@@ -247,6 +251,60 @@ def test_finetune_share_gives_the_real_set_its_part_of_the_steps(tmp_path, monke
     num_classes = max(c.id for c in CATEGORIES) + 1
     train_joint_task_model(real, syn, num_classes, TaskModelConfig(**{**TINY, "steps": 8}), "finetune:0.75")
     assert steps == [(2, 2), (3, 6)]  # synthetic first, the real set three quarters of the steps
+
+
+def test_keypoint_loss_skips_the_joints_of_images_not_labelled_for_them(tmp_path):
+    from datasetdm.evaluation.task_models import task_loss
+
+    data = task_data(_scenes("train", 0, 8), "pose", list(CATEGORIES))
+    with_joints = np.flatnonzero((data.keypoints[..., 2] > 0).any(axis=(1, 2)))
+    assert len(with_joints) >= 2
+    batch = {"inst": torch.from_numpy(data.inst), "classes": torch.from_numpy(data.classes),
+             "keypoints": torch.from_numpy(data.keypoints)}
+    h, w = data.images.shape[1:3]
+    torch.manual_seed(0)
+    out = {"semantic": torch.randn(8, 2, h, w), "center": torch.randn(8, 1, h, w) * 0.1,
+           "offset": torch.randn(8, 2, h, w), "keypoints": torch.rand(8, 17, h, w, requires_grad=True)}
+    config = TaskModelConfig(**TINY)
+    plain = task_loss("pose", out, batch, config)
+    every = task_loss("pose", out, {**batch, "keypoints_labelled": torch.ones(8, dtype=torch.bool)}, config)
+    assert every.item() == pytest.approx(plain.item(), rel=1e-5)  # all labelled: the plain MSE
+    labelled = torch.zeros(8, dtype=torch.bool)
+    labelled[with_joints[0]] = True
+    loss = task_loss("pose", out, {**batch, "keypoints_labelled": labelled}, config)
+    loss.backward()
+    grad = out["keypoints"].grad.abs().sum((1, 2, 3))
+    assert grad[with_joints[0]] > 0 and float(grad.sum() - grad[with_joints[0]]) == 0.0  # one image's joints only
+    target = keypoint_targets(batch["keypoints"], (h, w), config.keypoint_sigma)
+    alone = torch.nn.functional.mse_loss(out["keypoints"][with_joints[0]].detach(), target[with_joints[0]])
+    rest = task_loss("pose", out, {**batch, "keypoints_labelled": torch.zeros(8, dtype=torch.bool)}, config)
+    assert (loss - rest).item() == pytest.approx(config.keypoint_weight * alone.item(), rel=1e-4)
+
+
+def test_real_joints_recipe_trains_no_keypoint_on_the_synthetic_set(tmp_path, monkeypatch):
+    from datasetdm.evaluation import task_models
+    from datasetdm.evaluation.downstream import folder_task_data, train_joint_task_model
+
+    real = folder_task_data(_folder(tmp_path / "real", "train", 0, 4), "pose", list(CATEGORIES), "real")
+    syn = folder_task_data(_folder(tmp_path / "syn", "val", 0, 4), "pose", list(CATEGORIES), "synthetic")
+    models, original = [], task_models.train_task_model
+
+    def spy(data, n, config, **kw):
+        models.append((data.keypoints_labelled, original(data, n, config, **kw)))
+        return models[-1][1]
+
+    monkeypatch.setattr(task_models, "train_task_model", spy)
+    num_classes = max(c.id for c in CATEGORIES) + 1
+    train_joint_task_model(real, syn, num_classes, TaskModelConfig(**{**TINY, "steps": 6}), "finetune+real-joints")
+    (pre_flags, pre), (real_flags, _) = models
+    assert pre_flags is not None and not pre_flags.any() and real_flags is None
+    head = pre.heads["keypoints"]  # zero at the start and never trained on the synthetic phase
+    assert float(head.weight.abs().sum() + head.bias.abs().sum()) == 0.0
+    assert float(pre.heads["center"].weight.abs().sum()) > 0  # while the people's centres were learnt
+    models.clear()
+    train_joint_task_model(real, syn, num_classes, TaskModelConfig(**{**TINY, "steps": 6}), "mixed+real-joints")
+    (flags, _), = models
+    assert flags.tolist() == [True] * len(real) + [False] * len(syn)
 
 
 def test_joint_default_mixes_where_only_the_synthetic_set_has_it():

@@ -38,7 +38,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 from datasetdm.decoder.heads import SEMANTIC_HEADS
@@ -95,21 +95,34 @@ def _train(images, masks, num_classes: int, config: DownstreamConfig, progress=N
                            init=init)
 
 
-def joint_recipe(joint: str) -> tuple[str, float]:
-    """``--joint`` as (recipe, share of the steps trained on the real set): "finetune" is
-    ("finetune", 0.5), "finetune:0.75" fine-tunes on real for three quarters of the steps, "mixed"
-    is ("mixed", 0.5) (half of every batch real)."""
-    name, colon, share = joint.partition(":")
+class JointRecipe(NamedTuple):
+    name: str  # one of JOINT_RECIPES
+    real_share: float  # the real set's share of the steps ("finetune"); "mixed": half of every batch
+    synthetic_joints: bool = True  # pose: whether the synthetic people's keypoints are trained on
+
+
+def joint_recipe(joint: str, task: str | None = None) -> JointRecipe:
+    """``--joint`` as a ``JointRecipe``: "finetune" is ("finetune", 0.5), "finetune:0.75"
+    fine-tunes on real for three quarters of the steps, "mixed" is ("mixed", 0.5) (half of every
+    batch real). A "+real-joints" suffix (pose) learns the joints from the real set only: the
+    synthetic people still teach finding and outlining people, their keypoints are not trained on.
+    With ``task``, a modifier that does not apply to it is an error."""
+    base, plus, modifier = joint.partition("+")
+    if plus and modifier != "real-joints":
+        raise DatasetdmError(f"--joint {joint!r}: the only modifier is +real-joints (pose)")
+    if plus and task is not None and task != "pose":
+        raise DatasetdmError(f"--joint {joint!r}: +real-joints is for --task pose (the task is {task})")
+    name, colon, share = base.partition(":")
     if name not in JOINT_RECIPES or (colon and name != "finetune"):
         raise DatasetdmError(f"--joint {joint!r}: choose one of {', '.join(JOINT_RECIPES)} (or finetune:R, R the "
-                             "share of the steps on the real set)")
+                             "share of the steps on the real set; +real-joints for pose)")
     try:
         real_share = float(share) if colon else 0.5
     except ValueError:
         real_share = float("nan")
     if not 0 < real_share < 1:
         raise DatasetdmError(f"--joint {joint!r}: the real set's share of the steps must be between 0 and 1")
-    return name, real_share
+    return JointRecipe(name, real_share, not plus)
 
 
 def evaluate_segmenter(model, images: np.ndarray, masks: np.ndarray, category_ids: list[int]) -> dict:
@@ -148,7 +161,7 @@ def run_downstream(
     run resumes after the last finished model, and the real-only model is trained once for any
     number of synthetic datasets scored on the same test set.
     """
-    joint_recipe(joint)  # checked before anything trains
+    joint_recipe(joint, "semantic")  # checked before anything trains
     config = config or DownstreamConfig()
     num_classes = max(c.id for c in categories) + 1
     ids = [c.id for c in categories]
@@ -185,7 +198,7 @@ def run_downstream(
         report = (lambda step, loss, name=name: progress(name, step + 1, config.steps)) if progress else None
         if name == "joint" and joint != "mixed":
             model = _fine_tuned(lambda x, y, cfg, **kw: _train(x, y, num_classes, cfg, **kw), (syn_x, syn_y),
-                                (real_x, real_y), config, report, joint_recipe(joint)[1])
+                                (real_x, real_y), config, report, joint_recipe(joint).real_share)
         elif name == "joint":
             model = _train(joint_x, joint_y, num_classes, config, progress=report)
         else:
@@ -249,16 +262,18 @@ def train_joint_task_model(real, synthetic, num_classes: int, config, joint: str
                            progress: Callable[[int, float], None] | None = None):
     """The joint model of a task (``JOINT_RECIPES``), as many steps as the others: "finetune" trains
     on ``synthetic`` for the first half of ``config.steps`` and fine-tunes that model on ``real`` for
-    the rest; "mixed" draws every batch half from each set. ``progress(step, loss)`` counts on
-    across both halves."""
+    the rest; "mixed" draws every batch half from each set; "+real-joints" (pose) trains no
+    keypoint on the synthetic people. ``progress(step, loss)`` counts on across both halves."""
     from datasetdm.evaluation.task_models import concat_data, train_task_model
 
-    joint_recipe(joint)  # checked before anything trains
-    if joint == "mixed":
+    recipe = joint_recipe(joint, real.task)  # checked before anything trains
+    if not recipe.synthetic_joints:
+        synthetic = replace(synthetic, keypoints_labelled=np.zeros(len(synthetic), bool))
+    if recipe.name == "mixed":
         half = np.concatenate([np.full(len(real), 0.5 / len(real)), np.full(len(synthetic), 0.5 / len(synthetic))])
         return train_task_model(concat_data([real, synthetic]), num_classes, config, weights=half, progress=progress)
     return _fine_tuned(lambda data, cfg, **kw: train_task_model(data, num_classes, cfg, **kw), (synthetic,), (real,),
-                       config, progress, joint_recipe(joint)[1])
+                       config, progress, recipe.real_share)
 
 
 def _fine_tuned(train, synthetic: tuple, real: tuple, config, progress=None, real_share: float = 0.5):
@@ -297,7 +312,7 @@ def run_task_downstream(
 
     if task not in TASK_METRICS or task == "semantic":
         raise DatasetdmError(f"--task {task!r}: choose one of {', '.join(DOWNSTREAM_TASKS)}")
-    joint_recipe(joint)  # checked before anything trains
+    joint_recipe(joint, task)  # checked before anything trains
     config = config or TaskModelConfig()
     real_d = folder_task_data(real, task, categories, "real")
     syn_d = folder_task_data(synthetic, task, categories, "synthetic")
@@ -313,6 +328,7 @@ def run_task_downstream(
     scored_on = _digest(*test_d.arrays(), extra={"task": task, "ids": [c.id for c in categories],
                                                  "config": _recipe_key(config, "task"), "version": 1})
     both = concat_data([real_d, syn_d])
+    # "mixed" keeps the key it had before recipes were named, so its cached figures are found
     joint_extra = {"half_real": True} if joint == "mixed" else {"half_real": False, "joint": joint}
     results = {}
     for name, data, extra in (("real", real_d, {"half_real": False}), ("synthetic", syn_d, {"half_real": False}),
@@ -422,9 +438,9 @@ def build_and_run(out: str | Path, test_seed: int, n_test: int = 500, real: Path
     from datasetdm.io import output_lock
 
     joint = joint or default_joint(zero_shot, domain, long_tail)
-    joint_recipe(joint)  # checked before anything trains
     if task not in DOWNSTREAM_TASKS:
         raise DatasetdmError(f"--task {task!r}: choose one of {', '.join(DOWNSTREAM_TASKS)}")
+    joint_recipe(joint, task)  # checked before anything is built
     if task != "semantic" and labeler != "decoder":
         raise DatasetdmError(f"--labeler {labeler}: labels semantic masks only; --task {task} needs --labeler decoder")
     if long_tail and task != "semantic":

@@ -76,7 +76,8 @@ class TaskData:
     """Training or test data of one task as arrays.
 
     ``inst``: (N, H, W) uint8, 0 no instance, k = the image's k-th instance slot (1-based), 255
-    ignore; ``classes``: (N, K) category ids of the slots (0 unused); ``keypoints``: (N, K, 17, 3)."""
+    ignore; ``classes``: (N, K) category ids of the slots (0 unused); ``keypoints``: (N, K, 17, 3);
+    ``keypoints_labelled``: (N,) bool, the images whose keypoints are trained on (None: all)."""
 
     task: str
     images: np.ndarray
@@ -84,12 +85,14 @@ class TaskData:
     inst: np.ndarray | None = None
     classes: np.ndarray | None = None
     keypoints: np.ndarray | None = None
+    keypoints_labelled: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.images)
 
     def arrays(self) -> list[np.ndarray]:
-        return [a for a in (self.images, self.depth, self.inst, self.classes, self.keypoints) if a is not None]
+        return [a for a in (self.images, self.depth, self.inst, self.classes, self.keypoints, self.keypoints_labelled)
+                if a is not None]
 
 
 def people_ids(categories: Sequence[Category]) -> set[int]:
@@ -161,9 +164,13 @@ def concat_data(parts: Sequence[TaskData]) -> TaskData:
         return np.pad(a, widths)
 
     kp = [pad(p.keypoints, k) for p in parts] if task == "pose" else None
+    labelled = None
+    if any(p.keypoints_labelled is not None for p in parts):
+        labelled = np.concatenate([np.ones(len(p), bool) if p.keypoints_labelled is None else p.keypoints_labelled
+                                   for p in parts])
     return TaskData(task, np.concatenate([p.images for p in parts]), inst=np.concatenate([p.inst for p in parts]),
                     classes=np.concatenate([pad(p.classes, k) for p in parts]),
-                    keypoints=np.concatenate(kp) if kp is not None else None)
+                    keypoints=np.concatenate(kp) if kp is not None else None, keypoints_labelled=labelled)
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,7 +262,12 @@ def task_loss(task: str, out: dict, batch: dict, config: TaskModelConfig, person
         loss = loss + config.offset_weight * (out["offset"].float() - offsets).abs().sum(1)[on].mean()
     if task == "pose":
         target = keypoint_targets(batch["keypoints"], batch["inst"].shape[-2:], config.keypoint_sigma)
-        loss = loss + config.keypoint_weight * F.mse_loss(out["keypoints"].float(), target)
+        if "keypoints_labelled" in batch:  # the MSE over the images whose joints are trained on only
+            per_image = F.mse_loss(out["keypoints"].float(), target, reduction="none").mean((1, 2, 3))
+            labelled = batch["keypoints_labelled"].float()
+            loss = loss + config.keypoint_weight * (per_image * labelled).sum() / labelled.sum().clamp(min=1)
+        else:
+            loss = loss + config.keypoint_weight * F.mse_loss(out["keypoints"].float(), target)
     return loss
 
 
@@ -288,7 +300,7 @@ def train_task_model(data: TaskData, num_classes: int, config: TaskModelConfig |
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.steps, pct_start=0.1)
     tensors = {"images": torch.from_numpy(np.ascontiguousarray(data.images)).permute(0, 3, 1, 2)}
-    for key in ("depth", "inst", "classes", "keypoints"):
+    for key in ("depth", "inst", "classes", "keypoints", "keypoints_labelled"):
         a = getattr(data, key)
         if a is not None:
             tensors[key] = torch.from_numpy(np.ascontiguousarray(a))
