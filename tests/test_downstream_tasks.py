@@ -299,8 +299,8 @@ def test_real_joints_recipe_trains_no_keypoint_on_the_synthetic_set(tmp_path, mo
     (pre_flags, pre), (real_flags, _) = models
     assert pre_flags is not None and not pre_flags.any() and real_flags is None
     head = pre.heads["keypoints"]  # zero at the start and never trained on the synthetic phase
-    assert float(head.weight.abs().sum() + head.bias.abs().sum()) == 0.0
-    assert float(pre.heads["center"].weight.abs().sum()) > 0  # while the people's centres were learnt
+    assert float(head.weight.detach().abs().sum() + head.bias.detach().abs().sum()) == 0.0
+    assert float(pre.heads["center"].weight.detach().abs().sum()) > 0  # while the people's centres were learnt
     models.clear()
     train_joint_task_model(real, syn, num_classes, TaskModelConfig(**{**TINY, "steps": 6}), "mixed+real-joints")
     (flags, _), = models
