@@ -88,7 +88,7 @@ def downstream(
     joint: Optional[str] = typer.Option(None, help="The joint model: finetune (the synthetic set for half the "
                                         "steps, then the real set; finetune:R gives the real set a share R of the "
                                         "steps) or mixed (every batch half real, half synthetic); pose: +real-joints "
-                                        "trains the joints on the real set's only. Default: finetune; mixed with "
+                                        "learns the joints from the real set only. Default: finetune; mixed with "
                                         "--zero-shot, --domain or --long-tail."),
     min_pixel_confidence: Optional[float] = typer.Option(
         None, min=0.0, max=1.0, help="Decoder labels: pixels below this class-score share are ignore (see generate)."),
