@@ -253,7 +253,7 @@ def test_finetune_share_gives_the_real_set_its_part_of_the_steps(tmp_path, monke
     assert steps == [(2, 2), (3, 6)]  # synthetic first, the real set three quarters of the steps
 
 
-def test_keypoint_loss_skips_the_joints_of_images_not_labelled_for_them(tmp_path):
+def test_keypoint_loss_skips_the_joints_of_images_not_labelled_for_them():
     from datasetdm.evaluation.task_models import task_loss
 
     data = task_data(_scenes("train", 0, 8), "pose", list(CATEGORIES))
