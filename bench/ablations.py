@@ -25,10 +25,12 @@ A value away from the default gets its own shard, synthetic and result names (``
     python bench/ablations.py --ablation guidance --out runs/ablations --test-seed 1
     python bench/ablations.py --ablation timestep --out runs/ablations --test-seed 1
     python bench/ablations.py --ablation size --out /tmp/abl --tiny                   # plumbing only, minutes
+    python bench/ablations.py --table docs/ablation-size.json docs/ablation-prompts.json   # README rows, no run
 
 The last printed line is JSON: ``ablation``, ``task``, ``metric`` and ``settings``, one entry per
 value with the downstream headline (``real_miou``, ``synthetic_miou``, ``joint_miou`` for
-semantic), ``n_synthetic``, the run's ``shards`` folder and ``result_file``.
+semantic), ``n_synthetic``, the run's ``shards`` folder and ``result_file``. Before it, the
+ablation's row of the README table.
 """
 
 from __future__ import annotations
@@ -61,6 +63,32 @@ def setting_kwargs(ablation: str, value) -> dict:
             "timestep": {"capture_step": value}}[ablation]
 
 
+ROW_LABELS = {"size": "synthetic set size", "prompts": "prompt source", "guidance": "guidance scale",
+              "timestep": "capture step (t)"}
+
+
+def value_name(ablation: str, setting: dict) -> str:
+    if ablation == "prompts":
+        name = Path(str(setting["value"])).name
+        return {"templates": "templates", "captions": "captions"}.get(name, f"`{name}`")
+    if ablation == "timestep":
+        return f"{setting['value']} (t = {setting['timestep']})"
+    return f"{setting['value']:g}" if isinstance(setting["value"], float) else str(setting["value"])
+
+
+def markdown_row(line: dict) -> str:
+    """The README ablation table's row from a bench's last line: values and figures joined by " / "."""
+    metric = line["metric"]
+    settings = line["settings"]
+
+    def joined(model: str) -> str:
+        return " / ".join("–" if s.get(f"{model}_{metric}") is None else f"{s[f'{model}_{metric}']:.3f}"
+                          for s in settings)
+
+    values = " / ".join(value_name(line["ablation"], s) for s in settings)
+    return f"| {ROW_LABELS[line['ablation']]} | {values} | {joined('real')} | {joined('synthetic')} | {joined('joint')} |"
+
+
 def capture_timesteps(backbone: str | None, steps: int, capture_steps: list[int]) -> dict[int, int]:
     """The scheduler timestep t of each capture step (what the step index means)."""
     import diffusers
@@ -76,9 +104,11 @@ def capture_timesteps(backbone: str | None, steps: int, capture_steps: list[int]
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--ablation", choices=ABLATIONS, required=True)
+    ap.add_argument("--ablation", choices=ABLATIONS, default=None)
+    ap.add_argument("--table", type=Path, nargs="+", default=None,
+                    help="Print the README rows from saved last lines (JSON files); no run.")
     ap.add_argument("--values", default=None, help="Comma-separated values (default: the paper-sized set above).")
-    ap.add_argument("--out", type=Path, required=True, help="Shared by every ablation: decoders, real set, cache.")
+    ap.add_argument("--out", type=Path, default=None, help="Shared by every ablation: decoders, real set, cache.")
     ap.add_argument("--test-seed", type=int, default=1)
     ap.add_argument("--task", default="semantic", help="downstream --task (the paper's Table 6: semantic).")
     ap.add_argument("--n-synthetic", type=int, default=1000, help="Samples of every run but the size ablation's.")
@@ -91,6 +121,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cache", type=Path, default=None, help="Finished models' figures (default OUT/cache).")
     ap.add_argument("--tiny", action="store_true", help="Tiny sizes: checks the plumbing, measures nothing.")
     args = ap.parse_args(argv)
+    if args.table:
+        for path in args.table:
+            print(markdown_row(json.loads(path.read_text())))
+        return {}
+    if args.ablation is None or args.out is None:
+        ap.error("--ablation and --out are required (or --table FILE…)")
 
     from datasetdm.evaluation.downstream import TASK_METRICS, DownstreamConfig, build_and_run
     from datasetdm.generation.defaults import GENERATION_STEPS
@@ -133,6 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name:<28}{s['n_synthetic']:>10}{cells}")
     line = {"ablation": args.ablation, "task": args.task, "metric": metric,
             "values": [str(v) if args.ablation == "prompts" else v for v in values], "settings": settings}
+    print(markdown_row(line))
     print(json.dumps(line))
     return line
 

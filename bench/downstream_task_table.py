@@ -9,7 +9,8 @@ task order (a semantic run with ``--semantic-head pixels``, or a run with ``--de
 regression heads started at zero, session 21, is labelled "random-init heads"; a run whose joint model
 drew every batch half real — `--joint mixed`, and every run before session 22 — is labelled "mixed
 joint"); a task with no file
-keeps its "not yet measured" row. The change against real-only is
+keeps its "not yet measured" row. Domain-shift runs (``downstream --domain``) get their own table
+after it, one row per file, headed by the setting and lighting they were trained on. The change against real-only is
 given for the synthetic and joint models (lower is better for AbsRel, higher for the rest).
 """
 
@@ -72,24 +73,42 @@ def row(result: dict) -> str:
             f"{cell(figures(result, task, 'joint'), real)} |")
 
 
+def domain_table(results: list[dict]) -> list[str]:
+    """Rows of the domain-shift table: real from one setting and lighting, tested outside it."""
+    lines = []
+    for result in results:
+        domain = result["domain"]
+        trained = ", ".join(v for v in (domain.get("setting"), domain.get("lighting")) if v) or "any"
+        lines += ["", f"| domain shift (real: {trained}; test: every other setting or lighting) | real 100 | "
+                  "synthetic only | real + synthetic |", "|---|---|---|---|", row(result)]
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", nargs="+", type=Path, help="downstream result files (JSON)")
     args = ap.parse_args()
     by_task: dict[str, list[dict]] = {}
+    domain: list[dict] = []
     for path in args.results:
         result = json.loads(path.read_text())
-        by_task.setdefault(task_of(result), []).append(result)
-    print("| task (500 test scenes, 1000 synthetic, 2000 steps) | real 100 | synthetic only | real + synthetic |")
-    print("|---|---|---|---|")
-    for task, (label, _) in TASKS.items():
-        if task in by_task:
-            for result in by_task[task]:
-                print(row(result))
-        elif task == "semantic":
-            print(f"| {label} | see \"Choosing a labeler\" | | |")
+        if result.get("domain"):
+            domain.append(result)
         else:
-            print(f"| {label} | not yet measured | not yet measured | not yet measured |")
+            by_task.setdefault(task_of(result), []).append(result)
+    if by_task or not domain:  # domain-shift files alone: their table only
+        print("| task (500 test scenes, 1000 synthetic, 2000 steps) | real 100 | synthetic only | real + synthetic |")
+        print("|---|---|---|---|")
+        for task, (label, _) in TASKS.items():
+            if task in by_task:
+                for result in by_task[task]:
+                    print(row(result))
+            elif task == "semantic":
+                print(f"| {label} | see \"Choosing a labeler\" | | |")
+            else:
+                print(f"| {label} | not yet measured | not yet measured | not yet measured |")
+    for line in domain_table(domain)[0 if by_task else 1:]:
+        print(line)
 
 
 if __name__ == "__main__":

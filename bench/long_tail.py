@@ -10,9 +10,10 @@ mIoU and how many synthetic images show each tail class.
 
     python bench/long_tail.py --out runs/long-tail --test-seed 1            # the full setting, hours on 2 cores
     python bench/long_tail.py --out /tmp/lt --tiny                          # plumbing only, minutes
+    python bench/long_tail.py --table docs/long-tail.json                   # the README table from a saved line
 
 The last printed line is JSON: per run (``no_quota``, ``quota``) the downstream headline with
-``real/synthetic/joint_head_miou`` and ``_tail_miou``.
+``real/synthetic/joint_head_miou`` and ``_tail_miou``. Before it, the README's markdown table.
 """
 
 from __future__ import annotations
@@ -22,14 +23,36 @@ import json
 from pathlib import Path
 
 
+def markdown_table(line: dict) -> str:
+    """The README's long-tail table from the bench's last line: head / tail mIoU per model."""
+    def pair(run: dict, model: str) -> str:
+        head, tail = run.get(f"{model}_head_miou"), run.get(f"{model}_tail_miou")
+        return " / ".join("–" if v is None else f"{v:.3f}" for v in (head, tail))
+
+    shots = f"; {line['tail_images']} images each" if "tail_images" in line else ""
+    rows = [f"| long-tail (tail: {', '.join(line['tail'])}{shots}) | real head / tail mIoU | "
+            "synthetic head / tail | joint head / tail | synthetic images per tail class |",
+            "|---|---|---|---|---|"]
+    labels = {"no_quota": "synthetic prompted with the set's captions",
+              "quota": f"… with `--class-quota {line['quota']['class_quota']}`" if "quota" in line else ""}
+    for name, label in labels.items():
+        if name in line:
+            run, counts = line[name], line["synthetic_tail_images"][name]
+            rows.append(f"| {label} | {pair(run, 'real')} | {pair(run, 'synthetic')} | {pair(run, 'joint')} | "
+                        f"{' / '.join(str(counts[c]) for c in line['tail'])} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--table", type=Path, default=None, help="Print the README table from a saved last line; no run.")
+    ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--test-seed", type=int, default=1)
     ap.add_argument("--tail", default="ball,star,barrel,cone", help="Comma-separated tail classes.")
     ap.add_argument("--head-images", type=int, default=20)
     ap.add_argument("--tail-images", type=int, default=2)
-    ap.add_argument("--quota", type=int, default=200, help="Samples naming each class, at least (quota run).")
+    ap.add_argument("--quota", type=int, default=150,
+                    help="Samples naming each class, at least (quota run); 150 of 1000 fits the default tail.")
     ap.add_argument("--n-synthetic", type=int, default=1000)
     ap.add_argument("--n-test", type=int, default=500)
     ap.add_argument("--steps", type=int, default=2000, help="Segmenter training steps.")
@@ -37,6 +60,11 @@ def main() -> None:
     ap.add_argument("--backbone", default=None, help="Default: the embedded backbone.")
     ap.add_argument("--tiny", action="store_true", help="Tiny sizes: checks the plumbing, measures nothing.")
     args = ap.parse_args()
+    if args.table is not None:
+        print(markdown_table(json.loads(args.table.read_text())))
+        return
+    if args.out is None:
+        ap.error("--out is required (or --table FILE)")
     if args.tiny:
         args.head_images, args.tail_images, args.quota = 3, 1, 2
         args.n_synthetic, args.n_test, args.steps, args.decoder_iterations = 24, 8, 5, 5
@@ -62,7 +90,10 @@ def main() -> None:
         cells = "".join(f"{'-' if r[k] is None else format(r[k], '.4f'):>{w}}" for k, w in (
             ("real_head_miou", 10), ("real_tail_miou", 10), ("joint_head_miou", 11), ("joint_tail_miou", 11)))
         print(f"{name:<10}{cells}  {counts[name]}")
-    print(json.dumps({"tail": tail, "quota": args.quota, "synthetic_tail_images": counts, **runs}))
+    line = {"tail": tail, "class_quota": args.quota, "head_images": args.head_images, "tail_images": args.tail_images,
+            "synthetic_tail_images": counts, **runs}
+    print(markdown_table(line))
+    print(json.dumps(line))
 
 
 if __name__ == "__main__":
