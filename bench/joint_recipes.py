@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def compare(real: Path, synthetic: Path, task: str, seeds: list[int], n_test: int, steps: int,
-            recipes: list[str], keep: Path) -> dict:
+            recipes: list[str], keep: Path, min_joint_score: float | None = None) -> dict:
     """{model: {"seed S": metrics}} for the real-only model and one joint model per recipe; each
     model's figures are written to ``keep`` when it is scored and read from there on a rerun."""
     import numpy as np
@@ -33,14 +33,15 @@ def compare(real: Path, synthetic: Path, task: str, seeds: list[int], n_test: in
 
     categories = list(CATEGORIES)
     real_d = folder_task_data(real, task, categories, "real")
-    syn_d = folder_task_data(synthetic, task, categories, "synthetic")
+    syn_d = folder_task_data(synthetic, task, categories, "synthetic", min_joint_score=min_joint_score)
     config = TaskModelConfig(steps=steps)
     num_classes = max(c.id for c in categories) + 1
     class_ids = [c.id for c in categories] if task == "instance" else [c.id for c in categories if c.keypoints][:1]
     tests = {seed: world_test_samples(seed, n_test) for seed in seeds}
     results = {}
     for name in ["real"] + [f"joint-{r}" for r in recipes]:
-        stored = keep / f"{task}-{name.replace(':', '-')}-steps{steps}-test{n_test}.json"
+        sure = f"-joints{min_joint_score:g}" if min_joint_score is not None and name != "real" else ""
+        stored = keep / f"{task}-{name.replace(':', '-')}{sure}-steps{steps}-test{n_test}.json"
         figures = json.loads(stored.read_text()) if stored.exists() else {}
         if any(f"seed {s}" not in figures for s in seeds):
             if name == "real":
@@ -67,6 +68,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2000, help="Every model's training steps.")
     ap.add_argument("--recipes", default="finetune,mixed",
                     help="`downstream --joint` values, e.g. finetune:0.75, finetune+real-joints (pose).")
+    ap.add_argument("--min-joint-score", type=float, default=None,
+                    help="pose: synthetic images teach joints only when every person scores at least this.")
     args = ap.parse_args()
 
     from datasetdm.errors import DatasetdmError
@@ -84,14 +87,14 @@ def main() -> None:
             raise SystemExit(f"{folder}: missing; run `datasetdm downstream --task {args.task} --out {args.out}` first")
     seeds = [int(s) for s in args.test_seeds.split(",")]
     results = compare(real, synthetic, args.task, seeds, args.n_test, args.steps, recipes,
-                      args.out / "joint-recipes")
+                      args.out / "joint-recipes", args.min_joint_score)
     metrics = TASK_METRICS[args.task]
     print(f"{'model':<18}" + "".join(f"{f'{m} (seed {s})':>24}" for s in seeds for m in metrics))
     for name, by_seed in results.items():
         print(f"{name:<18}" + "".join(f"{by_seed[f'seed {s}'].get(m, float('nan')):>24.4f}"
                                       for s in seeds for m in metrics))
     print(json.dumps({"task": args.task, "test_seeds": seeds, "n_test": args.n_test, "steps": args.steps,
-                      "models": results}))
+                      "min_joint_score": args.min_joint_score, "models": results}))
 
 
 if __name__ == "__main__":

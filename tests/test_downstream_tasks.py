@@ -307,6 +307,27 @@ def test_real_joints_recipe_trains_no_keypoint_on_the_synthetic_set(tmp_path, mo
     assert flags.tolist() == [True] * len(real) + [False] * len(syn)
 
 
+def test_min_joint_score_keeps_the_joints_of_sure_people_only(tmp_path):
+    from datasetdm.evaluation.downstream import folder_task_data
+
+    scenes = _scenes_with_people("train", 3) + [s for s in _scenes("val", 0, 12)
+                                                if all(i.keypoints is None for i in s.instances)][:1]
+    scores = [0.9, 0.6, None]  # a person the decoder was sure of, one it was not, one with no score
+    with LabelledFolderWriter(tmp_path / "syn", list(CATEGORIES)) as w:
+        for scene, score in zip(scenes, scores + [None]):
+            scene.instances = [Instance(i.category_id, i.mask, score=score if i.keypoints is not None else 0.1,
+                                        keypoints=i.keypoints) for i in scene.instances]
+            w.add(scene)
+    every = folder_task_data(tmp_path / "syn", "pose", list(CATEGORIES), "synthetic")
+    assert every.keypoints_labelled is None
+    sure = folder_task_data(tmp_path / "syn", "pose", list(CATEGORIES), "synthetic", min_joint_score=0.7)
+    # an image with an unsure person teaches no joints; no person at all: its empty heatmaps still count
+    assert sure.keypoints_labelled.tolist() == [True, False, True, True]
+    assert np.array_equal(sure.keypoints, every.keypoints) and np.array_equal(sure.inst, every.inst)
+    inst = folder_task_data(tmp_path / "syn", "instance", list(CATEGORIES), "synthetic", min_joint_score=0.7)
+    assert inst.keypoints_labelled is None  # pose only
+
+
 def test_joint_default_mixes_where_only_the_synthetic_set_has_it():
     from datasetdm.evaluation.downstream import default_joint
 
