@@ -65,6 +65,8 @@ def row(result: dict) -> str:
         notes.append("random-init heads")
     if result.get("joint", "mixed") == "mixed":  # result files before session 22 name no recipe: mixed
         notes.append("mixed joint")
+    elif result.get("domain"):  # mixed is the default there: name the other recipe
+        notes.append(f"`--joint {result['joint']}`")
     label = TASKS[task][0]
     if notes:
         label = label.replace(",", f" ({', '.join(notes)}),", 1)
@@ -74,13 +76,16 @@ def row(result: dict) -> str:
 
 
 def domain_table(results: list[dict]) -> list[str]:
-    """Rows of the domain-shift table: real from one setting and lighting, tested outside it."""
-    lines = []
+    """Rows of the domain-shift tables: real from one setting and lighting, tested outside it; one
+    table per training domain, one row per file."""
+    lines, by_domain = [], {}
     for result in results:
         domain = result["domain"]
         trained = ", ".join(v for v in (domain.get("setting"), domain.get("lighting")) if v) or "any"
+        by_domain.setdefault(trained, []).append(result)
+    for trained, rows in by_domain.items():
         lines += ["", f"| domain shift (real: {trained}; test: every other setting or lighting) | real 100 | "
-                  "synthetic only | real + synthetic |", "|---|---|---|---|", row(result)]
+                  "synthetic only | real + synthetic |", "|---|---|---|---|", *map(row, rows)]
     return lines
 
 

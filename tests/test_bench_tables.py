@@ -84,3 +84,8 @@ def test_domain_results_get_their_own_table(tmp_path):
     both = table(*paths)
     assert both[2] == "| semantic, mIoU | 0.835 | 0.823 (-0.012) | 0.894 (+0.059) |"
     assert both[-3:] == alone and both[-4] == ""  # the domain table after the task table, apart
+    # another recipe on the same domain: a row of the same table, its recipe named (mixed is the default there)
+    other = tmp_path / "domain-finetune.json"
+    other.write_text(json.dumps({**domain, "joint": "finetune", "joint_miou": 0.2932}))
+    assert table(paths[0], other) == alone + ["| semantic (`--joint finetune`), mIoU | 0.195 | 0.195 (-0.000) | "
+                                              "0.293 (+0.098) |"]
