@@ -8,10 +8,10 @@ task order (a semantic run with ``--semantic-head pixels``, or a run with ``--de
 ``--min-instance-score``, gets its own row; an instance or pose run made before the task models'
 regression heads started at zero, session 21, is labelled "random-init heads"; a run whose joint model
 drew every batch half real — `--joint mixed`, and every run before session 22 — is labelled "mixed
-joint"); a task with no file
-keeps its "not yet measured" row. Domain-shift runs (``downstream --domain``) get their own table
-after it, one row per file, headed by the setting and lighting they were trained on. The change against real-only is
-given for the synthetic and joint models (lower is better for AbsRel, higher for the rest).
+joint"); a task with no file keeps its "not yet measured" row. Domain-shift runs (``downstream
+--domain``) get a table after it per setting and lighting trained on, one row per file (a recipe other
+than that setting's default mixed is named). The change against real-only is given for the synthetic
+and joint models (lower is better for AbsRel, higher for the rest).
 """
 
 from __future__ import annotations
