@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 
 
@@ -69,9 +70,18 @@ def main() -> None:
         args.head_images, args.tail_images, args.quota = 3, 1, 2
         args.n_synthetic, args.n_test, args.steps, args.decoder_iterations = 24, 8, 5, 5
 
-    from datasetdm.evaluation.downstream import DownstreamConfig, build_and_run
+    from datasetdm.errors import DatasetdmError
+    from datasetdm.evaluation.downstream import DownstreamConfig, build_and_run, plan_long_tail_quota
+    from datasetdm.world.folders import render_long_tail_folder
 
     tail = [c.strip() for c in args.tail.split(",") if c.strip()]
+    # the quota run comes second, hours in: check now that its plan fits --n-synthetic (same real set: seed 0)
+    with tempfile.TemporaryDirectory() as tmp:
+        real = render_long_tail_folder(Path(tmp) / "real", "train", 0, tail, args.head_images, args.tail_images)
+        try:
+            plan_long_tail_quota(real, args.quota, args.n_synthetic)
+        except DatasetdmError as e:
+            raise SystemExit(f"error: {e}") from None
     runs = {}
     for name, quota in (("no_quota", None), ("quota", args.quota)):
         result = build_and_run(args.out, test_seed=args.test_seed, n_test=args.n_test, n_synthetic=args.n_synthetic,

@@ -97,6 +97,25 @@ def test_long_tail_folder_and_command(tmp_path):
     assert len(read_labelled_folder(tmp_path / "lt")) == line["images"]
 
 
+def test_a_quota_that_cannot_fit_is_refused_before_anything_trains(tmp_path):
+    """A long-tail run whose --class-quota needs more samples than --n-synthetic stops after rendering
+    its real set (seconds), with generation's own message, before the decoder trains (session 24 lost
+    the no-quota half's hours to this)."""
+    from datasetdm.evaluation.downstream import build_and_run, plan_long_tail_quota
+    from datasetdm.world.folders import render_long_tail_folder
+
+    real = render_long_tail_folder(tmp_path / "lt", "train", 0, ["star"], head_images=3, tail_images=1)
+    counts = plan_long_tail_quota(real, 2, 40)
+    assert min(counts.values()) >= 2 and set(counts) >= {"star", "person"}
+    with pytest.raises(DatasetdmError, match=r"--class-quota 30: meeting it for 9 classes takes \d+ samples, more "
+                                             r"than --n 40"):
+        plan_long_tail_quota(real, 30, 40)
+    with pytest.raises(DatasetdmError, match="--class-quota 30"):
+        build_and_run(tmp_path / "run", test_seed=1, n_synthetic=40, long_tail=["star"], head_images=3,
+                      tail_images=1, class_quota=30)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["real-lt-star-3-1"]  # no decoders, no shards
+
+
 def test_head_and_tail_miou():
     from datasetdm.evaluation.downstream import head_tail_miou
     from datasetdm.world.render import CATEGORIES

@@ -500,6 +500,20 @@ def build_and_run(out: str | Path, test_seed: int, n_test: int = 500, real: Path
                               list(zero_shot), generation, semantic_head, decoder_seed, joint)
 
 
+def plan_long_tail_quota(real: str | Path, class_quota: int, n_synthetic: int, seed: int = 0) -> dict:
+    """The ``--class-quota`` plan of a long-tail run, whose prompts are its real set's captions: the
+    planned samples per class, or the ``DatasetdmError`` generation would raise when ``n_synthetic``
+    samples cannot meet the quota — found before hours of training, not after."""
+    from datasetdm.prompts import load_prompts
+    from datasetdm.prompts.quota import QuotaPrompts
+    from datasetdm.world.render import CATEGORIES
+
+    names = [c.name for c in CATEGORIES]
+    source = load_prompts(Path(real), classes=names, seed=seed)
+    return QuotaPrompts(source, source.prompts, names, n_synthetic, class_quota, seed=seed,
+                        where=f"{real} captions").counts
+
+
 def default_joint(zero_shot: Sequence[str] = (), domain: str | None = None, long_tail: Sequence[str] = ()) -> str:
     """The joint recipe a run gets unless told: "finetune", but "mixed" where the synthetic set is
     meant to carry what the real set lacks — unseen classes (zero-shot), other settings and
@@ -574,6 +588,8 @@ def _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler
         say(f"downstream: long-tail real set (tail {', '.join(long_tail)}: {tail_images} images each; "
             f"head classes {head_images})")
         real = render_long_tail_folder(out / f"real{tag}", "train", seed, long_tail, head_images, tail_images)
+        if class_quota and synthetic is None:
+            plan_long_tail_quota(real, class_quota, n_synthetic, seed)  # refused now, not after the decoder trains
     setting = lighting = None
     if domain is not None:
         setting, lighting = parse_domain(domain)
