@@ -34,11 +34,11 @@ def markdown_table(line: dict) -> str:
     rows = [f"| long-tail (tail: {', '.join(line['tail'])}{shots}) | real head / tail mIoU | "
             "synthetic head / tail | joint head / tail | synthetic images per tail class |",
             "|---|---|---|---|---|"]
-    labels = {"no_quota": "synthetic prompted with the set's captions",
-              "quota": f"… with `--class-quota {line['quota']['class_quota']}`" if "quota" in line else ""}
-    for name, label in labels.items():
+    for name in ("no_quota", "quota"):
         if name in line:
             run, counts = line[name], line["synthetic_tail_images"][name]
+            label = (f"… with `--class-quota {run['class_quota']}`" if run.get("class_quota")
+                     else "synthetic prompted with the set's captions")
             rows.append(f"| {label} | {pair(run, 'real')} | {pair(run, 'synthetic')} | {pair(run, 'joint')} | "
                         f"{' / '.join(str(counts[c]) for c in line['tail'])} |")
     return "\n".join(rows)

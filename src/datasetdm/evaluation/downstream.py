@@ -504,14 +504,10 @@ def plan_long_tail_quota(real: str | Path, class_quota: int, n_synthetic: int, s
     """The ``--class-quota`` plan of a long-tail run, whose prompts are its real set's captions: the
     planned samples per class, or the ``DatasetdmError`` generation would raise when ``n_synthetic``
     samples cannot meet the quota — found before hours of training, not after."""
-    from datasetdm.prompts import load_prompts
-    from datasetdm.prompts.quota import QuotaPrompts
+    from datasetdm.generation.setup import prompt_source
     from datasetdm.world.render import CATEGORIES
 
-    names = [c.name for c in CATEGORIES]
-    source = load_prompts(Path(real), classes=names, seed=seed)
-    return QuotaPrompts(source, source.prompts, names, n_synthetic, class_quota, seed=seed,
-                        where=f"{real} captions").counts
+    return prompt_source(Path(real), None, [c.name for c in CATEGORIES], n_synthetic, seed, class_quota).counts
 
 
 def default_joint(zero_shot: Sequence[str] = (), domain: str | None = None, long_tail: Sequence[str] = ()) -> str:

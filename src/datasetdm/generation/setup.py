@@ -50,6 +50,31 @@ def build_labeling(spec: LabelerSpec):
     return bb, labeling
 
 
+def prompt_source(prompts, classes, names: list[str], n: int, seed: int, class_quota: int | None = None):
+    """The prompts a run of ``n`` samples reads: the file or folder ``prompts``, else templates over
+    ``classes`` (default ``names``, the labelled classes); with ``class_quota``, planned so every class
+    is named by that many samples (``prompts.quota.QuotaPrompts``, which refuses a quota ``n`` cannot
+    meet). Cheap: callers can check a plan before any model loads."""
+    from datasetdm.errors import DatasetdmError
+    from datasetdm.prompts import TemplatePrompts, load_prompts
+
+    if prompts is not None:
+        source = load_prompts(prompts, classes=names, seed=seed)
+    else:
+        chosen = list(classes) if classes else names
+        unknown = [c for c in chosen if c not in names]
+        if unknown:
+            raise DatasetdmError(f"--classes: {', '.join(unknown)} not among the labelled classes ({', '.join(names)})")
+        source = TemplatePrompts(chosen, seed=seed)
+    if class_quota is None:
+        return source
+    from datasetdm.prompts.quota import QuotaPrompts
+
+    pool = source.prompts if hasattr(source, "prompts") else [source.prompt(i) for i in range(max(n, len(names)))]
+    return QuotaPrompts(source, pool, list(classes) if classes else names, n, class_quota, seed=seed,
+                        where=str(prompts) if prompts is not None else "template prompts")
+
+
 def generate_labelled(out: Path, *, labeler: str = "decoder", backbone: str | None, n: int, seed: int,
                       steps: int, guidance: float, batch_size: int, prompts: Path | None = None,
                       classes: Sequence[str] | None = None, decoders: Sequence[Path] = (),
@@ -69,9 +94,7 @@ def generate_labelled(out: Path, *, labeler: str = "decoder", backbone: str | No
     ``generation.scaleout.ScaleOut`` to label on Ray workers (same samples, byte for byte).
     ``capture_step``: the denoising step whose features the decoders read (default the last);
     recorded in run.json when not the default."""
-    from datasetdm.errors import DatasetdmError
     from datasetdm.labelers.registry import check_labeler_args
-    from datasetdm.prompts import TemplatePrompts, load_prompts
 
     check_labeler_args(labeler, decoders, categories, min_pixel_confidence)
     spec = LabelerSpec(labeler, backbone, steps, guidance, tuple(Path(d) for d in decoders), tuple(categories),
@@ -83,23 +106,9 @@ def generate_labelled(out: Path, *, labeler: str = "decoder", backbone: str | No
         executor = ray_executor(scaleout, spec)  # checks Ray is installed before any model loads
         spec = replace(spec, device="cpu", dtype=scaleout.worker_dtype(dtype))  # this process only describes the run
     bb, labeling = build_labeling(spec)
-    names = [c.name for c in labeling.categories]
-    if prompts is not None:
-        source = load_prompts(prompts, classes=names, seed=seed)
-    else:
-        chosen = list(classes) if classes else names
-        unknown = [c for c in chosen if c not in names]
-        if unknown:
-            raise DatasetdmError(f"--classes: {', '.join(unknown)} not among the labelled classes ({', '.join(names)})")
-        source = TemplatePrompts(chosen, seed=seed)
+    source = prompt_source(prompts, classes, [c.name for c in labeling.categories], n, seed, class_quota)
     config = labeling.config
     if class_quota is not None:
-        from datasetdm.prompts.quota import QuotaPrompts
-
-        quota_classes = list(classes) if classes else names
-        pool = source.prompts if hasattr(source, "prompts") else [source.prompt(i) for i in range(max(n, len(names)))]
-        source = QuotaPrompts(source, pool, quota_classes, n, class_quota, seed=seed,
-                              where=str(prompts) if prompts is not None else "template prompts")
         config = {**config, "class_quota": source.record()}
     return generate_dataset(
         out, labeling.generate_fn, labeling.annotators, source, labeling.categories, n=n, seed=seed,
