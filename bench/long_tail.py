@@ -9,8 +9,9 @@ runs share OUT/cache) and scored on held-out world test scenes; the table gives 
 mIoU and how many synthetic images show each tail class.
 
     python bench/long_tail.py --out runs/long-tail --test-seed 1            # the full setting, hours on 2 cores
+    python bench/long_tail.py --out runs/long-tail --test-seed 1 --joint finetune   # only the joint models train
     python bench/long_tail.py --out /tmp/lt --tiny                          # plumbing only, minutes
-    python bench/long_tail.py --table docs/long-tail.json                   # the README table from a saved line
+    python bench/long_tail.py --table docs/long-tail.json                   # the README table from saved lines
 
 The last printed line is JSON: per run (``no_quota``, ``quota``) the downstream headline with
 ``real/synthetic/joint_head_miou`` and ``_tail_miou``. Before it, the README's markdown table.
@@ -24,29 +25,36 @@ import tempfile
 from pathlib import Path
 
 
-def markdown_table(line: dict) -> str:
-    """The README's long-tail table from the bench's last line: head / tail mIoU per model."""
+def markdown_table(*lines: dict) -> str:
+    """The README's long-tail table from the bench's last lines (one per joint recipe): head / tail
+    mIoU per model. Rows of a joint recipe other than long-tail's default (mixed) say which."""
     def pair(run: dict, model: str) -> str:
         head, tail = run.get(f"{model}_head_miou"), run.get(f"{model}_tail_miou")
         return " / ".join("–" if v is None else f"{v:.3f}" for v in (head, tail))
 
-    shots = f"; {line['tail_images']} images each" if "tail_images" in line else ""
-    rows = [f"| long-tail (tail: {', '.join(line['tail'])}{shots}) | real head / tail mIoU | "
+    first = lines[0]
+    shots = f"; {first['tail_images']} images each" if "tail_images" in first else ""
+    rows = [f"| long-tail (tail: {', '.join(first['tail'])}{shots}) | real head / tail mIoU | "
             "synthetic head / tail | joint head / tail | synthetic images per tail class |",
             "|---|---|---|---|---|"]
-    for name in ("no_quota", "quota"):
-        if name in line:
-            run, counts = line[name], line["synthetic_tail_images"][name]
-            label = (f"… with `--class-quota {run['class_quota']}`" if run.get("class_quota")
-                     else "synthetic prompted with the set's captions")
-            rows.append(f"| {label} | {pair(run, 'real')} | {pair(run, 'synthetic')} | {pair(run, 'joint')} | "
-                        f"{' / '.join(str(counts[c]) for c in line['tail'])} |")
+    for line in lines:
+        recipe = line.get("joint") or "mixed"
+        for name in ("no_quota", "quota"):
+            if name in line:
+                run, counts = line[name], line["synthetic_tail_images"][name]
+                label = (f"… with `--class-quota {run['class_quota']}`" if run.get("class_quota")
+                         else "synthetic prompted with the set's captions")
+                if recipe != "mixed":
+                    label += f", `--joint {recipe}`"
+                rows.append(f"| {label} | {pair(run, 'real')} | {pair(run, 'synthetic')} | {pair(run, 'joint')} | "
+                            f"{' / '.join(str(counts[c]) for c in first['tail'])} |")
     return "\n".join(rows)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--table", type=Path, default=None, help="Print the README table from a saved last line; no run.")
+    ap.add_argument("--table", type=Path, nargs="+", default=None,
+                    help="Print the README table from saved last lines (one file per joint recipe); no run.")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--test-seed", type=int, default=1)
     ap.add_argument("--tail", default="ball,star,barrel,cone", help="Comma-separated tail classes.")
@@ -59,10 +67,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2000, help="Segmenter training steps.")
     ap.add_argument("--decoder-iterations", type=int, default=None, help="default: datasetdm train's for the task")
     ap.add_argument("--backbone", default=None, help="Default: the embedded backbone.")
+    ap.add_argument("--joint", default=None,
+                    help="The joint model's recipe (downstream --joint); default: downstream's with --long-tail.")
     ap.add_argument("--tiny", action="store_true", help="Tiny sizes: checks the plumbing, measures nothing.")
     args = ap.parse_args()
     if args.table is not None:
-        print(markdown_table(json.loads(args.table.read_text())))
+        print(markdown_table(*(json.loads(path.read_text()) for path in args.table)))
         return
     if args.out is None:
         ap.error("--out is required (or --table FILE)")
@@ -87,7 +97,7 @@ def main() -> None:
         result = build_and_run(args.out, test_seed=args.test_seed, n_test=args.n_test, n_synthetic=args.n_synthetic,
                                backbone=args.backbone, config=DownstreamConfig(steps=args.steps),
                                decoder_iterations=args.decoder_iterations, class_quota=quota, long_tail=tail,
-                               head_images=args.head_images, tail_images=args.tail_images)
+                               head_images=args.head_images, tail_images=args.tail_images, joint=args.joint)
         print(f"== {name} ==")
         print(result.pop("table"))
         runs[name] = result
@@ -100,7 +110,7 @@ def main() -> None:
         cells = "".join(f"{'-' if r[k] is None else format(r[k], '.4f'):>{w}}" for k, w in (
             ("real_head_miou", 10), ("real_tail_miou", 10), ("joint_head_miou", 11), ("joint_tail_miou", 11)))
         print(f"{name:<10}{cells}  {counts[name]}")
-    line = {"tail": tail, "class_quota": args.quota, "head_images": args.head_images, "tail_images": args.tail_images,
+    line = {"tail": tail, "class_quota": args.quota, "joint": runs["no_quota"].get("joint", args.joint), "head_images": args.head_images, "tail_images": args.tail_images,
             "synthetic_tail_images": counts, **runs}
     print(markdown_table(line))
     print(json.dumps(line))

@@ -60,6 +60,13 @@ def test_long_tail_table_rows(tmp_path):
     done = subprocess.run([sys.executable, str(BENCH / "long_tail.py"), "--table", str(saved)],
                           capture_output=True, text=True, check=True)
     assert done.stdout.splitlines() == rows
+    # a second recipe's file adds its rows under the same header, named for the recipe
+    finetune = {**line, "joint": "finetune", "no_quota": {**run, "joint_tail_miou": 0.3, "class_quota": None}}
+    both = bench.markdown_table(line, finetune).splitlines()
+    assert both[:4] == rows and len(both) == 6
+    assert both[4] == ("| synthetic prompted with the set's captions, `--joint finetune` | 0.765 / 0.240 | 0.697 / 0.213 "
+                       "| 0.734 / 0.300 | 26 / 24 |")
+    assert both[5].startswith("| … with `--class-quota 150`, `--joint finetune` |")
 
 
 def test_domain_results_get_their_own_table(tmp_path):
