@@ -81,10 +81,15 @@ def main() -> None:
         args.n_synthetic, args.n_test, args.steps, args.decoder_iterations = 24, 8, 5, 5
 
     from datasetdm.errors import DatasetdmError
-    from datasetdm.evaluation.downstream import DownstreamConfig, build_and_run, plan_long_tail_quota
+    from datasetdm.evaluation.downstream import DownstreamConfig, build_and_run, joint_recipe, plan_long_tail_quota
     from datasetdm.world.folders import render_long_tail_folder
 
     tail = [c.strip() for c in args.tail.split(",") if c.strip()]
+    if args.joint is not None:
+        try:
+            joint_recipe(args.joint, "semantic")
+        except DatasetdmError as e:
+            raise SystemExit(f"error: {e}") from None
     # the quota run comes second, hours in: check now that its plan fits --n-synthetic (same real set: seed 0)
     with tempfile.TemporaryDirectory() as tmp:
         real = render_long_tail_folder(Path(tmp) / "real", "train", 0, tail, args.head_images, args.tail_images)

@@ -116,6 +116,22 @@ def test_a_quota_that_cannot_fit_is_refused_before_anything_trains(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["real-lt-star-3-1"]  # no decoders, no shards
 
 
+def test_long_tail_bench_refuses_bad_settings_before_its_run(tmp_path):
+    """bench/long_tail.py checks its --joint recipe and that the quota fits before the hours-long first
+    half: exit 1 with the reason, nothing written."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "long_tail.py"
+    for extra, message in ((["--joint", "bogus"], "--joint 'bogus'"),
+                           (["--quota", "500", "--n-synthetic", "100"], "--class-quota 500")):
+        done = subprocess.run([sys.executable, str(bench), "--out", str(tmp_path / "run"), *extra],
+                              capture_output=True, text=True)
+        assert done.returncode == 1 and message in done.stderr, done.stderr
+        assert not (tmp_path / "run").exists()
+
+
 def test_head_and_tail_miou():
     from datasetdm.evaluation.downstream import head_tail_miou
     from datasetdm.world.render import CATEGORIES
