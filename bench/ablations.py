@@ -175,4 +175,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from datasetdm.errors import run_script
+
+    run_script(main)

@@ -9,8 +9,8 @@ task order (a semantic run with ``--semantic-head pixels``, or a run with ``--de
 regression heads started at zero, session 21, is labelled "random-init heads"; a run whose joint model
 drew every batch half real — `--joint mixed`, and every run before session 22 — is labelled "mixed
 joint"); a task with no file keeps its "not yet measured" row. Domain-shift runs (``downstream
---domain``) get a table after it per setting and lighting trained on, one row per file (a recipe other
-than that setting's default mixed is named). The change against real-only is given for the synthetic
+--domain``) get a table after it per setting and lighting trained on, one row per file. A joint recipe
+other than the default ``finetune`` is named in the row. The change against real-only is given for the synthetic
 and joint models (lower is better for AbsRel, higher for the rest).
 """
 
@@ -65,7 +65,7 @@ def row(result: dict) -> str:
         notes.append("random-init heads")
     if result.get("joint", "mixed") == "mixed":  # result files before session 22 name no recipe: mixed
         notes.append("mixed joint")
-    elif result.get("domain"):  # mixed is the default there: name the other recipe
+    elif result["joint"] != "finetune":
         notes.append(f"`--joint {result['joint']}`")
     label = TASKS[task][0]
     if notes:

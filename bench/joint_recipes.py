@@ -98,4 +98,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from datasetdm.errors import run_script
+
+    run_script(main)

@@ -80,23 +80,16 @@ def main() -> None:
         args.head_images, args.tail_images, args.quota = 3, 1, 2
         args.n_synthetic, args.n_test, args.steps, args.decoder_iterations = 24, 8, 5, 5
 
-    from datasetdm.errors import DatasetdmError
     from datasetdm.evaluation.downstream import DownstreamConfig, build_and_run, joint_recipe, plan_long_tail_quota
     from datasetdm.world.folders import render_long_tail_folder
 
     tail = [c.strip() for c in args.tail.split(",") if c.strip()]
     if args.joint is not None:
-        try:
-            joint_recipe(args.joint, "semantic")
-        except DatasetdmError as e:
-            raise SystemExit(f"error: {e}") from None
+        joint_recipe(args.joint, "semantic")
     # the quota run comes second, hours in: check now that its plan fits --n-synthetic (same real set: seed 0)
     with tempfile.TemporaryDirectory() as tmp:
         real = render_long_tail_folder(Path(tmp) / "real", "train", 0, tail, args.head_images, args.tail_images)
-        try:
-            plan_long_tail_quota(real, args.quota, args.n_synthetic)
-        except DatasetdmError as e:
-            raise SystemExit(f"error: {e}") from None
+        plan_long_tail_quota(real, args.quota, args.n_synthetic)
     runs = {}
     for name, quota in (("no_quota", None), ("quota", args.quota)):
         result = build_and_run(args.out, test_seed=args.test_seed, n_test=args.n_test, n_synthetic=args.n_synthetic,
@@ -122,4 +115,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from datasetdm.errors import run_script
+
+    run_script(main)

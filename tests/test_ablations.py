@@ -177,3 +177,21 @@ def test_llm_style_prompt_file_names_world_classes():
     assert len(prompts) >= 40 and all(p.classes for p in prompts)
     assert {c for p in prompts for c in p.classes} == {c.name for c in CATEGORIES}
     assert all(len(p.text.split()) >= 10 for p in prompts)  # LLMPromptBuilder's min_words
+
+
+def test_a_bench_on_a_folder_in_use_says_so_in_one_line(tmp_path):
+    """Two ablation benches cannot share an --out (downstream's run lock): the second stops at once
+    with the holder named and exit status 1, not a traceback (session 26 hit this)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from datasetdm.io import output_lock
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "ablations.py"
+    with output_lock(tmp_path / "abl"):
+        done = subprocess.run([sys.executable, str(bench), "--ablation", "guidance", "--out", str(tmp_path / "abl"),
+                               "--tiny"], capture_output=True, text=True)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith("error: ") and "in use by another datasetdm run" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -91,8 +91,10 @@ def test_domain_results_get_their_own_table(tmp_path):
     both = table(*paths)
     assert both[2] == "| semantic, mIoU | 0.835 | 0.823 (-0.012) | 0.894 (+0.059) |"
     assert both[-3:] == alone and both[-4] == ""  # the domain table after the task table, apart
-    # another recipe on the same domain: a row of the same table, its recipe named (mixed is the default there)
+    # another recipe on the same domain: a row of the same table; recipes other than finetune are named
     other = tmp_path / "domain-finetune.json"
     other.write_text(json.dumps({**domain, "joint": "finetune", "joint_miou": 0.2932}))
-    assert table(paths[0], other) == alone + ["| semantic (`--joint finetune`), mIoU | 0.195 | 0.195 (-0.000) | "
-                                              "0.293 (+0.098) |"]
+    assert table(paths[0], other) == alone + ["| semantic, mIoU | 0.195 | 0.195 (-0.000) | 0.293 (+0.098) |"]
+    share = tmp_path / "semantic-share.json"
+    share.write_text(json.dumps({**semantic, "joint": "finetune:0.75"}))
+    assert table(share)[2].startswith("| semantic (`--joint finetune:0.75`), mIoU |")

@@ -3,3 +3,12 @@
 
 class DatasetdmError(Exception):
     """A problem with the user's input (a file, a flag, a model folder). The message names it."""
+
+
+def run_script(main) -> None:
+    """Run a bench or script's ``main()``: bad input ends it with one line naming the problem and
+    exit status 1, not a traceback (the CLI does the same with status 2)."""
+    try:
+        main()
+    except DatasetdmError as err:
+        raise SystemExit(f"error: {err}") from None
