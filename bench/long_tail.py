@@ -108,7 +108,7 @@ def main() -> None:
         cells = "".join(f"{'-' if r[k] is None else format(r[k], '.4f'):>{w}}" for k, w in (
             ("real_head_miou", 10), ("real_tail_miou", 10), ("joint_head_miou", 11), ("joint_tail_miou", 11)))
         print(f"{name:<10}{cells}  {counts[name]}")
-    line = {"tail": tail, "class_quota": args.quota, "joint": runs["no_quota"].get("joint", args.joint), "head_images": args.head_images, "tail_images": args.tail_images,
+    line = {"tail": tail, "class_quota": args.quota, "joint": runs["no_quota"]["joint"], "head_images": args.head_images, "tail_images": args.tail_images,
             "synthetic_tail_images": counts, **runs}
     print(markdown_table(line))
     print(json.dumps(line))

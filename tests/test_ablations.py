@@ -195,3 +195,10 @@ def test_a_bench_on_a_folder_in_use_says_so_in_one_line(tmp_path):
     assert done.returncode == 1, done.stderr
     assert done.stderr.startswith("error: ") and "in use by another datasetdm run" in done.stderr
     assert "Traceback" not in done.stderr
+    # DATASETDM_DEBUG=1 keeps the traceback, as in the CLI
+    import os
+
+    with output_lock(tmp_path / "abl"):
+        debug = subprocess.run([sys.executable, str(bench), "--ablation", "guidance", "--out", str(tmp_path / "abl"),
+                                "--tiny"], capture_output=True, text=True, env={**os.environ, "DATASETDM_DEBUG": "1"})
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "DatasetdmError" in debug.stderr

@@ -7,8 +7,13 @@ class DatasetdmError(Exception):
 
 def run_script(main) -> None:
     """Run a bench or script's ``main()``: bad input ends it with one line naming the problem and
-    exit status 1, not a traceback (the CLI does the same with status 2)."""
+    exit status 1, not a traceback (the CLI does the same with status 2). DATASETDM_DEBUG=1 shows
+    the traceback instead, as in the CLI."""
+    import os
+
     try:
         main()
     except DatasetdmError as err:
+        if os.environ.get("DATASETDM_DEBUG"):
+            raise
         raise SystemExit(f"error: {err}") from None
