@@ -1,5 +1,7 @@
 """The downstream harness: real / synthetic / joint segmenters scored on world test scenes."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -76,6 +78,29 @@ def test_cached_models_are_reused_across_synthetic_sets(tmp_path, monkeypatch):
     mixed = run_downstream(real, syn_b, x, y, cats, config, cache_dir=tmp_path / "cache", joint="mixed")
     assert trained == [4 + 4] and mixed["joint"] == "mixed"  # one run on both sets; the others cached
     assert other["real_miou"] == first["real_miou"] and other["per_class"]["real"] == first["per_class"]["real"]
+
+
+def test_figures_repeat_at_the_recorded_thread_count(tmp_path):
+    import torch
+
+    real = _world_folder(tmp_path / "real", "train", 0, 4)
+    syn = _world_folder(tmp_path / "syn", "val", 0, 4)
+    x, y, cats = world_test_set(seed=5, n=3)
+    config = DownstreamConfig(steps=4, batch_size=4)
+    first = run_downstream(real, syn, x, y, cats, config, cache_dir=tmp_path / "cache")
+    threads = torch.get_num_threads()
+    assert first["torch_threads"] == {"real": threads, "synthetic": threads, "joint": threads}
+    # trained afresh at the same count: the same figures to the last digit
+    again = run_downstream(real, syn, x, y, cats, config)
+    assert again["per_class"] == first["per_class"] and again["joint_miou"] == first["joint_miou"]
+    # a figure cached before the count was recorded says so (None), rather than claiming one
+    for entry in (tmp_path / "cache").glob("segmenter-*.json"):
+        stored = json.loads(entry.read_text())
+        del stored["torch_threads"]
+        entry.write_text(json.dumps(stored))
+    old = run_downstream(real, syn, x, y, cats, config, cache_dir=tmp_path / "cache")
+    assert old["torch_threads"] == {"real": None, "synthetic": None, "joint": None}
+    assert old["joint_miou"] == first["joint_miou"]
 
 
 def test_bad_inputs_name_the_folder(tmp_path):

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
+import torch
 from datasetdm.decoder.heads import SEMANTIC_HEADS
 from datasetdm.errors import DatasetdmError
 from datasetdm.evaluation.metrics import SemanticIoU
@@ -205,7 +206,7 @@ def run_downstream(
             x, y = (real_x, real_y) if name == "real" else (syn_x, syn_y)
             model = _train(x, y, num_classes, config, progress=report)
         metrics = evaluate_segmenter(model, test_images, test_masks, ids)
-        results[name] = {"images": int(n), **metrics}
+        results[name] = {"images": int(n), **metrics, "torch_threads": torch.get_num_threads()}
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(cached, results[name])
@@ -217,6 +218,9 @@ def run_downstream(
         "n_synthetic": results["synthetic"]["images"],
         "n_test": int(len(test_images)),
         "per_class": {k: v["iou"] for k, v in results.items()},
+        # a model is bit-for-bit reproducible at the thread count it trained with, not across counts
+        # (CPU kernels sum in another order); None: cached before the count was recorded
+        "torch_threads": {k: v.get("torch_threads") for k, v in results.items()},
         "config": asdict(config),
         "joint": joint,
     }
@@ -356,7 +360,8 @@ def run_task_downstream(
             model = train_task_model(data, num_classes, config, progress=report)
         preds = predict_task(model, task, test_d.images, class_ids, config)
         metrics = score_task(task, preds, test_samples, categories)
-        results[name] = {"images": int(len(data)), **{k: v for k, v in metrics.items() if k != "task"}}
+        results[name] = {"images": int(len(data)), **{k: v for k, v in metrics.items() if k != "task"},
+                         "torch_threads": torch.get_num_threads()}
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(cached, results[name])
@@ -365,6 +370,7 @@ def run_task_downstream(
         for m in TASK_METRICS[task]:
             out[f"{name}_{m}"] = results[name].get(m)
     out.update({"n_real": len(real_d), "n_synthetic": len(syn_d), "n_test": len(test_samples), "models": results,
+                "torch_threads": {k: v.get("torch_threads") for k, v in results.items()},
                 "config": asdict(config), "joint": joint})
     return out
 
