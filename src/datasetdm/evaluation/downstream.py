@@ -500,10 +500,13 @@ def build_and_run(out: str | Path, test_seed: int, n_test: int = 500, real: Path
 
         parse_domain(domain)  # checked before anything is built
     with output_lock(out):
-        return _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler, backbone, config,
-                              decoder_iterations, seed, cache_dir, min_pixel_confidence, task, task_config,
-                              class_quota, list(long_tail), head_images, tail_images, device, dtype, domain,
-                              list(zero_shot), generation, semantic_head, decoder_seed, joint)
+        return _build_and_run(
+            out, test_seed=test_seed, n_test=n_test, real=real, synthetic=synthetic, n_synthetic=n_synthetic,
+            labeler=labeler, backbone=backbone, config=config, decoder_iterations=decoder_iterations, seed=seed,
+            cache_dir=cache_dir, min_pixel_confidence=min_pixel_confidence, task=task, task_config=task_config,
+            class_quota=class_quota, long_tail=list(long_tail), head_images=head_images, tail_images=tail_images,
+            device=device, dtype=dtype, domain=domain, zero_shot=list(zero_shot), generation=generation,
+            semantic_head=semantic_head, decoder_seed=decoder_seed, joint=joint)
 
 
 def plan_long_tail_quota(real: str | Path, class_quota: int, n_synthetic: int, seed: int = 0) -> dict:
@@ -553,47 +556,25 @@ def _generation_settings(n: int, steps: int, guidance: float, capture_step: int,
     return {**settings, "tag": tag}
 
 
-def _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler, backbone, config,
-                   decoder_iterations, seed, cache_dir, min_pixel_confidence, task, task_config, class_quota,
-                   long_tail, head_images, tail_images, device, dtype, domain, zero_shot, generation,
-                   semantic_head="masks", decoder_seed=0, joint="finetune") -> dict:
-    from rich.console import Console
-
-    from datasetdm.backbone.loader import embedded_backbone_path
-    from datasetdm.formats.export import export_shards
-    from datasetdm.generation.defaults import GENERATION_BATCH
-    from datasetdm.generation.setup import generate_labelled
-    from datasetdm.labelers.registry import LABELERS
-    from datasetdm.io import write_json_atomic
-    from datasetdm.training import train_decoders
+def _real_set(out: Path, real, seed: int, long_tail: list, head_images: int, tail_images: int,
+              domain: str | None, zero_shot: list, say) -> tuple[Path, str]:
+    """The real few-shot set: the caller's folder, or world scenes rendered into ``out`` (100, or a
+    long-tail, single-domain or seen-classes-only set), and the tag naming what differs from the
+    default set in the folders built on it."""
     from datasetdm.world.folders import (
-        domain_scenes,
         parse_domain,
         render_domain_folder,
         render_long_tail_folder,
         render_seen_only_folder,
         render_world_folder,
-        world_prompt_file,
     )
-    from datasetdm.world.render import CATEGORIES
 
-    say = Console(stderr=True).print
-    # an explicit placement is passed on; the default leaves the callees their own ("auto")
-    placement = {} if device == "auto" and dtype is None else {"device": device, "dtype": dtype}
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if labeler not in LABELERS:
-        raise DatasetdmError(f"--labeler {labeler!r}: choose one of {', '.join(LABELERS)}")
-    tag = ""  # names what differs from the default setting in the folders built here
+    tag = ""
     if long_tail:
         tag = f"-lt-{'_'.join(long_tail)}-{head_images}-{tail_images}"
         say(f"downstream: long-tail real set (tail {', '.join(long_tail)}: {tail_images} images each; "
             f"head classes {head_images})")
         real = render_long_tail_folder(out / f"real{tag}", "train", seed, long_tail, head_images, tail_images)
-        if class_quota and synthetic is None:
-            plan_long_tail_quota(real, class_quota, n_synthetic, seed)  # refused now, not after the decoder trains
-    setting = lighting = None
     if domain is not None:
         setting, lighting = parse_domain(domain)
         tag = f"-domain-{setting or 'any'}-{lighting or 'any'}"
@@ -604,45 +585,63 @@ def _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler
         tag = f"-zs-{'_'.join(zero_shot)}"
         say(f"downstream: zero-shot, unseen {', '.join(zero_shot)} (labels removed from the real set)")
         real = render_seen_only_folder(out / f"real{tag}", "train", seed, 100, zero_shot)
-    real = Path(real) if real else render_world_folder(out / "real", "train", seed, 100)
-    if semantic_head != "masks":  # other decoders, on the same real set
-        tag += f"-{semantic_head}"
-    if decoder_seed:
-        tag += f"-dseed{decoder_seed}"
-    run_tag = tag + (f"-quota{class_quota}" if class_quota else "") + generation["tag"]
-    generated = synthetic is None
-    if generated:
-        source = backbone or str(embedded_backbone_path())
-        # long-tail: prompts are the real set's captions, so they share its imbalance (unless quotas)
-        if long_tail:
-            prompts = real
-        elif generation["prompts"] == "captions":  # as many captions as samples: one file per size
-            n_tag = f"-n{n_synthetic}" if n_synthetic != _GENERATION_DEFAULTS["n"] else ""
-            prompts = world_prompt_file(out / f"prompts{n_tag}.txt", n_synthetic, seed)
-        elif generation["prompts"] == "templates":
-            prompts = None  # generate_labelled's templates over the decoders' classes
-        else:
-            prompts = Path(generation["prompts"])
-        kind = labeler if task == "semantic" else f"{labeler}-{task}"
-        shards = out / f"shards-{kind}{run_tag}"
-        decoders = []
-        if labeler == "decoder":
-            # zero-shot: an open-vocabulary decoder that never saw the unseen classes' labels or names
-            decoders = list(train_decoders(real, out / f"decoders{tag}", ["open-vocab" if zero_shot else task], source,
-                                           decoder_iterations, log=say, semantic_head=semantic_head,
-                                           seed=decoder_seed, held_out=zero_shot or (), **placement).values())
-        generate_labelled(shards, labeler=labeler, backbone=source, decoders=decoders,
-                          categories=list(CATEGORIES) if labeler == "attention" else (), prompts=prompts,
-                          n=n_synthetic, seed=seed, steps=generation["steps"], guidance=generation["guidance"],
-                          batch_size=GENERATION_BATCH, min_pixel_confidence=min_pixel_confidence,
-                          class_quota=class_quota, capture_step=generation["capture_step"],
-                          min_instance_score=generation["min_instance_score"], **placement)
-        synthetic = out / f"synthetic-{kind}{run_tag}"
-        export_shards(shards, synthetic, overwrite=True)
-    say(f"downstream ({task}): real {real}, synthetic {synthetic}, {n_test} test scenes (seed {test_seed})")
-    from datasetdm.progress import progress_bar
+    return (Path(real) if real else render_world_folder(out / "real", "train", seed, 100)), tag
 
-    cache = cache_dir if cache_dir is not None else out / "cache"
+
+def _synthetic_set(out: Path, real: Path, tag: str, run_tag: str, *, task: str, labeler: str, backbone,
+                   generation: dict, n_synthetic: int, seed: int, long_tail: list, zero_shot: list,
+                   decoder_iterations, semantic_head: str, decoder_seed: int, min_pixel_confidence,
+                   class_quota, placement: dict, say) -> tuple[Path, Path]:
+    """Stages 2-5 on the real set: train the task's decoder (few-shot), generate ``n_synthetic``
+    labelled samples with it (or with the training-free attention labeler), export them to a
+    labelled folder. Returns (labelled folder, shards)."""
+    from datasetdm.backbone.loader import embedded_backbone_path
+    from datasetdm.formats.export import export_shards
+    from datasetdm.generation.defaults import GENERATION_BATCH
+    from datasetdm.generation.setup import generate_labelled
+    from datasetdm.training import train_decoders
+    from datasetdm.world.folders import world_prompt_file
+    from datasetdm.world.render import CATEGORIES
+
+    source = backbone or str(embedded_backbone_path())
+    # long-tail: prompts are the real set's captions, so they share its imbalance (unless quotas)
+    if long_tail:
+        prompts = real
+    elif generation["prompts"] == "captions":  # as many captions as samples: one file per size
+        n_tag = f"-n{n_synthetic}" if n_synthetic != _GENERATION_DEFAULTS["n"] else ""
+        prompts = world_prompt_file(out / f"prompts{n_tag}.txt", n_synthetic, seed)
+    elif generation["prompts"] == "templates":
+        prompts = None  # generate_labelled's templates over the decoders' classes
+    else:
+        prompts = Path(generation["prompts"])
+    kind = labeler if task == "semantic" else f"{labeler}-{task}"
+    shards = out / f"shards-{kind}{run_tag}"
+    decoders = []
+    if labeler == "decoder":
+        # zero-shot: an open-vocabulary decoder that never saw the unseen classes' labels or names
+        decoders = list(train_decoders(real, out / f"decoders{tag}", ["open-vocab" if zero_shot else task], source,
+                                       decoder_iterations, log=say, semantic_head=semantic_head,
+                                       seed=decoder_seed, held_out=zero_shot or (), **placement).values())
+    generate_labelled(shards, labeler=labeler, backbone=source, decoders=decoders,
+                      categories=list(CATEGORIES) if labeler == "attention" else (), prompts=prompts,
+                      n=n_synthetic, seed=seed, steps=generation["steps"], guidance=generation["guidance"],
+                      batch_size=GENERATION_BATCH, min_pixel_confidence=min_pixel_confidence,
+                      class_quota=class_quota, capture_step=generation["capture_step"],
+                      min_instance_score=generation["min_instance_score"], **placement)
+    synthetic = out / f"synthetic-{kind}{run_tag}"
+    export_shards(shards, synthetic, overwrite=True)
+    return synthetic, shards
+
+
+def _train_and_score(task: str, real: Path, synthetic: Path, test_seed: int, n_test: int, domain: str | None,
+                     config, task_config, cache: Path, joint: str) -> tuple[dict, list[Category]]:
+    """Stage 7: the three ordinary models (real, synthetic, joint) of ``task``, scored on world test
+    scenes (for ``domain``: the scenes outside it), with a progress bar per model."""
+    from datasetdm.progress import progress_bar
+    from datasetdm.world.folders import domain_scenes, parse_domain
+    from datasetdm.world.render import CATEGORIES
+
+    categories = list(CATEGORIES)
     with progress_bar(transient=True) as bar:
         tasks = {}
 
@@ -653,6 +652,7 @@ def _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler
 
         test_samples = None
         if domain is not None:  # the target domains: every test scene outside the source domain
+            setting, lighting = parse_domain(domain)
             test_samples = domain_scenes("test", test_seed, n_test, setting, lighting, inside=False)
         if task == "semantic":
             if test_samples is None:
@@ -660,7 +660,6 @@ def _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler
             else:
                 test_images = np.stack([s.image for s in test_samples])
                 test_masks = np.stack([s.semantic for s in test_samples])
-                categories = list(CATEGORIES)
             result = run_downstream(real, synthetic, test_images, test_masks, categories, config, progress=report,
                                     cache_dir=cache, joint=joint)
         else:
@@ -668,11 +667,49 @@ def _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler
 
             if task_config is None:
                 task_config = TaskModelConfig(**asdict(config or DownstreamConfig()))
-            categories = list(CATEGORIES)
             if test_samples is None:
                 test_samples = world_test_samples(test_seed, n_test)
             result = run_task_downstream(task, real, synthetic, test_samples, categories, task_config,
                                          progress=report, cache_dir=cache, joint=joint)
+    return result, categories
+
+
+def _build_and_run(out, *, test_seed, n_test, real, synthetic, n_synthetic, labeler, backbone, config,
+                   decoder_iterations, seed, cache_dir, min_pixel_confidence, task, task_config, class_quota,
+                   long_tail, head_images, tail_images, device, dtype, domain, zero_shot, generation,
+                   semantic_head="masks", decoder_seed=0, joint="finetune") -> dict:
+    from rich.console import Console
+
+    from datasetdm.labelers.registry import LABELERS
+    from datasetdm.world.folders import parse_domain
+
+    say = Console(stderr=True).print
+    # an explicit placement is passed on; the default leaves the callees their own ("auto")
+    placement = {} if device == "auto" and dtype is None else {"device": device, "dtype": dtype}
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if labeler not in LABELERS:
+        raise DatasetdmError(f"--labeler {labeler!r}: choose one of {', '.join(LABELERS)}")
+    real, tag = _real_set(out, real, seed, long_tail, head_images, tail_images, domain, zero_shot, say)
+    if long_tail and class_quota and synthetic is None:
+        plan_long_tail_quota(real, class_quota, n_synthetic, seed)  # refused now, not after the decoder trains
+    if semantic_head != "masks":  # other decoders, on the same real set
+        tag += f"-{semantic_head}"
+    if decoder_seed:
+        tag += f"-dseed{decoder_seed}"
+    run_tag = tag + (f"-quota{class_quota}" if class_quota else "") + generation["tag"]
+    generated = synthetic is None
+    if generated:
+        synthetic, shards = _synthetic_set(
+            out, real, tag, run_tag, task=task, labeler=labeler, backbone=backbone, generation=generation,
+            n_synthetic=n_synthetic, seed=seed, long_tail=long_tail, zero_shot=zero_shot,
+            decoder_iterations=decoder_iterations, semantic_head=semantic_head, decoder_seed=decoder_seed,
+            min_pixel_confidence=min_pixel_confidence, class_quota=class_quota, placement=placement, say=say)
+    say(f"downstream ({task}): real {real}, synthetic {synthetic}, {n_test} test scenes (seed {test_seed})")
+    cache = cache_dir if cache_dir is not None else out / "cache"
+    result, categories = _train_and_score(task, real, synthetic, test_seed, n_test, domain, config, task_config,
+                                          cache, joint)
     result.update({"test_seed": test_seed, "labeler": labeler, "real": str(real), "synthetic": str(synthetic)})
     headline: dict = {"task": task}
     if task == "semantic":
@@ -699,6 +736,7 @@ def _build_and_run(out, test_seed, n_test, real, synthetic, n_synthetic, labeler
         headline["unseen_classes"] = zero_shot
         table += "\n" + format_seen_unseen(result)
     if domain is not None:
+        setting, lighting = parse_domain(domain)
         result["domain"] = {"setting": setting, "lighting": lighting, "test": "outside"}
         headline["domain"] = domain
     if generated:
