@@ -30,3 +30,22 @@ def test_every_model_is_scored_on_every_seed_and_a_rerun_reads_them_back(tmp_pat
     monkeypatch.setattr(task_models, "train_task_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
     assert bench.compare(real, syn, "instance", [1], 3, 4, ["finetune", "mixed"], keep) == {
         name: {"seed 1": by_seed["seed 1"]} for name, by_seed in first.items()}
+
+
+def test_another_synthetic_set_trains_its_own_joint_models_beside_the_same_real_one(tmp_path, monkeypatch):
+    bench = load_bench("joint_recipes")
+    real, syn = _folder(tmp_path / "real", "train", 0, 6), _folder(tmp_path / "syn", "val", 0, 5)
+    other = _folder(tmp_path / "people", "val", 1, 5)
+    keep = tmp_path / "keep"
+    bench.compare(real, syn, "instance", [2], 3, 4, ["finetune"], keep)
+
+    from datasetdm.evaluation import task_models
+
+    trained = []
+    original = task_models.train_task_model
+    monkeypatch.setattr(task_models, "train_task_model", lambda data, *a, **k: trained.append(len(data))
+                        or original(data, *a, **k))
+    result = bench.compare(real, other, "instance", [2], 3, 4, ["finetune"], keep, synthetic_tag="-syn-people")
+    assert trained == [5, 6]  # only the new set's joint model: its synthetic phase, then the real one
+    assert (keep / "instance-joint-finetune-syn-people-steps4-test3.json").exists()
+    assert list(result) == ["real", "joint-finetune"]
