@@ -118,6 +118,10 @@ def test_generation_settings_name_their_runs():
     # the label filters too: runs that keep other labels never share shards, synthetic sets or results
     assert _generation_settings(1000, 25, 4.0, -1, "captions", None, 0.7)["tag"] == "-minscore0.7"
     assert _generation_settings(1000, 25, 4.0, -1, "captions", 0.5, None)["tag"] == "-minconf0.5"
+    # pose's default source is the people captions: its default run keeps the untagged names, captions are tagged
+    assert _generation_settings(1000, 25, 4.0, -1, "people", default_source="people")["tag"] == ""
+    assert _generation_settings(1000, 25, 4.0, -1, "captions", default_source="people")["tag"] == "-prompts-captions"
+    assert _generation_settings(1000, 25, 4.0, -1, "people")["tag"] == "-prompts-people"
 
 
 def test_build_and_run_checks_generation_options_first(tmp_path):
@@ -129,6 +133,7 @@ def test_build_and_run_checks_generation_options_first(tmp_path):
              ({"prompts": tmp_path / "missing.txt"}, "--prompts .*missing.txt: no such prompt file"),
              ({"capture_step": 25}, "--capture-step 25: out of range for 25"),
              ({"long_tail": ["star"], "prompts": "templates"}, "--long-tail prompts with .* drop --prompts"),
+             ({"task": "pose", "class_quota": 10}, "--class-quota: the people prompts .* drop one"),
              ({"min_instance_score": 0.7}, "--min-instance-score: .*--task is semantic"),
              ({"task": "instance", "synthetic": tmp_path, "min_instance_score": 0.7}, "generated already.*minscore0.7")]
     for kwargs, message in cases:

@@ -408,6 +408,11 @@ def test_build_and_run_every_task_small(tmp_path):
         if result[f"real_{metric}"] is not None:
             assert saved[f"real_{metric}"] == pytest.approx(result[f"real_{metric}"], abs=1e-4)
         assert (tmp_path / "ds" / "decoders" / task / "config.json").exists()
+    # pose's samples are prompted for people: every prompt names a person (the quota plan over world captions)
+    run = json.loads((tmp_path / "ds" / "shards-decoder-pose-n4" / "run.json").read_text())
+    assert run["config"]["class_quota"]["prompted"] == {"person": 4}
+    coco = json.loads((tmp_path / "ds" / "synthetic-decoder-pose-n4" / "annotations.json").read_text())
+    assert coco["images"] and all("person" in image["meta"]["classes"] for image in coco["images"])
 
 
 @pytest.mark.slow

@@ -117,8 +117,10 @@ def downstream(
     guidance: float = typer.Option(GUIDANCE_SCALE, help="Generation: classifier-free guidance scale."),
     capture_step: int = typer.Option(-1, help="Generation: the denoising step whose features the decoders read "
                                      "(-1 the last, -2 the one before, ...)."),
-    prompts: str = typer.Option("captions", help="Generation prompts: captions (world val captions), templates "
-                                "(class-name templates) or a prompt file or folder."),
+    prompts: Optional[str] = typer.Option(None, help="Generation prompts: captions (world val captions), people "
+                                          "(world val captions that name a person), templates (class-name "
+                                          "templates) or a prompt file or folder. Default: people for --task pose, "
+                                          "captions otherwise."),
     semantic_head: str = typer.Option("masks", help="The semantic decoder that labels the synthetic set: masks "
                                       "(mask classification, the paper's) or pixels (a per-pixel classifier)."),
     decoder_seed: int = typer.Option(0, min=0, help="The decoders' training seed (initialisation, batch order); "
