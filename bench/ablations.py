@@ -70,7 +70,7 @@ ROW_LABELS = {"size": "synthetic set size", "prompts": "prompt source", "guidanc
 def value_name(ablation: str, setting: dict) -> str:
     if ablation == "prompts":
         name = Path(str(setting["value"])).name
-        return {"templates": "templates", "captions": "captions"}.get(name, f"`{name}`")
+        return {"templates": "templates", "captions": "captions", "people": "people"}.get(name, f"`{name}`")
     if ablation == "timestep":
         return f"{setting['value']} (t = {setting['timestep']})"
     return f"{setting['value']:g}" if isinstance(setting["value"], float) else str(setting["value"])
