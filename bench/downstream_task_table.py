@@ -5,7 +5,7 @@
 Each argument is a ``downstream-{task}.json`` (``downstream.json`` for semantic) that a default run
 wrote: 100 real scenes, 1000 synthetic samples, 500 test scenes. One row per file, in the table's
 task order (a semantic run with ``--semantic-head pixels``, or a run with ``--decoder-iterations`` or
-``--min-instance-score``, gets its own row; an instance or pose run made before the task models'
+``--min-instance-score``, or prompted away from the task's default prompts, gets its own row; an instance or pose run made before the task models'
 regression heads started at zero, session 21, is labelled "random-init heads"; a run whose joint model
 drew every batch half real — `--joint mixed`, and every run before session 22 — is labelled "mixed
 joint"); a task with no file keeps its "not yet measured" row. Domain-shift runs (``downstream
@@ -27,6 +27,12 @@ TASKS = {
     "depth": ("depth, AbsRel / δ1", [("abs_rel", "AbsRel", False), ("delta1", "δ1", True)]),
     "pose": ("pose, keypoint AP / AP50", [("keypoint_ap", "AP", True), ("keypoint_ap50", "AP50", True)]),
 }
+
+
+def default_prompts(task: str) -> str:
+    from datasetdm.evaluation.downstream import default_prompts as task_default
+
+    return task_default(task)
 
 
 def task_of(result: dict) -> str:
@@ -58,6 +64,9 @@ def row(result: dict) -> str:
         notes.append(f"`--semantic-head {result['semantic_head']}`")
     if result.get("decoder_iterations") is not None:
         notes.append(f"`--decoder-iterations {result['decoder_iterations']}`")
+    prompts = (result.get("generation") or {}).get("prompts")
+    if prompts is not None and prompts != default_prompts(task):  # e.g. pose prompted by all captions
+        notes.append(f"`--prompts {Path(prompts).name}`")
     min_score = (result.get("generation") or {}).get("min_instance_score")
     if min_score is not None:
         notes.append(f"`--min-instance-score {min_score:g}`")

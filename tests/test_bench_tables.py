@@ -98,3 +98,17 @@ def test_domain_results_get_their_own_table(tmp_path):
     share = tmp_path / "semantic-share.json"
     share.write_text(json.dumps({**semantic, "joint": "finetune:0.75"}))
     assert table(share)[2].startswith("| semantic (`--joint finetune:0.75`), mIoU |")
+
+
+def test_pose_rows_name_prompts_other_than_pose_default():
+    bench = load_bench("downstream_task_table")
+    pose = {"task": "pose", "joint": "finetune", "config": {"zero_init_heads": True},
+            "real_keypoint_ap": 0.616, "real_keypoint_ap50": 0.96, "synthetic_keypoint_ap": 0.588,
+            "synthetic_keypoint_ap50": 0.901, "joint_keypoint_ap": 0.712, "joint_keypoint_ap50": 0.951,
+            "generation": {"prompts": "people"}}
+    assert bench.row(pose).startswith("| pose, keypoint AP / AP50 | 0.616 / 0.960 | 0.588 (-0.028)")
+    captions = {**pose, "generation": {"prompts": "captions"}}
+    assert bench.row(captions).startswith("| pose (`--prompts captions`), keypoint AP / AP50 |")
+    semantic = {"real_miou": 0.835, "synthetic_miou": 0.823, "joint_miou": 0.894, "joint": "finetune",
+                "generation": {"prompts": "captions"}}
+    assert bench.row(semantic).startswith("| semantic, mIoU |")  # captions are semantic's default
