@@ -5,8 +5,9 @@
 Each argument is a ``downstream-{task}.json`` (``downstream.json`` for semantic) that a default run
 wrote: 100 real scenes, 1000 synthetic samples, 500 test scenes. One row per file, in the table's
 task order (a semantic run with ``--semantic-head pixels``, or a run with ``--decoder-iterations`` or
-``--min-instance-score``, or prompted away from the task's default prompts, gets its own row; an instance or pose run made before the task models'
-regression heads started at zero, session 21, is labelled "random-init heads"; a run whose joint model
+``--min-instance-score``, or prompted away from the task's default prompts, gets its own row; an
+instance or pose run made before the task models' regression heads started at zero, session 21, is
+labelled "random-init heads"; a run whose joint model
 drew every batch half real — `--joint mixed`, and every run before session 22 — is labelled "mixed
 joint"); a task with no file keeps its "not yet measured" row. Domain-shift runs (``downstream
 --domain``) get a table after it per setting and lighting trained on, one row per file. A joint recipe

@@ -442,9 +442,10 @@ def build_and_run(out: str | Path, test_seed: int, n_test: int = 500, real: Path
     The generation (when ``synthetic`` is not given; the ablation benches vary these):
     ``n_synthetic`` samples, ``generation_steps`` denoising steps at ``guidance``, the decoders
     reading the features of denoising step ``capture_step`` (default the last), prompted by
-    ``prompts``: "captions" (world val captions), "people" (world val captions that name a person)
+    ``prompts``: "captions" (world val captions), "people" (world val captions that name a person),
     "templates" (class-name templates over the decoders' classes) or a prompt file or folder
-    (``prompts.load_prompts``); default ``default_prompts(task)``; the decoders' labels filtered by ``min_pixel_confidence`` and ``min_instance_score`` (as ``generate``'s). A setting
+    (``prompts.load_prompts``); default ``default_prompts(task)``. The decoders' labels are filtered
+    by ``min_pixel_confidence`` and ``min_instance_score`` (as ``generate``'s). A setting
     away from its default names its own shard and synthetic folders and result file (e.g.
     ``downstream-semantic-n250.json``), so runs of several settings share ``out``: its decoders,
     real set and real-only model. ``decoder_seed``: the decoders' training seed (initialisation and
