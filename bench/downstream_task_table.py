@@ -30,12 +30,6 @@ TASKS = {
 }
 
 
-def default_prompts(task: str) -> str:
-    from datasetdm.evaluation.downstream import default_prompts as task_default
-
-    return task_default(task)
-
-
 def task_of(result: dict) -> str:
     return result.get("task", "semantic")
 
@@ -59,6 +53,8 @@ def cell(values: list[float | None], real: list[float | None] | None) -> str:
 
 
 def row(result: dict) -> str:
+    from datasetdm.evaluation.downstream import default_prompts
+
     task = task_of(result)
     notes = []  # what sets the run apart from today's default
     if result.get("semantic_head", "masks") != "masks":
