@@ -80,6 +80,33 @@ def test_cached_models_are_reused_across_synthetic_sets(tmp_path, monkeypatch):
     assert other["real_miou"] == first["real_miou"] and other["per_class"]["real"] == first["per_class"]["real"]
 
 
+def test_runs_that_split_the_models_meet_in_the_shared_cache(tmp_path, monkeypatch):
+    from datasetdm.evaluation import downstream
+
+    real = _world_folder(tmp_path / "real", "train", 0, 4)
+    syn = _world_folder(tmp_path / "syn", "val", 0, 4)
+    x, y, cats = world_test_set(seed=5, n=3)
+    config = DownstreamConfig(steps=3, batch_size=4)
+    whole = run_downstream(real, syn, x, y, cats, config)  # no cache: all three trained here
+    trained = []
+    original = downstream._train
+    monkeypatch.setattr(downstream, "_train", lambda *a, **k: trained.append(len(a[0])) or original(*a, **k))
+    # one worker trains only the joint model (synthetic steps, then real); the others are left out
+    joint_only = run_downstream(real, syn, x, y, cats, config, cache_dir=tmp_path / "cache", models=["joint"])
+    assert trained == [4, 4] and joint_only["real_miou"] is None and joint_only["synthetic_miou"] is None
+    assert joint_only["joint_miou"] == whole["joint_miou"] and set(joint_only["per_class"]) == {"joint"}
+    table = format_table(joint_only, cats).splitlines()
+    assert table[2].split()[1:3] == ["4", "-"] and table[4].split()[3:5] == ["8", f"{whole['joint_miou']:.3f}"]
+    # the other worker trains the rest and finds the joint model in the cache: the whole run's figures
+    trained.clear()
+    rest = run_downstream(real, syn, x, y, cats, config, cache_dir=tmp_path / "cache", models=["real", "synthetic"])
+    assert trained == [4, 4] and rest["per_class"] == whole["per_class"]
+    assert [rest[f"{m}_miou"] for m in ("real", "synthetic", "joint")] == [
+        whole[f"{m}_miou"] for m in ("real", "synthetic", "joint")]
+    with pytest.raises(DatasetdmError, match="--models joint,teacher: choose among real, synthetic, joint"):
+        run_downstream(real, syn, x, y, cats, config, models=["joint", "teacher"])
+
+
 def test_figures_repeat_at_the_recorded_thread_count(tmp_path):
     import torch
 

@@ -207,6 +207,29 @@ def test_harness_trains_three_models_and_resumes_from_its_cache(task, tmp_path, 
     assert trained == [12] and mixed["joint"] == "mixed"  # only the other joint model: one run on both sets
 
 
+def test_task_runs_that_split_the_models_meet_in_the_shared_cache(tmp_path, monkeypatch):
+    from datasetdm.evaluation import task_models
+
+    real = _folder(tmp_path / "real", "train", 0, 6)
+    syn = _folder(tmp_path / "syn", "val", 0, 6)
+    test = world_test_samples(seed=5, n=4)
+    cfg = TaskModelConfig(**TINY)
+    trained = []
+    original = task_models.train_task_model
+    monkeypatch.setattr(task_models, "train_task_model",
+                        lambda data, *a, **k: trained.append(len(data)) or original(data, *a, **k))
+    first = run_task_downstream("depth", real, syn, test, list(CATEGORIES), cfg, cache_dir=tmp_path / "cache",
+                                models=["synthetic"])
+    assert trained == [6] and set(first["models"]) == {"synthetic"} and first["synthetic_abs_rel"] > 0
+    assert first["real_abs_rel"] is None and first["joint_delta1"] is None
+    rows = format_task_table(first).splitlines()
+    assert rows[2].split()[1:] == ["6", "-", "-"] and rows[3].split()[3] == f"{first['synthetic_abs_rel']:.4f}"
+    trained.clear()
+    rest = run_task_downstream("depth", real, syn, test, list(CATEGORIES), cfg, cache_dir=tmp_path / "cache")
+    assert trained == [6, 6, 6]  # real, then the joint (synthetic, then real): the synthetic-only one was cached
+    assert rest["synthetic_abs_rel"] == first["synthetic_abs_rel"] and rest["joint_abs_rel"] is not None
+
+
 def test_finetune_joint_trains_on_synthetic_then_fine_tunes_that_model_on_real(tmp_path, monkeypatch):
     from datasetdm.evaluation import task_models
 

@@ -161,6 +161,7 @@ def _run(*args, tmp_path=None):
 @pytest.mark.parametrize("args, message", [
     (("world", "render", "--seed", "-5", "--n", "1"), "--seed"),
     (("downstream", "--test-seed", "-1"), "--test-seed"),
+    (("downstream", "--test-seed", "0", "--models", "joint,teacher"), "--models joint,teacher: choose among"),
     (("world", "render", "--preset", "huge", "--n", "1"), "unknown preset 'huge'"),
 ])
 def test_out_of_range_numbers_are_usage_errors(tmp_path, args, message):

@@ -97,6 +97,8 @@ def downstream(
         "(default 0.5, see generate)."),
     cache: Optional[Path] = typer.Option(None, help="Folder of finished models' figures (default OUT/cache): "
                                          "a rerun resumes; share it between runs to train the real-only model once."),
+    models: str = typer.Option("real,synthetic,joint", help="The models to train, comma separated; another one "
+                               "is read from --cache or left out (-). Runs sharing --cache can so split the work."),
     device: str = typer.Option("auto", help=f"Backbone and decoders: {DEVICE_HELP}."),
     dtype: Optional[str] = typer.Option(None, help=f"Backbone and decoder precision: {DTYPE_HELP}."),
     task: str = typer.Option("semantic", help="semantic (mIoU), instance (mask AP), depth (AbsRel, delta1) or pose "
@@ -143,7 +145,7 @@ def downstream(
                            guidance=guidance, capture_step=capture_step, prompts=prompts,
                            semantic_head=semantic_head, decoder_seed=decoder_seed,
                            min_instance_score=min_instance_score, decoder_iterations=decoder_iterations,
-                           joint=joint)
+                           joint=joint, models=[m.strip() for m in models.split(",") if m.strip()])
     typer.echo(result.pop("table"))
     typer.echo(json.dumps(result))
 

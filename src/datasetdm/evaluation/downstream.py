@@ -143,6 +143,35 @@ def _digest(*arrays: np.ndarray, extra: dict | None = None) -> str:
     return digest.hexdigest()[:16]
 
 
+# the three models every downstream run compares (paper Table 2 / 4 rows)
+DOWNSTREAM_MODELS = ("real", "synthetic", "joint")
+
+
+def check_models(models: Sequence[str]) -> tuple[str, ...]:
+    unknown = [m for m in models if m not in DOWNSTREAM_MODELS]
+    if unknown or not models:
+        raise DatasetdmError(f"--models {','.join(models)}: choose among {', '.join(DOWNSTREAM_MODELS)}")
+    return tuple(models)
+
+
+def _cached_or_trained(keys: dict[str, str], cache_dir, prefix: str, models: Sequence[str],
+                       train_and_score: Callable[[str], dict]) -> dict[str, dict]:
+    """Each model's figures: read from ``cache_dir/{prefix}-{key}.json`` when there, else trained and
+    scored (``train_and_score(name)``) and stored, when ``models`` names it; else left out. Workers
+    sharing one cache folder can so split a run's models (``--models``) and meet in it."""
+    results = {}
+    for name, key in keys.items():
+        cached = Path(cache_dir) / f"{prefix}-{key}.json" if cache_dir is not None else None
+        if cached is not None and cached.exists():
+            results[name] = json.loads(cached.read_text())
+        elif name in models:
+            results[name] = {**train_and_score(name), "torch_threads": torch.get_num_threads()}
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(cached, results[name])
+    return results
+
+
 def run_downstream(
     real: str | Path,
     synthetic: str | Path,
@@ -153,6 +182,7 @@ def run_downstream(
     progress: Callable[[str, int, int], None] | None = None,
     cache_dir: str | Path | None = None,
     joint: str = "finetune",
+    models: Sequence[str] = DOWNSTREAM_MODELS,
 ) -> dict:
     """Train (a) real, (b) synthetic, (c) joint (``joint``: one of ``JOINT_RECIPES``); return their
     test mIoU and per-class IoU.
@@ -160,9 +190,11 @@ def run_downstream(
     With ``cache_dir``, each model's test figures are stored under a hash of everything that
     decides them (its training images and labels, the test set, the recipe), so an interrupted
     run resumes after the last finished model, and the real-only model is trained once for any
-    number of synthetic datasets scored on the same test set.
+    number of synthetic datasets scored on the same test set. Only the ``models`` named are
+    trained; another one not in the cache is left out (its mIoU None, no per-class entry).
     """
     joint_recipe(joint, "semantic")  # checked before anything trains
+    models = check_models(models)
     config = config or DownstreamConfig()
     num_classes = max(c.id for c in categories) + 1
     ids = [c.id for c in categories]
@@ -184,19 +216,12 @@ def run_downstream(
         joint_key = _digest(joint_x, joint_y, extra={"scored_on": scored_on})
     else:
         joint_key = _digest(real_x, real_y, syn_x, syn_y, extra={"scored_on": scored_on, "joint": joint})
-    models = {
-        "real": (_digest(real_x, real_y, extra={"scored_on": scored_on}), len(real_x)),
-        "synthetic": (_digest(syn_x, syn_y, extra={"scored_on": scored_on}), len(syn_x)),
-        "joint": (joint_key, len(real_x) + len(syn_x)),
-    }
-    results = {}
-    for name, (key, n) in models.items():
-        cached = Path(cache_dir) / f"segmenter-{key}.json" if cache_dir is not None else None
-        if cached is not None and cached.exists():
-            stored = json.loads(cached.read_text())
-            results[name] = {**stored, "iou": {int(k): v for k, v in stored["iou"].items()}}  # JSON keys are text
-            continue
-        report = (lambda step, loss, name=name: progress(name, step + 1, config.steps)) if progress else None
+    keys = {"real": _digest(real_x, real_y, extra={"scored_on": scored_on}),
+            "synthetic": _digest(syn_x, syn_y, extra={"scored_on": scored_on}), "joint": joint_key}
+    sizes = {"real": len(real_x), "synthetic": len(syn_x), "joint": len(real_x) + len(syn_x)}
+
+    def train_and_score(name: str) -> dict:
+        report = (lambda step, loss: progress(name, step + 1, config.steps)) if progress else None
         if name == "joint" and joint != "mixed":
             model = _fine_tuned(lambda x, y, cfg, **kw: _train(x, y, num_classes, cfg, **kw), (syn_x, syn_y),
                                 (real_x, real_y), config, report, joint_recipe(joint).real_share)
@@ -205,17 +230,15 @@ def run_downstream(
         else:
             x, y = (real_x, real_y) if name == "real" else (syn_x, syn_y)
             model = _train(x, y, num_classes, config, progress=report)
-        metrics = evaluate_segmenter(model, test_images, test_masks, ids)
-        results[name] = {"images": int(n), **metrics, "torch_threads": torch.get_num_threads()}
-        if cached is not None:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(cached, results[name])
+        return {"images": int(sizes[name]), **evaluate_segmenter(model, test_images, test_masks, ids)}
+
+    results = _cached_or_trained(keys, cache_dir, "segmenter", models, train_and_score)
+    for figures in results.values():
+        figures["iou"] = {int(k): v for k, v in figures["iou"].items()}  # JSON keys are text
     return {
-        "real_miou": results["real"]["miou"],
-        "synthetic_miou": results["synthetic"]["miou"],
-        "joint_miou": results["joint"]["miou"],
-        "n_real": results["real"]["images"],
-        "n_synthetic": results["synthetic"]["images"],
+        **{f"{name}_miou": results[name]["miou"] if name in results else None for name in DOWNSTREAM_MODELS},
+        "n_real": int(len(real_x)),
+        "n_synthetic": int(len(syn_x)),
         "n_test": int(len(test_images)),
         "per_class": {k: v["iou"] for k, v in results.items()},
         # a model is bit-for-bit reproducible at the thread count it trained with, not across counts
@@ -311,10 +334,11 @@ def run_task_downstream(
     progress: Callable[[str, int, int], None] | None = None,
     cache_dir: str | Path | None = None,
     joint: str = "finetune",
+    models: Sequence[str] = DOWNSTREAM_MODELS,
 ) -> dict:
     """Depth, instance or pose: train the task's ordinary model (``task_models``) on (a) real,
     (b) synthetic, (c) joint data (``joint``: one of ``JOINT_RECIPES``); score each on
-    ``test_samples`` with ``evaluate``'s metrics. The per-model cache works as in
+    ``test_samples`` with ``evaluate``'s metrics. The per-model cache and ``models`` work as in
     ``run_downstream`` (figures stored under a hash of the training data, test set and recipe)."""
     from datasetdm.evaluation.task_models import (
         TaskModelConfig,
@@ -328,6 +352,7 @@ def run_task_downstream(
     if task not in TASK_METRICS or task == "semantic":
         raise DatasetdmError(f"--task {task!r}: choose one of {', '.join(DOWNSTREAM_TASKS)}")
     joint_recipe(joint, task)  # checked before anything trains
+    models = check_models(models)
     config = config or TaskModelConfig()
     real_d = folder_task_data(real, task, categories, "real")
     syn_d = folder_task_data(synthetic, task, categories, "synthetic")
@@ -342,33 +367,27 @@ def run_task_downstream(
         raise DatasetdmError(f"categories {class_ids}: the instance model needs ids 1..{len(class_ids)}")
     scored_on = _digest(*test_d.arrays(), extra={"task": task, "ids": [c.id for c in categories],
                                                  "config": _recipe_key(config, "task"), "version": 1})
-    both = concat_data([real_d, syn_d])
+    data = {"real": real_d, "synthetic": syn_d, "joint": concat_data([real_d, syn_d])}
     # "mixed" keeps the key it had before recipes were named, so its cached figures are found
-    joint_extra = {"half_real": True} if joint == "mixed" else {"half_real": False, "joint": joint}
-    results = {}
-    for name, data, extra in (("real", real_d, {"half_real": False}), ("synthetic", syn_d, {"half_real": False}),
-                              ("joint", both, joint_extra)):
-        key = _digest(*data.arrays(), extra={"scored_on": scored_on, **extra})
-        cached = Path(cache_dir) / f"{task}-{key}.json" if cache_dir is not None else None
-        if cached is not None and cached.exists():
-            results[name] = json.loads(cached.read_text())
-            continue
-        report = (lambda step, loss, name=name: progress(name, step + 1, config.steps)) if progress else None
+    extras = {"real": {"half_real": False}, "synthetic": {"half_real": False},
+              "joint": {"half_real": True} if joint == "mixed" else {"half_real": False, "joint": joint}}
+    keys = {name: _digest(*data[name].arrays(), extra={"scored_on": scored_on, **extras[name]}) for name in data}
+
+    def train_and_score(name: str) -> dict:
+        report = (lambda step, loss: progress(name, step + 1, config.steps)) if progress else None
         if name == "joint":
             model = train_joint_task_model(real_d, syn_d, num_classes, config, joint, report)
         else:
-            model = train_task_model(data, num_classes, config, progress=report)
+            model = train_task_model(data[name], num_classes, config, progress=report)
         preds = predict_task(model, task, test_d.images, class_ids, config)
         metrics = score_task(task, preds, test_samples, categories)
-        results[name] = {"images": int(len(data)), **{k: v for k, v in metrics.items() if k != "task"},
-                         "torch_threads": torch.get_num_threads()}
-        if cached is not None:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(cached, results[name])
+        return {"images": int(len(data[name])), **{k: v for k, v in metrics.items() if k != "task"}}
+
+    results = _cached_or_trained(keys, cache_dir, task, models, train_and_score)
     out = {"task": task, "metric": TASK_METRICS[task][0]}
-    for name in ("real", "synthetic", "joint"):
+    for name in DOWNSTREAM_MODELS:
         for m in TASK_METRICS[task]:
-            out[f"{name}_{m}"] = results[name].get(m)
+            out[f"{name}_{m}"] = results.get(name, {}).get(m)
     out.update({"n_real": len(real_d), "n_synthetic": len(syn_d), "n_test": len(test_samples), "models": results,
                 "torch_threads": {k: v.get("torch_threads") for k, v in results.items()},
                 "config": asdict(config), "joint": joint})
@@ -414,10 +433,11 @@ def format_table(result: dict, categories: list[Category]) -> str:
     head = f"{'training data':<22}{'images':>8}{'mIoU':>8}  " + " ".join(f"{n[:6]:>6}" for n in names)
     rows = [head, "-" * len(head)]
     for key, label in (("real", "real"), ("synthetic", "synthetic only"), ("joint", "real + synthetic")):
-        per = result["per_class"][key]
+        per = result["per_class"].get(key, {})  # none for a model left out (``models``)
         cells = " ".join(f"{per[c.id]:6.3f}" if c.id in per else f"{'-':>6}" for c in categories)
         n = {"real": result["n_real"], "synthetic": result["n_synthetic"]}.get(key, result["n_real"] + result["n_synthetic"])
-        rows.append(f"{label:<22}{n:>8}{result[f'{key}_miou']:>8.3f}  {cells}")
+        miou = result[f"{key}_miou"]
+        rows.append(f"{label:<22}{n:>8}{'-' if miou is None else format(miou, '.3f'):>8}  {cells}")
     return "\n".join(rows)
 
 
@@ -431,7 +451,8 @@ def build_and_run(out: str | Path, test_seed: int, n_test: int = 500, real: Path
                   domain: str | None = None, zero_shot: Sequence[str] = (), guidance: float = GUIDANCE_SCALE,
                   generation_steps: int = GENERATION_STEPS, capture_step: int = -1,
                   prompts: str | Path | None = None, semantic_head: str = "masks", decoder_seed: int = 0,
-                  min_instance_score: float | None = None, joint: str | None = None) -> dict:
+                  min_instance_score: float | None = None, joint: str | None = None,
+                  models: Sequence[str] = DOWNSTREAM_MODELS) -> dict:
     """The `datasetdm downstream` command: build what is not given, run, write ``downstream.json``
     (``downstream-{task}.json`` for the other tasks). Holds ``out``'s lock (``io.output_lock``):
     two runs would share its caches. ``task_config`` (``task_models.TaskModelConfig``) is the
@@ -452,7 +473,8 @@ def build_and_run(out: str | Path, test_seed: int, n_test: int = 500, real: Path
     batch order; ``seed`` draws the real set and the generation); away from 0 the decoders and the
     data they label get their own folders (``decoders-dseed1``). ``joint``: how the joint model
     uses both sets (``JOINT_RECIPES``; default ``default_joint``); away from the default the result
-    file is named for it (``downstream-instance-joint-mixed.json``)."""
+    file is named for it (``downstream-instance-joint-mixed.json``). ``models``: the ones to train
+    (``run_downstream``); runs on other machines or cores that share ``cache_dir`` train the others."""
     from datasetdm.io import output_lock
 
     joint = joint or default_joint(zero_shot, long_tail)
@@ -460,6 +482,7 @@ def build_and_run(out: str | Path, test_seed: int, n_test: int = 500, real: Path
     if task not in DOWNSTREAM_TASKS:
         raise DatasetdmError(f"--task {task!r}: choose one of {', '.join(DOWNSTREAM_TASKS)}")
     joint_recipe(joint, task)  # checked before anything is built
+    models = check_models(models)
     if task != "semantic" and labeler != "decoder":
         raise DatasetdmError(f"--labeler {labeler}: labels semantic masks only; --task {task} needs --labeler decoder")
     if long_tail and task != "semantic":
@@ -511,7 +534,7 @@ def build_and_run(out: str | Path, test_seed: int, n_test: int = 500, real: Path
             cache_dir=cache_dir, min_pixel_confidence=min_pixel_confidence, task=task, task_config=task_config,
             class_quota=class_quota, long_tail=list(long_tail), head_images=head_images, tail_images=tail_images,
             device=device, dtype=dtype, domain=domain, zero_shot=list(zero_shot), generation=generation,
-            semantic_head=semantic_head, decoder_seed=decoder_seed, joint=joint)
+            semantic_head=semantic_head, decoder_seed=decoder_seed, joint=joint, models=models)
 
 
 def plan_long_tail_quota(real: str | Path, class_quota: int, n_synthetic: int, seed: int = 0) -> dict:
@@ -661,7 +684,8 @@ def _synthetic_set(out: Path, real: Path, tag: str, run_tag: str, *, task: str, 
 
 
 def _train_and_score(task: str, real: Path, synthetic: Path, test_seed: int, n_test: int, domain: str | None,
-                     config, task_config, cache: Path, joint: str) -> tuple[dict, list[Category]]:
+                     config, task_config, cache: Path, joint: str,
+                     models: Sequence[str] = DOWNSTREAM_MODELS) -> tuple[dict, list[Category]]:
     """Stage 7: the three ordinary models (real, synthetic, joint) of ``task``, scored on world test
     scenes (for ``domain``: the scenes outside it), with a progress bar per model."""
     from datasetdm.progress import progress_bar
@@ -688,7 +712,7 @@ def _train_and_score(task: str, real: Path, synthetic: Path, test_seed: int, n_t
                 test_images = np.stack([s.image for s in test_samples])
                 test_masks = np.stack([s.semantic for s in test_samples])
             result = run_downstream(real, synthetic, test_images, test_masks, categories, config, progress=report,
-                                    cache_dir=cache, joint=joint)
+                                    cache_dir=cache, joint=joint, models=models)
         else:
             from datasetdm.evaluation.task_models import TaskModelConfig
 
@@ -697,14 +721,14 @@ def _train_and_score(task: str, real: Path, synthetic: Path, test_seed: int, n_t
             if test_samples is None:
                 test_samples = world_test_samples(test_seed, n_test)
             result = run_task_downstream(task, real, synthetic, test_samples, categories, task_config,
-                                         progress=report, cache_dir=cache, joint=joint)
+                                         progress=report, cache_dir=cache, joint=joint, models=models)
     return result, categories
 
 
 def _build_and_run(out, *, test_seed, n_test, real, synthetic, n_synthetic, labeler, backbone, config,
                    decoder_iterations, seed, cache_dir, min_pixel_confidence, task, task_config, class_quota,
                    long_tail, head_images, tail_images, device, dtype, domain, zero_shot, generation,
-                   semantic_head="masks", decoder_seed=0, joint="finetune") -> dict:
+                   semantic_head="masks", decoder_seed=0, joint="finetune", models=DOWNSTREAM_MODELS) -> dict:
     from rich.console import Console
 
     from datasetdm.labelers.registry import LABELERS
@@ -736,12 +760,13 @@ def _build_and_run(out, *, test_seed, n_test, real, synthetic, n_synthetic, labe
     say(f"downstream ({task}): real {real}, synthetic {synthetic}, {n_test} test scenes (seed {test_seed})")
     cache = cache_dir if cache_dir is not None else out / "cache"
     result, categories = _train_and_score(task, real, synthetic, test_seed, n_test, domain, config, task_config,
-                                          cache, joint)
+                                          cache, joint, models)
     result.update({"test_seed": test_seed, "labeler": labeler, "real": str(real), "synthetic": str(synthetic)})
     headline: dict = {"task": task}
     if task == "semantic":
         table = format_table(result, categories)
-        headline.update({k: round(result[k], 4) for k in ("real_miou", "synthetic_miou", "joint_miou")})
+        headline.update({k: None if result[k] is None else round(result[k], 4)
+                         for k in ("real_miou", "synthetic_miou", "joint_miou")})
     else:
         table = format_task_table(result)
         keys = [f"{name}_{m}" for name in ("real", "synthetic", "joint") for m in TASK_METRICS[task]]
@@ -803,7 +828,7 @@ def seen_unseen_miou(per_class: dict, categories: list[Category], unseen: list[s
 def format_seen_unseen(result: dict) -> str:
     rows = [f"{'training data':<22}{'seen':>9}{'unseen':>9}{'harmonic':>10}"]
     for key, label in (("real", "real"), ("synthetic", "synthetic only"), ("joint", "real + synthetic")):
-        cells = "".join(f"{'-':>{w}}" if result[f"{key}_{p}_miou"] is None else f"{result[f'{key}_{p}_miou']:>{w}.4f}"
+        cells = "".join(f"{'-':>{w}}" if result.get(f"{key}_{p}_miou") is None else f"{result[f'{key}_{p}_miou']:>{w}.4f}"
                         for p, w in (("seen", 9), ("unseen", 9), ("harmonic", 10)))
         rows.append(f"{label:<22}{cells}")
     return "\n".join(rows)
@@ -828,7 +853,7 @@ def format_head_tail(result: dict) -> str:
     """Head / tail mIoU per model (Table 7's long-tail columns)."""
     rows = [f"{'training data':<22}{'head mIoU':>11}{'tail mIoU':>11}"]
     for key, label in (("real", "real"), ("synthetic", "synthetic only"), ("joint", "real + synthetic")):
-        cells = "".join(f"{'-':>11}" if result[f"{key}_{p}_miou"] is None else f"{result[f'{key}_{p}_miou']:>11.4f}"
+        cells = "".join(f"{'-':>11}" if result.get(f"{key}_{p}_miou") is None else f"{result[f'{key}_{p}_miou']:>11.4f}"
                         for p in ("head", "tail"))
         rows.append(f"{label:<22}{cells}")
     return "\n".join(rows)
