@@ -27,6 +27,11 @@ A value away from the default gets its own shard, synthetic and result names (``
     python bench/ablations.py --ablation size --out /tmp/abl --tiny                   # plumbing only, minutes
     python bench/ablations.py --table docs/ablation-size.json docs/ablation-prompts.json   # README rows, no run
 
+Two cores on one setting: ``--models real,synthetic`` here and, once the setting's synthetic folder
+exists, ``datasetdm downstream --models joint --cache OUT/cache --real OUT/real --synthetic
+OUT/synthetic-decoder-g2 --out OTHER --test-seed 1`` beside it; a rerun of the bench with every
+model then reads all three from the cache.
+
 The last printed line is JSON: ``ablation``, ``task``, ``metric`` and ``settings``, one entry per
 value with the downstream headline (``real_miou``, ``synthetic_miou``, ``joint_miou`` for
 semantic), ``n_synthetic``, the run's ``shards`` folder and ``result_file``. Before it, the
@@ -119,6 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--real", type=Path, default=None, help="Real labelled folder (default: 100 world train scenes).")
     ap.add_argument("--backbone", default=None, help="Default: the embedded backbone.")
     ap.add_argument("--cache", type=Path, default=None, help="Finished models' figures (default OUT/cache).")
+    ap.add_argument("--models", default="real,synthetic,joint",
+                    help="Models to train (downstream --models); another runner sharing the cache trains the rest.")
     ap.add_argument("--tiny", action="store_true", help="Tiny sizes: checks the plumbing, measures nothing.")
     args = ap.parse_args(argv)
     if args.table:
@@ -149,7 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
         kwargs = {"n_synthetic": args.n_synthetic, **setting_kwargs(args.ablation, value)}
         result = build_and_run(args.out, test_seed=args.test_seed, n_test=args.n_test, real=args.real,
                                backbone=args.backbone, config=config, decoder_iterations=args.decoder_iterations,
-                               cache_dir=args.cache, task=args.task, generation_steps=generation_steps, **kwargs)
+                               cache_dir=args.cache, task=args.task, generation_steps=generation_steps,
+                               models=args.models.split(","), **kwargs)
         print(f"== {args.ablation} = {value} ==")
         print(result.pop("table"))
         saved = json.loads(Path(result["result_file"]).read_text())
