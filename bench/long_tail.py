@@ -13,6 +13,9 @@ mIoU and how many synthetic images show each tail class.
     python bench/long_tail.py --out /tmp/lt --tiny                          # plumbing only, minutes
     python bench/long_tail.py --table docs/long-tail.json                   # the README table from saved lines
 
+Two runners: once OUT's data exist, copy OUT and run ``--joint finetune --models joint --cache OUT/cache`` in
+the copy beside the first run; each trains its own models into the shared cache.
+
 The last printed line is JSON: per run (``no_quota``, ``quota``) the downstream headline with
 ``real/synthetic/joint_head_miou`` and ``_tail_miou``. Before it, the README's markdown table.
 """
@@ -69,6 +72,9 @@ def main() -> None:
     ap.add_argument("--backbone", default=None, help="Default: the embedded backbone.")
     ap.add_argument("--joint", default=None,
                     help="The joint model's recipe (downstream --joint); default: downstream's with --long-tail.")
+    ap.add_argument("--cache", type=Path, default=None, help="Finished models' figures (default OUT/cache).")
+    ap.add_argument("--models", default="real,synthetic,joint",
+                    help="Models to train (downstream --models); another runner sharing --cache trains the rest.")
     ap.add_argument("--tiny", action="store_true", help="Tiny sizes: checks the plumbing, measures nothing.")
     args = ap.parse_args()
     if args.table is not None:
@@ -95,7 +101,8 @@ def main() -> None:
         result = build_and_run(args.out, test_seed=args.test_seed, n_test=args.n_test, n_synthetic=args.n_synthetic,
                                backbone=args.backbone, config=DownstreamConfig(steps=args.steps),
                                decoder_iterations=args.decoder_iterations, class_quota=quota, long_tail=tail,
-                               head_images=args.head_images, tail_images=args.tail_images, joint=args.joint)
+                               head_images=args.head_images, tail_images=args.tail_images, joint=args.joint,
+                               cache_dir=args.cache, models=args.models.split(","))
         print(f"== {name} ==")
         print(result.pop("table"))
         runs[name] = result
@@ -105,7 +112,7 @@ def main() -> None:
         counts[name] = {c: saved["synthetic_class_images"][c] for c in tail}
     print(f"{'':<10}{'real head':>10}{'real tail':>10}{'joint head':>11}{'joint tail':>11}  synthetic images per tail class")
     for name, r in runs.items():
-        cells = "".join(f"{'-' if r[k] is None else format(r[k], '.4f'):>{w}}" for k, w in (
+        cells = "".join(f"{'-' if r.get(k) is None else format(r[k], '.4f'):>{w}}" for k, w in (
             ("real_head_miou", 10), ("real_tail_miou", 10), ("joint_head_miou", 11), ("joint_tail_miou", 11)))
         print(f"{name:<10}{cells}  {counts[name]}")
     line = {"tail": tail, "class_quota": args.quota, "joint": runs["no_quota"]["joint"], "head_images": args.head_images, "tail_images": args.tail_images,
