@@ -9,11 +9,11 @@ runs share OUT/cache) and scored on held-out world test scenes; the table gives 
 mIoU and how many synthetic images show each tail class.
 
     python bench/long_tail.py --out runs/long-tail --test-seed 1            # the full setting, hours on 2 cores
-    python bench/long_tail.py --out runs/long-tail --test-seed 1 --joint finetune   # only the joint models train
+    python bench/long_tail.py --out runs/long-tail --test-seed 1 --joint mixed   # only the joint models train
     python bench/long_tail.py --out /tmp/lt --tiny                          # plumbing only, minutes
-    python bench/long_tail.py --table docs/long-tail.json                   # the README table from saved lines
+    python bench/long_tail.py --table docs/long-tail-finetune.json          # the README table from saved lines
 
-Two runners: once OUT's data exist, copy OUT and run ``--joint finetune --models joint --cache OUT/cache`` in
+Two runners: once OUT's data exist, copy OUT and run ``--joint mixed --models joint --cache OUT/cache`` in
 the copy beside the first run; each trains its own models into the shared cache.
 
 The last printed line is JSON: per run (``no_quota``, ``quota``) the downstream headline with
@@ -30,7 +30,9 @@ from pathlib import Path
 
 def markdown_table(*lines: dict) -> str:
     """The README's long-tail table from the bench's last lines (one per joint recipe): head / tail
-    mIoU per model. Rows of a joint recipe other than long-tail's default (mixed) say which."""
+    mIoU per model. Rows of a joint recipe other than downstream's default say which."""
+    from datasetdm.evaluation.downstream import default_joint
+
     def pair(run: dict, model: str) -> str:
         head, tail = run.get(f"{model}_head_miou"), run.get(f"{model}_tail_miou")
         return " / ".join("–" if v is None else f"{v:.3f}" for v in (head, tail))
@@ -41,13 +43,13 @@ def markdown_table(*lines: dict) -> str:
             "synthetic head / tail | joint head / tail | synthetic images per tail class |",
             "|---|---|---|---|---|"]
     for line in lines:
-        recipe = line.get("joint") or "mixed"
+        recipe = line.get("joint") or "mixed"  # lines saved before the key (session 24) were mixed
         for name in ("no_quota", "quota"):
             if name in line:
                 run, counts = line[name], line["synthetic_tail_images"][name]
                 label = (f"… with `--class-quota {run['class_quota']}`" if run.get("class_quota")
                          else "synthetic prompted with the set's captions")
-                if recipe != "mixed":
+                if recipe != default_joint():
                     label += f", `--joint {recipe}`"
                 rows.append(f"| {label} | {pair(run, 'real')} | {pair(run, 'synthetic')} | {pair(run, 'joint')} | "
                             f"{' / '.join(str(counts[c]) for c in first['tail'])} |")

@@ -89,7 +89,7 @@ def downstream(
                                         "steps, then the real set; finetune:R gives the real set a share R of the "
                                         "steps) or mixed (every batch half real, half synthetic); pose: +real-joints "
                                         "learns the joints from the real set only. Default: finetune; mixed with "
-                                        "--zero-shot or --long-tail."),
+                                        "--zero-shot."),
     min_pixel_confidence: Optional[float] = typer.Option(
         None, min=0.0, max=1.0, help="Decoder labels: pixels below this class-score share are ignore (see generate)."),
     min_instance_score: Optional[float] = typer.Option(
