@@ -565,9 +565,9 @@ def default_joint(zero_shot: Sequence[str] = ()) -> str:
     (zero-shot, test seed 1, session 23: unseen mIoU 0.000 fine-tuned against 0.323 mixed). Long-tail
     keeps finetune: its real set shows the rare classes too, if in 2 images, and only the fine-tuned
     joint model gains tail mIoU from the quotas (test seed 2, session 31: tail 0.232 -> 0.243, the
-    mixed one's 0.252 -> 0.218; seed 1 alike). Domain shift keeps
-    finetune too: there the real set has every class, and ending on it cost nothing (test seed 2,
-    session 26: joint mIoU 0.292 fine-tuned against 0.208 mixed, real-only 0.198)."""
+    mixed one's 0.252 -> 0.218; seed 1 alike). Domain shift keeps finetune too: there the real set
+    has every class, and ending on it cost nothing (test seed 2, session 26: joint mIoU 0.292
+    fine-tuned against 0.208 mixed, real-only 0.198)."""
     return "mixed" if zero_shot else JOINT_RECIPES[0]
 
 
